@@ -1,0 +1,12 @@
+"""tinyfractal: a small NumPy + autograd engine for FractalFormer, a transformer of nested transformers."""
+from .config import Config
+from .tree import nodes, parent, children, view, level_view, index_mask
+from .model import init_params, forward, count_params, tree_loss_reference
+from .fast import forward_level, tree_loss
+from .sample import generate
+from .checkpoint import save, load
+from .tokenizer import Tokenizer
+
+__all__ = ["Config", "nodes", "parent", "children", "view", "level_view", "index_mask", "init_params",
+           "forward", "count_params", "tree_loss_reference", "forward_level", "tree_loss", "generate",
+           "save", "load", "Tokenizer"]

@@ -1,0 +1,168 @@
+"""The model's hyperparameters: a frozen dataclass, its presets, and `sub(level)`.
+
+Everything about sizes lives here, so the rest of the code asks the config instead of
+recomputing `D // split**level` in many places.
+"""
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Config:
+    """A FractalFormer. Level 0 is the whole model; level l holds split**l models of width hidden/split**l."""
+    vocab_size: int = 128
+    context: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 1
+    head_dim: int = 16
+    hidden: int = 64
+    mlp_mult: int = 4
+    levels: int = 3
+    split: int = 2
+    rope_theta: float = 100.0
+    eps: float = 1e-6
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        validate(self)
+
+    @staticmethod
+    def preset(name):
+        """A named config: 'original' (the seed's), 'tiny' (the classroom), 'micro' (tests), 'sierpinski' (split=3)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return Config(**PRESETS[name])
+
+    @property
+    def mlp_hidden(self):
+        return self.mlp_mult * self.hidden
+
+    def n_models(self, level):
+        """How many models sit at a level: split**level."""
+        return self.split ** level
+
+    def width(self, level):
+        """Residual width d_l of one model at this level."""
+        return self.hidden // self.split ** level
+
+    def head_width(self, level):
+        """Head dim h_l of one model at this level (every level keeps all the heads)."""
+        return self.head_dim // self.split ** level
+
+    def mlp_width(self, level):
+        """MLP width f_l of one model at this level."""
+        return self.mlp_hidden // self.split ** level
+
+    @property
+    def n_nodes(self):
+        """Models in the whole tree: 1 + s + ... + s**(L-1)."""
+        return sum(self.split ** level for level in range(self.levels))
+
+    def check_level(self, level):
+        if not isinstance(level, int) or not 0 <= level < self.levels:
+            raise ValueError(f"level {level!r} is out of range; this config has levels 0..{self.levels - 1}")
+
+    def check_node(self, level, index):
+        self.check_level(level)
+        n = self.n_models(level)
+        if not isinstance(index, int) or not 0 <= index < n:
+            raise ValueError(f"model index {index!r} is out of range at level {level}; valid indices are 0..{n - 1}")
+
+    def sub(self, level):
+        """The config of one model at `level`: width D/s^l, head dim hd/s^l, levels L-l."""
+        self.check_level(level)
+        return dataclasses.replace(self, hidden=self.width(level), head_dim=self.head_width(level),
+                                   levels=self.levels - level)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d):
+        """Rebuild a config from `to_dict()` output, refusing unknown or missing fields."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(Config)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; known fields are {sorted(names)}")
+        return Config(**{k: _coerce(k, v) for k, v in d.items()})
+
+    def override(self, **changes):
+        """A copy with some fields changed (strings are parsed to the field's type); validated."""
+        names = {f.name for f in dataclasses.fields(Config)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; known fields are {sorted(names)}")
+        return dataclasses.replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
+
+
+PRESETS = {
+    # The seed's hyperparameters (SPEC.md section 1).
+    "original": dict(vocab_size=128, context=256, layers=4, heads=4, kv_heads=1, head_dim=32, hidden=128,
+                     mlp_mult=4, levels=3, split=2, rope_theta=100.0, eps=1e-6, dropout=0.0),
+    # The classroom size: seven models that all learn within a few minutes on a laptop CPU.
+    "tiny": dict(vocab_size=128, context=64, layers=2, heads=4, kv_heads=1, head_dim=16, hidden=96,
+                 mlp_mult=4, levels=3, split=2, rope_theta=100.0, eps=1e-6, dropout=0.0),
+    # The Sierpinski picture: every model holds three children.
+    "sierpinski": dict(vocab_size=128, context=64, layers=2, heads=3, kv_heads=1, head_dim=18, hidden=108,
+                       mlp_mult=2, levels=3, split=3, rope_theta=100.0, eps=1e-6, dropout=0.0),
+    # Small enough for unit tests to run in milliseconds.
+    "micro": dict(vocab_size=128, context=16, layers=1, heads=2, kv_heads=1, head_dim=8, hidden=16,
+                  mlp_mult=2, levels=2, split=2, rope_theta=100.0, eps=1e-6, dropout=0.0),
+}
+
+_INT_FIELDS = ("vocab_size", "context", "layers", "heads", "kv_heads", "head_dim", "hidden", "mlp_mult",
+               "levels", "split")
+_FLOAT_FIELDS = ("rope_theta", "eps", "dropout")
+
+
+def _coerce(name, value):
+    """Parse a command-line string (or JSON value) into the field's type, or explain why not."""
+    if name in _INT_FIELDS:
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError(f"config field {name} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config field {name} must be an integer, got {value!r}") from None
+    if name in _FLOAT_FIELDS:
+        if isinstance(value, bool):
+            raise ValueError(f"config field {name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config field {name} must be a number, got {value!r}") from None
+    return value
+
+
+def validate(cfg):
+    """Raise ValueError naming the first broken constraint of a config."""
+    for name in _INT_FIELDS:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"config field {name} must be an integer, got {v!r}")
+        if v <= 0:
+            raise ValueError(f"config field {name} must be positive, got {v}")
+    for name in ("rope_theta", "eps"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"config field {name} must be a positive number, got {v!r}")
+    if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, (int, float)) or not 0 <= cfg.dropout < 1:
+        raise ValueError(f"config field dropout must be in [0, 1), got {cfg.dropout!r}")
+    if cfg.split < 2:
+        raise ValueError(f"split must be an integer >= 2, got {cfg.split}")
+    smallest = cfg.split ** (cfg.levels - 1)
+    if cfg.hidden % smallest:
+        raise ValueError(f"hidden={cfg.hidden} must be divisible by split**(levels-1) = {smallest} "
+                         f"so every level has a whole width")
+    if cfg.head_dim % smallest:
+        raise ValueError(f"head_dim={cfg.head_dim} must be divisible by split**(levels-1) = {smallest} "
+                         f"so every level has a whole head dim")
+    leaf_head = cfg.head_dim // smallest
+    if leaf_head < 2 or leaf_head % 2:
+        raise ValueError(f"the head dim at the smallest level is {leaf_head} (head_dim={cfg.head_dim} / {smallest}); "
+                         f"RoPE needs it even and >= 2")
+    if cfg.heads % cfg.kv_heads:
+        raise ValueError(f"heads={cfg.heads} must be a multiple of kv_heads={cfg.kv_heads}")

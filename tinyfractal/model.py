@@ -1,0 +1,167 @@
+"""The transformer, written plainly for one model: the readable reference path.
+
+`forward(params, cfg, ids)` runs the whole model, and, given `view(params, cfg, level, j)` and
+`cfg.sub(level)`, any sub-model: the same code at every scale. Training uses the level-batched
+fast path in `fast.py`; a test proves the two agree.
+"""
+import numpy as onp
+import autograd.numpy as np
+
+from .tree import map_roles, nodes, view
+
+
+def init_params(cfg, seed=0):
+    """Fresh float32 parameters, as the original: weights and biases uniform in +-1/sqrt(fan_in),
+    E standard normal, norm gains zero (so each norm starts as the identity gain 1 + 0)."""
+    rng = onp.random.default_rng(seed)
+    D, H, K, hd, F, V = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size
+
+    def uniform(shape, fan_in):
+        bound = 1.0 / onp.sqrt(fan_in)
+        return rng.uniform(-bound, bound, size=shape).astype(onp.float32)
+
+    def zeros(n):
+        return onp.zeros(n, dtype=onp.float32)
+
+    params = {"E": rng.standard_normal((V, D)).astype(onp.float32),
+              "emb_norm": zeros(D), "final_norm": zeros(D), "out_norm": zeros(D), "layers": []}
+    for _ in range(cfg.layers):
+        params["layers"].append({
+            "attn_norm": zeros(D),
+            "Wq": uniform((D, H, hd), D), "Wk": uniform((D, K, hd), D), "Wv": uniform((D, K, hd), D),
+            "Wo": uniform((H, hd, D), H * hd),
+            "mlp_norm": zeros(D),
+            "Wgate": uniform((D, F), D), "bgate": uniform((F,), D),
+            "Wup": uniform((D, F), D), "bup": uniform((F,), D),
+            "Wdown": uniform((F, D), F), "bdown": uniform((D,), F),
+        })
+    return params
+
+
+def param_shapes(cfg):
+    """The shape every array must have for this config (used to check checkpoints)."""
+    D, H, K, hd, F, V = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size
+    layer = {"attn_norm": (D,), "Wq": (D, H, hd), "Wk": (D, K, hd), "Wv": (D, K, hd), "Wo": (H, hd, D),
+             "mlp_norm": (D,), "Wgate": (D, F), "bgate": (F,), "Wup": (D, F), "bup": (F,),
+             "Wdown": (F, D), "bdown": (D,)}
+    return {"E": (V, D), "emb_norm": (D,), "final_norm": (D,), "out_norm": (D,),
+            "layers": [dict(layer) for _ in range(cfg.layers)]}
+
+
+def count_params(params):
+    """Number of scalars in a params dict (views count their own entries)."""
+    total = [0]
+    map_roles(lambda a, roles: total.__setitem__(0, total[0] + int(onp.size(a))), params)
+    return total[0]
+
+
+def rmsnorm(x, g, eps):
+    """rmsnorm: x / sqrt(mean(x^2) + eps) * (1 + g), over the last axis."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1.0 + g)
+
+
+def rope_tables(T, h, theta, start=0):
+    """cos and sin of angle pos * theta^(-2m/h), for pos in [start, start+T) and m < h/2: (T, h/2) each."""
+    m = onp.arange(h // 2, dtype=onp.float64)
+    pos = onp.arange(start, start + T, dtype=onp.float64)
+    angles = pos[:, None] * theta ** (-2.0 * m / h)[None, :]
+    return onp.cos(angles).astype(onp.float32), onp.sin(angles).astype(onp.float32)
+
+
+def rope(x, cos, sin):
+    """Rotate pairs (m, m + h/2) of the last axis by their angle. (.., T, H, h) -> same."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+
+
+def gelu(x):
+    """tanh approximation of GELU."""
+    return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+def softmax(x):
+    """softmax over the last axis."""
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def dropout(x, rate, rng):
+    """Inverted dropout; identity when no rng is given (evaluation) or rate is 0."""
+    if rng is None or rate == 0:
+        return x
+    keep = (rng.random(x.shape) >= rate).astype(onp.float32) / onp.float32(1.0 - rate)
+    return x * keep
+
+
+def attention(x, p, cfg, start=0):
+    """Causal multi-query attention with RoPE. (B,T,D) -> (B,T,D)."""
+    B, T, D = x.shape
+    H, K, h = p["Wq"].shape[1], p["Wk"].shape[1], p["Wq"].shape[2]
+    q = np.reshape(np.dot(np.reshape(x, (B * T, D)), np.reshape(p["Wq"], (D, H * h))), (B, T, H, h))
+    k = np.reshape(np.dot(np.reshape(x, (B * T, D)), np.reshape(p["Wk"], (D, K * h))), (B, T, K, h))
+    v = np.reshape(np.dot(np.reshape(x, (B * T, D)), np.reshape(p["Wv"], (D, K * h))), (B, T, K, h))
+    cos, sin = rope_tables(T, h, cfg.rope_theta, start)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    k, v = np.repeat(k, H // K, axis=2), np.repeat(v, H // K, axis=2)          # (B,T,H,h)
+    q, k, v = (np.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))               # (B,H,T,h)
+    scores = np.matmul(q, np.transpose(k, (0, 1, 3, 2))) / onp.sqrt(h).astype(onp.float32)  # (B,H,T,T)
+    causal = onp.tril(onp.ones((T, T), dtype=bool))
+    scores = np.where(causal, scores, onp.float32(-1e30))
+    out = np.matmul(softmax(scores), v)                                        # (B,H,T,h)
+    out = np.reshape(np.transpose(out, (0, 2, 1, 3)), (B * T, H * h))
+    return np.reshape(np.dot(out, np.reshape(p["Wo"], (H * h, D))), (B, T, D))
+
+
+def mlp(x, p):
+    """GeGLU MLP: (gelu(x Wgate + bgate) * (x Wup + bup)) Wdown + bdown. (B,T,D) -> (B,T,D)."""
+    B, T, D = x.shape
+    x2 = np.reshape(x, (B * T, D))
+    hidden = gelu(np.dot(x2, p["Wgate"]) + p["bgate"]) * (np.dot(x2, p["Wup"]) + p["bup"])
+    return np.reshape(np.dot(hidden, p["Wdown"]) + p["bdown"], (B, T, D))
+
+
+def forward(params, cfg, ids, rng=None):
+    """Logits of one model. ids (B,T) ints -> (B,T,V) float32.
+
+    `rng` (a numpy Generator) turns dropout on, for training; without it the pass is deterministic.
+    """
+    ids = onp.asarray(ids)
+    x = rmsnorm(params["E"][ids], params["emb_norm"], cfg.eps)                 # (B,T,D)
+    for p in params["layers"]:
+        x = x + dropout(attention(rmsnorm(x, p["attn_norm"], cfg.eps), p, cfg), cfg.dropout, rng)
+        x = x + dropout(mlp(rmsnorm(x, p["mlp_norm"], cfg.eps), p), cfg.dropout, rng)
+    out_emb = rmsnorm(params["E"], params["out_norm"], cfg.eps)               # (V,D), tied output
+    B, T, D = x.shape
+    x = rmsnorm(x, params["final_norm"], cfg.eps)
+    return np.reshape(np.dot(np.reshape(x, (B * T, D)), np.transpose(out_emb)), (B, T, -1))
+
+
+def cross_entropy(logits, targets):
+    """Mean next-token cross-entropy in nats. logits (..., V), targets (...) ints."""
+    V = logits.shape[-1]
+    flat = np.reshape(logits, (-1, V))
+    m = np.max(flat, axis=1, keepdims=True)
+    logz = np.log(np.sum(np.exp(flat - m), axis=1)) + m[:, 0]
+    picked = flat[onp.arange(flat.shape[0]), onp.asarray(targets).reshape(-1)]
+    return np.mean(logz - picked)
+
+
+def level_weight_table(cfg, level_weights=None):
+    """Weight of each node's loss so that the tree loss is a weighted mean over nodes."""
+    w = [1.0] * cfg.levels if level_weights is None else [float(v) for v in level_weights]
+    if len(w) != cfg.levels or any(v < 0 for v in w) or sum(w) == 0:
+        raise ValueError(f"level_weights must be {cfg.levels} non-negative numbers, not all zero; got {level_weights!r}")
+    total = sum(w[level] * cfg.n_models(level) for level in range(cfg.levels))
+    return [v / total for v in w]
+
+
+def tree_loss_reference(params, cfg, ids, targets, level_weights=None):
+    """The tree loss node by node: mean over every model (l, j) of its cross-entropy. Readable, slow."""
+    weights = level_weight_table(cfg, level_weights)
+    loss = 0.0
+    for level, j in nodes(cfg):
+        logits = forward(view(params, cfg, level, j), cfg.sub(level), ids)
+        loss = loss + weights[level] * cross_entropy(logits, targets)
+    return loss

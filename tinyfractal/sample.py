@@ -1,0 +1,86 @@
+"""Sampling text from any node of the tree: temperature, top-k and top-p, all of which really act."""
+import numpy as onp
+
+from .model import forward
+from .tree import view
+
+
+def check_sampling(temperature, top_k, top_p, max_new_tokens=0):
+    """Raise ValueError for sampling settings outside their ranges."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+
+
+def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """The distribution the sampler draws from: (V,) logits -> (V,) float64 probabilities.
+
+    temperature 0 puts all mass on the argmax. top_k keeps the k most likely tokens; top_p keeps the
+    smallest set of most likely tokens whose mass reaches p (always at least one). Both renormalise.
+    """
+    logits = onp.asarray(logits, dtype=onp.float64)
+    V = logits.shape[-1]
+    if temperature == 0:
+        p = onp.zeros(V)
+        p[int(onp.argmax(logits))] = 1.0
+        return p
+    z = logits / temperature
+    if top_k is not None and top_k < V:
+        kth = onp.sort(z)[-top_k]
+        z = onp.where(z >= kth, z, -onp.inf)
+    p = onp.exp(z - z.max())
+    p /= p.sum()
+    if top_p is not None and top_p < 1:
+        order = onp.argsort(-p, kind="stable")
+        cumulative = onp.cumsum(p[order])
+        keep = order[:int(onp.searchsorted(cumulative, top_p) + 1)]
+        mask = onp.zeros(V, dtype=bool)
+        mask[keep] = True
+        p = onp.where(mask, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def sample_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """One token id drawn from `filtered_probs`."""
+    p = filtered_probs(logits, temperature, top_k, top_p)
+    if temperature == 0:
+        return int(onp.argmax(p))
+    return int(rng.choice(len(p), p=p))
+
+
+def prompt_ids(tokenizer, prompt):
+    """Token ids of a prompt; an empty prompt starts from a newline."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    return list(tokenizer.encode(prompt if prompt else "\n"))
+
+
+def generate_reference(params, cfg, tokenizer, prompt, level=0, index=0, max_new_tokens=200,
+                       temperature=1.0, top_k=None, top_p=None, seed=0):
+    """Sample from model (level, index) by recomputing the whole window for every token.
+
+    The window is the last `context` tokens, so a long prompt or a long generation slides instead of
+    failing. Returns the prompt followed by the new text.
+    """
+    cfg.check_node(level, index)
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    p, sub = view(params, cfg, level, index), cfg.sub(level)
+    ids = prompt_ids(tokenizer, prompt)
+    rng = onp.random.default_rng(seed)
+    new = []
+    for _ in range(max_new_tokens):
+        window = onp.asarray(ids[-cfg.context:])[None, :]
+        logits = forward(p, sub, window)[0, -1]
+        token = sample_token(logits, rng, temperature, top_k, top_p)
+        ids.append(token)
+        new.append(token)
+    return prompt + tokenizer.decode(new)
+
+
+generate = generate_reference

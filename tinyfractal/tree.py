@@ -1,0 +1,157 @@
+"""The fractal tree: which models exist, and how each one is cut out of the shared arrays.
+
+Every parameter array has, for each of its axes, a *role*:
+  "R"  residual coordinates  (length D at level 0, d_l = D/s^l for one model at level l)
+  "M"  MLP coordinates       (length F, f_l = F/s^l)
+  "C"  coordinates inside one head (length hd, h_l = hd/s^l)
+  None an axis every model shares whole (vocabulary, heads)
+Model (l, j) owns the j-th block of length d_l, f_l or h_l along every role axis, so its weights are
+basic slices of the full arrays, which NumPy returns as views: no copies, one set of numbers.
+"""
+import numpy as onp
+from autograd.extend import primitive, defvjp
+
+ROLES = {
+    "E": (None, "R"),
+    "emb_norm": ("R",), "final_norm": ("R",), "out_norm": ("R",),
+}
+LAYER_ROLES = {
+    "attn_norm": ("R",), "mlp_norm": ("R",),
+    "Wq": ("R", None, "C"), "Wk": ("R", None, "C"), "Wv": ("R", None, "C"),
+    "Wo": (None, "C", "R"),
+    "Wgate": ("R", "M"), "Wup": ("R", "M"), "bgate": ("M",), "bup": ("M",),
+    "Wdown": ("M", "R"), "bdown": ("R",),
+}
+NO_DECAY = {"emb_norm", "final_norm", "out_norm", "attn_norm", "mlp_norm", "bgate", "bup", "bdown"}
+
+
+def nodes(cfg):
+    """Every (level, index) of the tree, level by level: [(0,0), (1,0), (1,1), (2,0), ...]."""
+    return [(level, j) for level in range(cfg.levels) for j in range(cfg.split ** level)]
+
+
+def parent(cfg, level, index):
+    """The node one level up that holds (level, index), or None for the root."""
+    cfg.check_node(level, index)
+    return None if level == 0 else (level - 1, index // cfg.split)
+
+
+def children(cfg, level, index):
+    """The split nodes one level down, in the order their slices tile this node's slices."""
+    cfg.check_node(level, index)
+    if level == cfg.levels - 1:
+        return []
+    return [(level + 1, cfg.split * index + r) for r in range(cfg.split)]
+
+
+def block_sizes(cfg, level):
+    """Length of one model's block along each role axis at this level."""
+    return {"R": cfg.width(level), "M": cfg.mlp_width(level), "C": cfg.head_width(level)}
+
+
+def map_roles(fn, params, *rest):
+    """Apply fn(array, roles, *matching arrays of `rest`) to every array, keeping the params structure."""
+    out = {}
+    for key, value in params.items():
+        if key == "layers":
+            out["layers"] = [
+                {k: fn(layer[k], LAYER_ROLES[k], *(r["layers"][i][k] for r in rest)) for k in layer}
+                for i, layer in enumerate(value)]
+        else:
+            out[key] = fn(value, ROLES[key], *(r[key] for r in rest))
+    return out
+
+
+def flatten(params):
+    """{'E': .., 'layers.0.Wq': ..}: the flat name -> array dict that checkpoints and the optimizer use."""
+    flat = {k: v for k, v in params.items() if k != "layers"}
+    for i, layer in enumerate(params.get("layers", [])):
+        flat.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    return flat
+
+
+def unflatten(flat):
+    """The inverse of `flatten`."""
+    params, layers = {}, {}
+    for name, value in flat.items():
+        if name.startswith("layers."):
+            _, i, k = name.split(".", 2)
+            layers.setdefault(int(i), {})[k] = value
+        else:
+            params[name] = value
+    params["layers"] = [layers[i] for i in sorted(layers)]
+    return params
+
+
+def roles_of(name):
+    """Roles of a flat parameter name such as 'layers.3.Wq'."""
+    return LAYER_ROLES[name.split(".")[-1]] if name.startswith("layers.") else ROLES[name]
+
+
+def node_slices(cfg, level, index, roles):
+    """The index of model (level, index) inside an array with these axis roles: a tuple of slices."""
+    cfg.check_node(level, index)
+    sizes = block_sizes(cfg, level)
+    return tuple(slice(index * sizes[r], (index + 1) * sizes[r]) if r else slice(None) for r in roles)
+
+
+def view(params, cfg, level, index):
+    """The parameters of model (level, index) as views of the shared arrays.
+
+    The result is a params dict for `cfg.sub(level)`, so the same forward code runs it.
+    """
+    cfg.check_node(level, index)
+    return map_roles(lambda a, roles: a[node_slices(cfg, level, index, roles)], params)
+
+
+def _stacked_shape_strides(a, roles, n):
+    """Shape and strides of the n diagonal blocks of `a`, stacked on a new leading axis.
+
+    Block j starts at offset j * (sum over role axes of stride * block length), so one extra
+    stride on the front turns the full array into the stack of its diagonal blocks: a view.
+    """
+    shape = tuple(s // n if r else s for s, r in zip(a.shape, roles))
+    step = sum(st * (s // n) for st, s, r in zip(a.strides, a.shape, roles) if r)
+    return (n,) + shape, (step,) + a.strides
+
+
+def stacked_blocks_np(a, roles, n):
+    """(.., X, ..) -> (n, .., X/n, ..): the n diagonal blocks of a plain ndarray, as a writeable view."""
+    shape, strides = _stacked_shape_strides(a, roles, n)
+    return onp.lib.stride_tricks.as_strided(a, shape, strides)
+
+
+@primitive
+def stacked_blocks(a, roles, n):
+    """Differentiable `stacked_blocks_np`: the gradient lands on the diagonal blocks, zeros elsewhere."""
+    return stacked_blocks_np(a, roles, n)
+
+
+def _stacked_blocks_vjp(ans, a, roles, n):
+    def vjp(g):
+        full = onp.zeros(a.shape, dtype=g.dtype)
+        stacked_blocks_np(full, roles, n)[...] = g
+        return full
+    return vjp
+
+
+defvjp(stacked_blocks, _stacked_blocks_vjp)
+
+
+def level_view(params, cfg, level):
+    """All models of one level at once: every array becomes (N, ...) with N = split**level.
+
+    Entry [j] of each stacked array is the same memory as `view(params, cfg, level, j)`.
+    """
+    cfg.check_level(level)
+    n = cfg.n_models(level)
+    return map_roles(lambda a, roles: stacked_blocks(a, roles, n), params)
+
+
+def index_mask(params, cfg, level, index):
+    """Boolean arrays, True where model (level, index) owns the entry: its index set."""
+    def mark(a, roles):
+        m = onp.zeros(a.shape, dtype=bool)
+        m[node_slices(cfg, level, index, roles)] = True
+        return m
+    return map_roles(mark, params)
