@@ -201,3 +201,42 @@ def loss_table(metrics, cfg, reference=None):
         extra = f"  {va - reference:+.3f}" if reference else ""
         lines.append(f"{'(' + str(level) + ',' + str(j) + ')':>8} {cfg.width(level):6d} {tr:8.4f} {va:8.4f}{extra}")
     return lines
+
+
+def save_run(out, params, cfg, tc, state, metrics, extra=None):
+    """Checkpoint (with optimizer state) plus metrics.json in `out`."""
+    from .checkpoint import atomic_write_json, save
+    meta = {"step": int(state["t"]), "train": dataclasses.asdict(tc), "metrics": metrics, **(extra or {})}
+    save(out, params, cfg, meta, opt_state=state)
+    atomic_write_json(f"{out}/metrics.json", {"config": cfg.to_dict(), **metrics})
+
+
+def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weights=None):
+    """The whole job: data, init (or resume from `out`), train, save. Returns (params, state, metrics, data).
+
+    Resuming restores params, optimizer moments and the step; batches are seeded per step, so the
+    continued run matches an uninterrupted one bit for bit.
+    """
+    from .checkpoint import load, load_optimizer
+    from .data import load_tokens, train_val_split
+    from .model import init_params
+    from .tokenizer import Tokenizer
+    tokenizer = tokenizer or Tokenizer.default()
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the config's vocab_size is {cfg.vocab_size}")
+    train_tokens, val_tokens = train_val_split(load_tokens(tokenizer))
+    if resume:
+        params, saved_cfg, meta = load(out)
+        if saved_cfg != cfg:
+            raise ValueError(f"cannot resume: the checkpoint's config {saved_cfg} differs from {cfg}")
+        state = load_optimizer(out)
+        if state is None:
+            raise ValueError(f"cannot resume from {out}: it was saved without optimizer state")
+        metrics = meta.get("metrics")
+        log(f"resuming from {out} at step {state['t']}")
+    else:
+        params, state, metrics = init_params(cfg, tc.seed), None, None
+    state, metrics = train(params, cfg, tc, train_tokens, val_tokens, state, metrics, level_weights, log=log)
+    if out is not None:
+        save_run(out, params, cfg, tc, state, metrics)
+    return params, state, metrics, (train_tokens, val_tokens)

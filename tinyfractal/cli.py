@@ -1,0 +1,155 @@
+"""The command line: `python -m tinyfractal COMMAND ...`.
+
+Each command is a function that adds its subparser and sets `run`. Commands from other modules are
+listed in PLUGINS as (module, function) and added the same way.
+"""
+import argparse
+import importlib
+import json
+import sys
+
+PLUGINS = [
+    # ("tinyfractal.some_module", "add_command"),
+]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr and exit code 2."""
+
+    def error(self, message):
+        raise SystemExit(_fail(f"{self.prog}: {message}"))
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def parse_overrides(extra):
+    """['--lr=0.01', '--levels=2'] -> {'lr': '0.01', 'levels': '2'}; anything else is an error."""
+    out = {}
+    for item in extra:
+        if not item.startswith("--") or "=" not in item:
+            raise ValueError(f"unrecognised argument {item!r}; overrides are written --key=value")
+        key, value = item[2:].split("=", 1)
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def split_overrides(overrides):
+    """Send each --key=value to the model Config or to the TrainConfig, by field name."""
+    import dataclasses
+    from .config import Config
+    from .train import TrainConfig
+    model_fields = {f.name for f in dataclasses.fields(Config)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model, train = {}, {}
+    for k, v in overrides.items():
+        if k in model_fields:
+            model[k] = v
+        elif k in train_fields:
+            train[k] = v
+        else:
+            raise ValueError(f"unknown setting --{k}; model settings are {sorted(model_fields)}, "
+                             f"training settings are {sorted(train_fields)}")
+    return model, train
+
+
+def add_train(sub):
+    p = sub.add_parser("train", help="train a FractalFormer and write a checkpoint and metrics.json")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", required=True, help="checkpoint folder")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.set_defaults(run=run_train, overrides=True)
+
+
+def run_train(args, extra):
+    from .config import Config
+    from .train import TrainConfig, fit, loss_table
+    model_over, train_over = split_overrides(parse_overrides(extra))
+    cfg = Config.preset(args.preset).override(**model_over)
+    tc = TrainConfig.preset(args.preset).override(**train_over)
+    if args.steps is not None:
+        tc = tc.override(steps=args.steps)
+    print(f"training {cfg}\nwith {tc}")
+    _, _, metrics, _ = fit(cfg, tc, out=args.out, resume=args.resume)
+    print("\n".join(loss_table(metrics, cfg)))
+    print(f"saved checkpoint and metrics.json to {args.out}")
+    return 0
+
+
+def add_eval(sub):
+    p = sub.add_parser("eval", help="per-node validation loss of a checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--batches", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args, extra):
+    from .checkpoint import load
+    from .data import load_tokens, train_val_split
+    from .tokenizer import Tokenizer
+    from .train import evaluate, node_key
+    if args.batches < 1 or args.batch_size < 1:
+        raise ValueError("--batches and --batch-size must be >= 1")
+    params, cfg, _ = load(args.ckpt)
+    _, val = train_val_split(load_tokens(Tokenizer.default()))
+    losses = evaluate(params, cfg, val, args.batch_size, args.batches)
+    if args.json:
+        print(json.dumps({node_key(n): v for n, v in losses.items()}, indent=1))
+    else:
+        print(f"{'node':>8} {'width':>6} {'val loss':>9}")
+        for (level, j), v in losses.items():
+            print(f"{'(' + str(level) + ',' + str(j) + ')':>8} {cfg.width(level):6d} {v:9.4f}")
+    return 0
+
+
+def add_sample(sub):
+    p = sub.add_parser("sample", help="generate text from one node of a checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_sample)
+
+
+def run_sample(args, extra):
+    from .checkpoint import load
+    from .sample import generate
+    from .tokenizer import Tokenizer
+    params, cfg, _ = load(args.ckpt)
+    print(generate(params, cfg, Tokenizer.default(), args.prompt, level=args.level, index=args.index,
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+def build_parser():
+    parser = Parser(prog="python -m tinyfractal", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (add_train, add_eval, add_sample):
+        add(sub)
+    for module, function in PLUGINS:
+        getattr(importlib.import_module(module), function)(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "overrides", False):
+        return _fail(f"unrecognised arguments: {' '.join(extra)}")
+    try:
+        return args.run(args, extra)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
