@@ -93,47 +93,78 @@ def dropout(x, rate, rng):
     return x * keep
 
 
-def attention(x, p, cfg, start=0):
-    """Causal multi-query attention with RoPE. (B,T,D) -> (B,T,D)."""
+def attention(x, p, cfg, start=0, trace=None):
+    """Causal multi-query attention with RoPE. (B,T,D) -> (B,T,D).
+
+    `trace`, if given, is called as trace(op, weights, input, output) after each step (see trace.py).
+    """
     B, T, D = x.shape
     H, K, h = p["Wq"].shape[1], p["Wk"].shape[1], p["Wq"].shape[2]
     q = np.reshape(np.dot(np.reshape(x, (B * T, D)), np.reshape(p["Wq"], (D, H * h))), (B, T, H, h))
     k = np.reshape(np.dot(np.reshape(x, (B * T, D)), np.reshape(p["Wk"], (D, K * h))), (B, T, K, h))
     v = np.reshape(np.dot(np.reshape(x, (B * T, D)), np.reshape(p["Wv"], (D, K * h))), (B, T, K, h))
+    if trace is not None:
+        trace("q, k, v = x Wq, x Wk, x Wv", {n: p[n] for n in ("Wq", "Wk", "Wv")}, x, (q, k, v))
     cos, sin = rope_tables(T, h, cfg.rope_theta, start)
     q, k = rope(q, cos, sin), rope(k, cos, sin)
     k, v = np.repeat(k, H // K, axis=2), np.repeat(v, H // K, axis=2)          # (B,T,H,h)
+    if trace is not None:
+        trace(f"rope on q, k; repeat k, v to {H} heads", {}, None, (q, k, v))
     q, k, v = (np.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))               # (B,H,T,h)
     scores = np.matmul(q, np.transpose(k, (0, 1, 3, 2))) / onp.sqrt(h).astype(onp.float32)  # (B,H,T,T)
     causal = onp.tril(onp.ones((T, T), dtype=bool))
     scores = np.where(causal, scores, onp.float32(-1e30))
-    out = np.matmul(softmax(scores), v)                                        # (B,H,T,h)
+    probs = softmax(scores)                                                    # (B,H,T,T)
+    out = np.matmul(probs, v)                                                  # (B,H,T,h)
     out = np.reshape(np.transpose(out, (0, 2, 1, 3)), (B * T, H * h))
-    return np.reshape(np.dot(out, np.reshape(p["Wo"], (H * h, D))), (B, T, D))
+    y = np.reshape(np.dot(out, np.reshape(p["Wo"], (H * h, D))), (B, T, D))
+    if trace is not None:
+        trace("softmax(q k^T / sqrt(h), causal)", {}, (q, k), probs)
+        trace("attn out = (probs v) Wo", {"Wo": p["Wo"]}, out, y)
+    return y
 
 
-def mlp(x, p):
+def mlp(x, p, trace=None):
     """GeGLU MLP: (gelu(x Wgate + bgate) * (x Wup + bup)) Wdown + bdown. (B,T,D) -> (B,T,D)."""
     B, T, D = x.shape
     x2 = np.reshape(x, (B * T, D))
     hidden = gelu(np.dot(x2, p["Wgate"]) + p["bgate"]) * (np.dot(x2, p["Wup"]) + p["bup"])
-    return np.reshape(np.dot(hidden, p["Wdown"]) + p["bdown"], (B, T, D))
+    y = np.reshape(np.dot(hidden, p["Wdown"]) + p["bdown"], (B, T, D))
+    if trace is not None:
+        trace("hidden = gelu(x Wgate + bgate) * (x Wup + bup)",
+              {n: p[n] for n in ("Wgate", "bgate", "Wup", "bup")}, x, hidden)
+        trace("mlp out = hidden Wdown + bdown", {n: p[n] for n in ("Wdown", "bdown")}, hidden, y)
+    return y
 
 
-def forward(params, cfg, ids, rng=None):
+def forward(params, cfg, ids, rng=None, trace=None):
     """Logits of one model. ids (B,T) ints -> (B,T,V) float32.
 
     `rng` (a numpy Generator) turns dropout on, for training; without it the pass is deterministic.
+    `trace`, if given, is called as trace(op, weights, input, output) after each op: `weights` maps
+    names to the arrays the op read (views of the shared arrays). trace.py prints it.
     """
     ids = onp.asarray(ids)
     x = rmsnorm(params["E"][ids], params["emb_norm"], cfg.eps)                 # (B,T,D)
+    if trace is not None:
+        trace("x = rmsnorm(E[ids], emb_norm)", {n: params[n] for n in ("E", "emb_norm")}, ids, x)
     for p in params["layers"]:
-        x = x + dropout(attention(rmsnorm(x, p["attn_norm"], cfg.eps), p, cfg), cfg.dropout, rng)
-        x = x + dropout(mlp(rmsnorm(x, p["mlp_norm"], cfg.eps), p), cfg.dropout, rng)
+        h = rmsnorm(x, p["attn_norm"], cfg.eps)
+        if trace is not None:
+            trace("rmsnorm(x, attn_norm)", {"attn_norm": p["attn_norm"]}, x, h)
+        x = x + dropout(attention(h, p, cfg, trace=trace), cfg.dropout, rng)
+        h = rmsnorm(x, p["mlp_norm"], cfg.eps)
+        if trace is not None:
+            trace("rmsnorm(x, mlp_norm)", {"mlp_norm": p["mlp_norm"]}, x, h)
+        x = x + dropout(mlp(h, p, trace=trace), cfg.dropout, rng)
     out_emb = rmsnorm(params["E"], params["out_norm"], cfg.eps)               # (V,D), tied output
     B, T, D = x.shape
     x = rmsnorm(x, params["final_norm"], cfg.eps)
-    return np.reshape(np.dot(np.reshape(x, (B * T, D)), np.transpose(out_emb)), (B, T, -1))
+    logits = np.reshape(np.dot(np.reshape(x, (B * T, D)), np.transpose(out_emb)), (B, T, -1))
+    if trace is not None:
+        trace("tied output: rmsnorm(E, out_norm)", {n: params[n] for n in ("E", "out_norm")}, params["E"], out_emb)
+        trace("logits = rmsnorm(x, final_norm) out_emb^T", {"final_norm": params["final_norm"]}, x, logits)
+    return logits
 
 
 def cross_entropy(logits, targets):
