@@ -10,6 +10,7 @@ import sys
 
 PLUGINS = [
     # ("tinyfractal.some_module", "add_command"),
+    ("tinyfractal.trace", "add_command"),
 ]
 
 

@@ -1,0 +1,189 @@
+"""The shape trace: one forward pass of one model of the tree, op by op.
+
+For every op of the reference forward (model.py) it prints the op, the slices of the shared arrays
+the op read, and its input and output shapes, like the print statements of the original notebook.
+The slices are not recomputed from the index formulas of tree.py: `locate` reads them off the memory
+addresses of the views the forward really used, so a wrong view would print a wrong slice (and the
+trace marks any slice that differs from the one SPEC's table gives).
+
+    python -m tinyfractal trace --preset tiny --level 2 --index 1
+    from tinyfractal.trace import trace_node; steps = trace_node(params, cfg, 2, 1, ids)
+"""
+from dataclasses import dataclass, field
+
+import numpy as onp
+
+from .model import count_params, forward
+from .tree import flatten, node_slices, roles_of, view
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def locate(v, base):
+    """The tuple of slices s with base[s] the same memory as view v, or None if v is not such a slice.
+
+    Works from addresses: the byte offset of v inside base, split along base's strides, gives the
+    start of v on every axis; the answer is then checked by slicing base and comparing addresses.
+    """
+    if not isinstance(v, onp.ndarray) or v.dtype != base.dtype or v.ndim != base.ndim:
+        return None
+    if v.strides != base.strides or not onp.may_share_memory(v, base):
+        return None
+    offset = _address(v) - _address(base)
+    if offset < 0:
+        return None
+    starts = [0] * base.ndim
+    for axis in sorted(range(base.ndim), key=lambda a: -base.strides[a]):
+        if base.strides[axis] > 0:
+            starts[axis], offset = divmod(offset, base.strides[axis])
+    if offset:
+        return None
+    index = tuple(slice(s, s + n) for s, n in zip(starts, v.shape))
+    found = base[index]
+    if found.shape != v.shape or _address(found) != _address(v):
+        return None
+    return index
+
+
+def format_index(index, shape):
+    """(slice(24, 48), slice(None)) -> '24:48, :' (a slice over a whole axis prints as ':')."""
+    parts = []
+    for s, n in zip(index, shape):
+        start, stop, _ = s.indices(n)
+        parts.append(":" if (start, stop) == (0, n) else f"{start}:{stop}")
+    return ", ".join(parts)
+
+
+def format_shape(x):
+    """An array -> '(1,8,24)'; a tuple of arrays -> their shapes side by side; None -> '-'."""
+    if x is None:
+        return "-"
+    if isinstance(x, tuple):
+        return " ".join(format_shape(a) for a in x)
+    return "(" + ",".join(str(n) for n in onp.shape(x)) + ")"
+
+
+@dataclass
+class Step:
+    """One traced op: its layer (None outside the layers), name, the slices it read, in/out shapes."""
+    layer: object
+    op: str
+    uses: list = field(default_factory=list)       # [(flat name, index, full shape, expected index)]
+    shape_in: str = "-"
+    shape_out: str = "-"
+
+    def mismatches(self):
+        return [name for name, index, _, expected in self.uses if index != expected]
+
+
+class Tracer:
+    """The hook for `model.forward(..., trace=Tracer(params, cfg, level, index))`: records Steps.
+
+    `params` are the full shared arrays, the view given to forward must be cut from them.
+    """
+
+    def __init__(self, params, cfg, level, index):
+        self.flat = flatten(params)
+        self.cfg, self.level, self.index = cfg, level, index
+        self.steps = []
+        self._layer = None
+
+    def find(self, v):
+        """(flat name, index) of the shared array that view v lives in; ValueError if none holds it."""
+        for name, base in self.flat.items():
+            index = locate(v, base)
+            if index is not None:
+                return name, index
+        raise ValueError(f"an op read an array of shape {onp.shape(v)} that is not a slice of the shared "
+                         f"arrays; trace a view of the same params that were given to the Tracer")
+
+    def __call__(self, op, weights, x, out):
+        uses = []
+        for key, v in weights.items():
+            name, index = self.find(v)
+            if name.split(".")[-1] != key:
+                raise ValueError(f"op {op!r} reads {key}, but that memory belongs to {name}")
+            expected = node_slices(self.cfg, self.level, self.index, roles_of(name))
+            expected = tuple(slice(*s.indices(n)[:2]) for s, n in zip(expected, self.flat[name].shape))
+            uses.append((name, index, self.flat[name].shape, expected))
+        if uses:  # an op without weights (rope, softmax) belongs to the layer of the op before it
+            layers = {int(name.split(".")[1]) for name, *_ in uses if name.startswith("layers.")}
+            self._layer = layers.pop() if layers else None
+        self.steps.append(Step(self._layer, op, uses, format_shape(x), format_shape(out)))
+
+
+def trace_node(params, cfg, level, index, ids, log=print):
+    """Run model (level, index) on ids (B,T) with the trace on; print every op with log; return the Steps."""
+    cfg.check_node(level, index)
+    ids = onp.asarray(ids)
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise ValueError(f"ids must be a (B,T) array of token ids, got shape {ids.shape} dtype {ids.dtype}")
+    if ids.shape[1] > cfg.context:
+        raise ValueError(f"the input has {ids.shape[1]} tokens but the context is {cfg.context}")
+    tracer = Tracer(params, cfg, level, index)
+    node_params = view(params, cfg, level, index)
+    logits = forward(node_params, cfg.sub(level), ids, trace=tracer)
+    for line in format_trace(tracer.steps, cfg, level, index, count_params(node_params), logits.shape):
+        log(line)
+    return tracer.steps
+
+
+def format_trace(steps, cfg, level, index, n_params, logits_shape):
+    """The printed trace, as text lines."""
+    d, h, f = cfg.width(level), cfg.head_width(level), cfg.mlp_width(level)
+    lines = [f"model ({level},{index}) of {cfg.n_nodes}: width d={d}, head dim h={h} in each of {cfg.heads} "
+             f"query heads and {cfg.kv_heads} kv head{'s' if cfg.kv_heads > 1 else ''}, mlp width f={f}, {n_params:,} parameters",
+             f"it owns residual coords {index * d}:{(index + 1) * d} of {cfg.hidden}, mlp coords "
+             f"{index * f}:{(index + 1) * f} of {cfg.mlp_hidden}, and coords {index * h}:{(index + 1) * h} "
+             f"inside every head of {cfg.head_dim}",
+             f"{'layer':<6}{'op':<48}{'in':<28}{'out'}"]
+    for step in steps:
+        where = "" if step.layer is None else str(step.layer)
+        lines.append(f"{where:<6}{step.op:<48}{step.shape_in:<28}{step.shape_out}")
+        for name, idx, shape, expected in step.uses:
+            short = name.split(".")[-1]
+            full = "(" + ",".join(str(n) for n in shape) + ")"
+            mark = "" if idx == expected else f"   !! SPEC says [{format_index(expected, shape)}]"
+            lines.append(f"{'':<8}reads {short}[{format_index(idx, shape)}] of {full}{mark}")
+    bad = sum(len(s.mismatches()) for s in steps)
+    lines.append(f"logits {format_shape(onp.zeros(logits_shape))}; "
+                 + ("every slice above matches SPEC's table" if bad == 0 else f"{bad} slices differ from SPEC's table"))
+    return lines
+
+
+def add_command(sub):
+    p = sub.add_parser("trace", help="one forward pass of one node, printing every op's slices and shapes")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--ckpt", default=None, help="trace a trained checkpoint instead of a fresh preset")
+    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--prompt", default="First Citizen:")
+    p.add_argument("--seed", type=int, default=0, help="init seed when no --ckpt is given")
+    p.set_defaults(run=run_trace, overrides=True)
+
+
+def run_trace(args, extra):
+    from .cli import parse_overrides
+    from .config import Config
+    from .model import init_params
+    from .tokenizer import Tokenizer
+    if args.ckpt:
+        if extra:
+            raise ValueError("--key=value config overrides apply to a fresh --preset, not to a --ckpt")
+        from .checkpoint import load
+        params, cfg, _ = load(args.ckpt)
+    else:
+        cfg = Config.preset(args.preset).override(**parse_overrides(extra))
+        params = init_params(cfg, args.seed)
+    cfg.check_node(args.level, args.index)
+    tok = Tokenizer.default()
+    if tok.vocab_size != cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the config's vocab_size is {cfg.vocab_size}")
+    ids = onp.array([tok.encode(args.prompt)], dtype=onp.int64)
+    if ids.shape[1] == 0:
+        raise ValueError("--prompt must not be empty")
+    print(f"prompt {args.prompt!r} -> {ids.shape[1]} tokens {ids[0].tolist()}")
+    steps = trace_node(params, cfg, args.level, args.index, ids)
+    return 0 if not any(s.mismatches() for s in steps) else 1
