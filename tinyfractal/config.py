@@ -23,6 +23,10 @@ class Config:
     rope_theta: float = 100.0
     eps: float = 1e-6
     dropout: float = 0.0
+    coupling: str = "none"              # none | upstream | downstream: residual links between levels
+    coupling_cumulative: bool = False   # pass already-coupled states, so a signal crosses levels in one layer
+    coupling_sublayer: bool = False     # pass only the layer's attention + MLP outputs, not the whole state
+    coupling_scale_init: float = 1.0    # start of the learnable scale per (level, layer); 0 starts as base
 
     def __post_init__(self):
         validate(self)
@@ -115,7 +119,9 @@ PRESETS = {
 
 _INT_FIELDS = ("vocab_size", "context", "layers", "heads", "kv_heads", "head_dim", "hidden", "mlp_mult",
                "levels", "split")
-_FLOAT_FIELDS = ("rope_theta", "eps", "dropout")
+_FLOAT_FIELDS = ("rope_theta", "eps", "dropout", "coupling_scale_init")
+_BOOL_FIELDS = ("coupling_cumulative", "coupling_sublayer")
+COUPLINGS = ("none", "upstream", "downstream")
 
 
 def _coerce(name, value):
@@ -134,6 +140,11 @@ def _coerce(name, value):
             return float(value)
         except (TypeError, ValueError):
             raise ValueError(f"config field {name} must be a number, got {value!r}") from None
+    if name in _BOOL_FIELDS and isinstance(value, str):
+        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if value.strip().lower() not in words:
+            raise ValueError(f"config field {name} must be true or false, got {value!r}")
+        return words[value.strip().lower()]
     return value
 
 
@@ -166,3 +177,11 @@ def validate(cfg):
                          f"RoPE needs it even and >= 2")
     if cfg.heads % cfg.kv_heads:
         raise ValueError(f"heads={cfg.heads} must be a multiple of kv_heads={cfg.kv_heads}")
+    if cfg.coupling not in COUPLINGS:
+        raise ValueError(f"config field coupling must be one of {list(COUPLINGS)}, got {cfg.coupling!r}")
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"config field {name} must be true or false, got {getattr(cfg, name)!r}")
+    v = cfg.coupling_scale_init
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) < float("inf"):
+        raise ValueError(f"config field coupling_scale_init must be a finite number, got {v!r}")

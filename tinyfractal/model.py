@@ -35,6 +35,8 @@ def init_params(cfg, seed=0):
             "Wup": uniform((D, F), D), "bup": uniform((F,), D),
             "Wdown": uniform((F, D), F), "bdown": uniform((D,), F),
         })
+    if cfg.coupling != "none":   # one learnable scale per (receiving level, layer); see coupling.py
+        params["coupling_scale"] = onp.full((cfg.levels, cfg.layers), cfg.coupling_scale_init, dtype=onp.float32)
     return params
 
 

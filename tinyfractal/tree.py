@@ -4,6 +4,8 @@ Every parameter array has, for each of its axes, a *role*:
   "R"  residual coordinates  (length D at level 0, d_l = D/s^l for one model at level l)
   "M"  MLP coordinates       (length F, f_l = F/s^l)
   "C"  coordinates inside one head (length hd, h_l = hd/s^l)
+  "L"  levels of the tree, for per-level arrays of coupled models: model (l, j) sees rows [l:],
+       because as a tree of its own its level 0 is level l of the whole tree
   None an axis every model shares whole (vocabulary, heads)
 Model (l, j) owns the j-th block of length d_l, f_l or h_l along every role axis, so its weights are
 basic slices of the full arrays, which NumPy returns as views: no copies, one set of numbers.
@@ -14,6 +16,7 @@ from autograd.extend import primitive, defvjp
 ROLES = {
     "E": (None, "R"),
     "emb_norm": ("R",), "final_norm": ("R",), "out_norm": ("R",),
+    "coupling_scale": ("L", None),   # (levels, layers), only in coupled models (coupling.py)
 }
 LAYER_ROLES = {
     "attn_norm": ("R",), "mlp_norm": ("R",),
@@ -22,7 +25,9 @@ LAYER_ROLES = {
     "Wgate": ("R", "M"), "Wup": ("R", "M"), "bgate": ("M",), "bup": ("M",),
     "Wdown": ("M", "R"), "bdown": ("R",),
 }
-NO_DECAY = {"emb_norm", "final_norm", "out_norm", "attn_norm", "mlp_norm", "bgate", "bup", "bdown"}
+NO_DECAY = {"emb_norm", "final_norm", "out_norm", "attn_norm", "mlp_norm", "bgate", "bup", "bdown",
+            "coupling_scale"}
+BLOCK_ROLES = ("R", "M", "C")
 
 
 def nodes(cfg):
@@ -92,7 +97,8 @@ def node_slices(cfg, level, index, roles):
     """The index of model (level, index) inside an array with these axis roles: a tuple of slices."""
     cfg.check_node(level, index)
     sizes = block_sizes(cfg, level)
-    return tuple(slice(index * sizes[r], (index + 1) * sizes[r]) if r else slice(None) for r in roles)
+    return tuple(slice(level, None) if r == "L" else
+                 slice(index * sizes[r], (index + 1) * sizes[r]) if r else slice(None) for r in roles)
 
 
 def view(params, cfg, level, index):
@@ -110,8 +116,8 @@ def _stacked_shape_strides(a, roles, n):
     Block j starts at offset j * (sum over role axes of stride * block length), so one extra
     stride on the front turns the full array into the stack of its diagonal blocks: a view.
     """
-    shape = tuple(s // n if r else s for s, r in zip(a.shape, roles))
-    step = sum(st * (s // n) for st, s, r in zip(a.strides, a.shape, roles) if r)
+    shape = tuple(s // n if r in BLOCK_ROLES else s for s, r in zip(a.shape, roles))
+    step = sum(st * (s // n) for st, s, r in zip(a.strides, a.shape, roles) if r in BLOCK_ROLES)
     return (n,) + shape, (step,) + a.strides
 
 
@@ -129,6 +135,8 @@ def stacked_blocks(a, roles, n):
 
 def _stacked_blocks_vjp(ans, a, roles, n):
     def vjp(g):
+        if not any(r in BLOCK_ROLES for r in roles):
+            return onp.sum(g, axis=0)        # all n entries are the same memory: their gradients add
         full = onp.zeros(a.shape, dtype=g.dtype)
         stacked_blocks_np(full, roles, n)[...] = g
         return full
@@ -145,7 +153,12 @@ def level_view(params, cfg, level):
     """
     cfg.check_level(level)
     n = cfg.n_models(level)
-    return map_roles(lambda a, roles: stacked_blocks(a, roles, n), params)
+
+    def stack(a, roles):
+        if "L" in roles:   # every model of the level shares the rows [level:] of a per-level array
+            a = a[tuple(slice(level, None) if r == "L" else slice(None) for r in roles)]
+        return stacked_blocks(a, roles, n)
+    return map_roles(stack, params)
 
 
 def index_mask(params, cfg, level, index):
