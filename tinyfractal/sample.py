@@ -31,8 +31,8 @@ def filtered_probs(logits, temperature=1.0, top_k=None, top_p=None):
         return p
     z = logits / temperature
     if top_k is not None and top_k < V:
-        kth = onp.sort(z)[-top_k]
-        z = onp.where(z >= kth, z, -onp.inf)
+        keep = onp.argsort(-z, kind="stable")[:top_k]    # ties go to the lower id, as argmax does
+        z = onp.where(onp.isin(onp.arange(V), keep), z, -onp.inf)
     p = onp.exp(z - z.max())
     p /= p.sum()
     if top_p is not None and top_p < 1:

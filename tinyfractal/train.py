@@ -146,8 +146,8 @@ def format_duration(seconds):
 
 
 def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, level_weights=None,
-          trainable=None, loss_fn=None, level_losses=None, log=print, on_eval=None):
-    """Train in place for tc.steps steps (continuing from state['t'] if resuming).
+          trainable=None, loss_fn=None, level_losses=None, log=print, on_eval=None, until=None):
+    """Train in place up to step tc.steps, or `until` if given (continuing from state['t'] if resuming).
 
     Returns (state, metrics). metrics holds the per-node train/val loss history at every eval.
     `loss_fn(params, cfg, ids, targets, rng)` and `level_losses` let variants swap the model.
@@ -159,7 +159,7 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     start = state["t"]
     tokens_per_step = tc.batch_size * cfg.context
     t0, done = time.perf_counter(), 0
-    for step in range(start, tc.steps):
+    for step in range(start, tc.steps if until is None else min(until, tc.steps)):
         ids, targets = batch_at(train_tokens, tc.batch_size, cfg.context, tc.seed, step)
         rng = onp.random.default_rng([tc.seed, step, 1]) if cfg.dropout > 0 else None
         loss, grads = value_grad(params, cfg, ids, targets, rng)
@@ -169,7 +169,7 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
         done += 1
         metrics["step"].append(step + 1)
         metrics["loss"].append(float(loss))
-        last = step + 1 == tc.steps
+        last = step + 1 == tc.steps or step + 1 == until
         if (step + 1) % tc.log_interval == 0 or last or step == start:
             elapsed = time.perf_counter() - t0
             rate = done * tokens_per_step / elapsed
@@ -179,7 +179,7 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
         if (step + 1) % tc.eval_interval == 0 or last:
             record_eval(params, cfg, tc, train_tokens, val_tokens, metrics, step + 1, level_losses)
             if on_eval:
-                on_eval(step + 1, metrics)
+                on_eval(step + 1, metrics, state)
     return state, metrics
 
 
@@ -236,7 +236,10 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
         log(f"resuming from {out} at step {state['t']}")
     else:
         params, state, metrics = init_params(cfg, tc.seed), None, None
-    state, metrics = train(params, cfg, tc, train_tokens, val_tokens, state, metrics, level_weights, log=log)
-    if out is not None:
-        save_run(out, params, cfg, tc, state, metrics)
+    def checkpoint(step, metrics, state):
+        """Save at every evaluation, so an interrupted run can be resumed from the last one."""
+        if out is not None:
+            save_run(out, params, cfg, tc, state, metrics)
+    state, metrics = train(params, cfg, tc, train_tokens, val_tokens, state, metrics, level_weights, log=log,
+                           on_eval=checkpoint)
     return params, state, metrics, (train_tokens, val_tokens)
