@@ -27,6 +27,7 @@ class Config:
     coupling_cumulative: bool = False   # pass already-coupled states, so a signal crosses levels in one layer
     coupling_sublayer: bool = False     # pass only the layer's attention + MLP outputs, not the whole state
     coupling_scale_init: float = 1.0    # start of the learnable scale per (level, layer); 0 starts as base
+    tokenizer: str = "bpe"              # bpe | bytes: bytes reads UTF-8, upper levels in groups (concepts.py)
 
     def __post_init__(self):
         validate(self)
@@ -122,6 +123,7 @@ _INT_FIELDS = ("vocab_size", "context", "layers", "heads", "kv_heads", "head_dim
 _FLOAT_FIELDS = ("rope_theta", "eps", "dropout", "coupling_scale_init")
 _BOOL_FIELDS = ("coupling_cumulative", "coupling_sublayer")
 COUPLINGS = ("none", "upstream", "downstream")
+TOKENIZERS = ("bpe", "bytes")
 
 
 def _coerce(name, value):
@@ -162,6 +164,11 @@ def validate(cfg):
             raise ValueError(f"config field {name} must be a positive number, got {v!r}")
     if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, (int, float)) or not 0 <= cfg.dropout < 1:
         raise ValueError(f"config field dropout must be in [0, 1), got {cfg.dropout!r}")
+    if cfg.tokenizer not in TOKENIZERS:
+        raise ValueError(f"config field tokenizer must be one of {list(TOKENIZERS)}, got {cfg.tokenizer!r}")
+    if cfg.tokenizer == "bytes" and cfg.vocab_size != 256:
+        raise ValueError(f"tokenizer='bytes' reads the 256 byte values, so vocab_size must be 256, "
+                         f"got {cfg.vocab_size}")
     if cfg.split < 2:
         raise ValueError(f"split must be an integer >= 2, got {cfg.split}")
     smallest = cfg.split ** (cfg.levels - 1)

@@ -7,7 +7,7 @@ fast path in `fast.py`; a test proves the two agree.
 import numpy as onp
 import autograd.numpy as np
 
-from .tree import map_roles, nodes, view
+from .tree import map_roles, nodes, slot_offset, view
 
 
 def init_params(cfg, seed=0):
@@ -37,6 +37,9 @@ def init_params(cfg, seed=0):
         })
     if cfg.coupling != "none":   # one learnable scale per (receiving level, layer); see coupling.py
         params["coupling_scale"] = onp.full((cfg.levels, cfg.layers), cfg.coupling_scale_init, dtype=onp.float32)
+    if cfg.tokenizer == "bytes":   # a gain per byte slot on input and output, for every level above the leaves
+        slots = slot_offset(cfg, cfg.levels - 1)
+        params["P"], params["Q"] = zeros((slots, D)), zeros((slots, D))
     return params
 
 

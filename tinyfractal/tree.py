@@ -6,6 +6,9 @@ Every parameter array has, for each of its axes, a *role*:
   "C"  coordinates inside one head (length hd, h_l = hd/s^l)
   "L"  levels of the tree, for per-level arrays of coupled models: model (l, j) sees rows [l:],
        because as a tree of its own its level 0 is level l of the whole tree
+  "G"  slots of the byte groups of a byte model (concepts.py): level k of L owns g_k = s^(L-1-k) rows
+       starting at slot_offset(k) (leaves, g = 1, own none); model (l, j) sees rows [slot_offset(l):],
+       the slots of its own level and of the levels below it, for the same reason as "L"
   None an axis every model shares whole (vocabulary, heads)
 Model (l, j) owns the j-th block of length d_l, f_l or h_l along every role axis, so its weights are
 basic slices of the full arrays, which NumPy returns as views: no copies, one set of numbers.
@@ -17,6 +20,7 @@ ROLES = {
     "E": (None, "R"),
     "emb_norm": ("R",), "final_norm": ("R",), "out_norm": ("R",),
     "coupling_scale": ("L", None),   # (levels, layers), only in coupled models (coupling.py)
+    "P": ("G", "R"), "Q": ("G", "R"),  # (slots, D) input and output gain per byte slot, only in byte models
 }
 LAYER_ROLES = {
     "attn_norm": ("R",), "mlp_norm": ("R",),
@@ -26,8 +30,9 @@ LAYER_ROLES = {
     "Wdown": ("M", "R"), "bdown": ("R",),
 }
 NO_DECAY = {"emb_norm", "final_norm", "out_norm", "attn_norm", "mlp_norm", "bgate", "bup", "bdown",
-            "coupling_scale"}
+            "coupling_scale", "P", "Q"}
 BLOCK_ROLES = ("R", "M", "C")
+LEVEL_ROLES = ("L", "G")
 
 
 def nodes(cfg):
@@ -47,6 +52,21 @@ def children(cfg, level, index):
     if level == cfg.levels - 1:
         return []
     return [(level + 1, cfg.split * index + r) for r in range(cfg.split)]
+
+
+def group_size(cfg, level):
+    """Bytes per position of a byte model at this level: g_l = split^(L-1-l) (1 at the leaves)."""
+    return cfg.split ** (cfg.levels - 1 - level)
+
+
+def slot_offset(cfg, level):
+    """First row of this level's slots in a byte model's P and Q: g_0 + ... + g_(l-1)."""
+    return sum(group_size(cfg, k) for k in range(level))
+
+
+def level_rows(cfg, level, role):
+    """The rows of an "L" or "G" axis that a model at `level` reads: its own level's and those below."""
+    return slice(level, None) if role == "L" else slice(slot_offset(cfg, level), None)
 
 
 def block_sizes(cfg, level):
@@ -97,7 +117,7 @@ def node_slices(cfg, level, index, roles):
     """The index of model (level, index) inside an array with these axis roles: a tuple of slices."""
     cfg.check_node(level, index)
     sizes = block_sizes(cfg, level)
-    return tuple(slice(level, None) if r == "L" else
+    return tuple(level_rows(cfg, level, r) if r in LEVEL_ROLES else
                  slice(index * sizes[r], (index + 1) * sizes[r]) if r else slice(None) for r in roles)
 
 
@@ -155,8 +175,8 @@ def level_view(params, cfg, level):
     n = cfg.n_models(level)
 
     def stack(a, roles):
-        if "L" in roles:   # every model of the level shares the rows [level:] of a per-level array
-            a = a[tuple(slice(level, None) if r == "L" else slice(None) for r in roles)]
+        if any(r in LEVEL_ROLES for r in roles):   # every model of the level shares these rows
+            a = a[tuple(level_rows(cfg, level, r) if r in LEVEL_ROLES else slice(None) for r in roles)]
         return stacked_blocks(a, roles, n)
     return map_roles(stack, params)
 
