@@ -1,0 +1,279 @@
+"""Laws 10-11: the operators the model is built from, and its gradients.
+
+Every reference here is written plainly in this file from the formulas in SPEC.md (loops and
+hand-derived derivatives), never taken from the code under test.
+"""
+import importlib
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+from autograd import grad
+from autograd.test_util import check_grads
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from strategies import arrays_with_roles, examples, get, models
+from tinyfractal import fast, model
+from tinyfractal.tree import stacked_blocks, stacked_blocks_np
+
+small_shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
+
+
+def finite(lo, hi):
+    return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+
+
+# Law 10: operator laws
+
+@st.composite
+def rows_and_scale(draw):
+    """(x, g, c): rows with root-mean-square >= 1e-3 (so 0/0 never arises), a gain, and c > 0."""
+    shape = draw(small_shapes)
+    x = draw(arrays(np.float64, shape, elements=finite(-100, 100)))
+    rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True))
+    x = np.where(rms < 1e-3, 1.0, x)
+    g = draw(arrays(np.float64, shape[-1:], elements=finite(-2, 2)))
+    c = draw(finite(1e-3, 1e3))
+    return x, g, c
+
+
+@examples(100)
+@given(rows_and_scale())
+def test_rmsnorm_is_scale_invariant(args):
+    """Operator law: rmsnorm(c*x) = rmsnorm(x) for every c > 0 (eps = 0), and with gain 0 every output row
+    has root-mean-square 1; the level-batched norm (a gain per model) obeys the same law."""
+    x, g, c = args
+    np.testing.assert_allclose(model.rmsnorm(c * x, g, 0.0), model.rmsnorm(x, g, 0.0), rtol=1e-12, atol=1e-12)
+    y = model.rmsnorm(x, np.zeros_like(g), 0.0)
+    np.testing.assert_allclose(np.sqrt(np.mean(y * y, axis=-1)), 1.0, rtol=1e-12)
+    stacked, gains = x[None], g[None]
+    np.testing.assert_allclose(fast.norm(c * stacked, gains, 0.0), fast.norm(stacked, gains, 0.0),
+                               rtol=1e-12, atol=1e-12)
+
+
+@st.composite
+def score_rows(draw):
+    """Rows of attention scores: large values, and masked entries (-1e30), but never a fully masked row."""
+    shape = draw(small_shapes)
+    x = draw(arrays(np.float64, shape, elements=finite(-1e4, 1e4)))
+    masked = draw(arrays(bool, shape))
+    masked[..., 0] = False
+    return np.where(masked, -1e30, x)
+
+
+@examples(100)
+@given(score_rows(), finite(-1e3, 1e3))
+def test_softmax_rows_sum_to_one(x, shift):
+    """Operator law: every row of softmax(x) is in [0, 1] and sums to 1, masked entries get exactly 0,
+    and softmax(x + c) = softmax(x), in float64 and float32."""
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        p = model.softmax(x.astype(dtype))
+        assert p.dtype == dtype and p.shape == x.shape
+        assert np.all(p >= 0) and np.all(p <= 1)
+        np.testing.assert_allclose(np.sum(p, axis=-1), 1.0, rtol=tol, atol=tol)
+        assert np.all(p[x == -1e30] == 0)
+    np.testing.assert_allclose(model.softmax(x + shift), model.softmax(x), atol=1e-9)
+
+
+def rope_one(v, pos, theta):
+    """RoPE of one vector (h,) at position pos via the library's tables: (h,)."""
+    cos, sin = model.rope_tables(1, len(v), theta, start=pos)
+    return model.rope(v.reshape(1, 1, len(v)), cos, sin).reshape(len(v))
+
+
+head_dims = st.integers(1, 8).map(lambda n: 2 * n)
+thetas = st.sampled_from([10.0, 100.0, 10000.0]) | finite(2.0, 1e4)
+
+
+@examples(100)
+@given(head_dims.flatmap(lambda h: st.tuples(arrays(np.float64, h, elements=finite(-3, 3)),
+                                             arrays(np.float64, h, elements=finite(-3, 3)))),
+       st.integers(0, 64), st.integers(0, 64), st.integers(0, 64), thetas)
+def test_rope_dot_products_depend_only_on_relative_position(qk, m, n, shift, theta):
+    """Operator law (RoPE): <rope(q, m), rope(k, n)> depends only on m - n:
+    it equals <rope(q, m + d), rope(k, n + d)> for every shift d."""
+    q, k = qk
+    here = np.dot(rope_one(q, m, theta), rope_one(k, n, theta))
+    there = np.dot(rope_one(q, m + shift, theta), rope_one(k, n + shift, theta))
+    bound = np.linalg.norm(q) * np.linalg.norm(k)
+    assert abs(here - there) <= 1e-5 * bound + 1e-12
+
+
+def rope_reference(x, start, theta):
+    """SPEC.md's RoPE, a loop: component m pairs with m + h/2 and turns by pos * theta^(-2m/h)."""
+    B, T, H, h = x.shape
+    out = np.empty_like(x)
+    for t in range(T):
+        for m in range(h // 2):
+            a = (start + t) * theta ** (-2.0 * m / h)
+            c, s = math.cos(a), math.sin(a)
+            out[:, t, :, m] = x[:, t, :, m] * c - x[:, t, :, m + h // 2] * s
+            out[:, t, :, m + h // 2] = x[:, t, :, m] * s + x[:, t, :, m + h // 2] * c
+    return out
+
+
+@examples(60)
+@given(st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 3), head_dims)
+       .flatmap(lambda s: arrays(np.float64, s, elements=finite(-3, 3))),
+       st.integers(0, 50), thetas)
+def test_rope_rotates_the_spec_pairs(x, start, theta):
+    """Operator law (RoPE): rope(x, *rope_tables(T, h, theta, start)) rotates each pair (m, m + h/2) by
+    angle pos * theta^(-2m/h), as SPEC.md says, and so keeps every vector's length."""
+    B, T, H, h = x.shape
+    cos, sin = model.rope_tables(T, h, theta, start)
+    assert cos.shape == sin.shape == (T, h // 2)
+    y = model.rope(x, cos, sin)
+    np.testing.assert_allclose(y, rope_reference(x, start, theta), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
+C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_reference(u):
+    return 0.5 * u * (1.0 + np.tanh(C * (u + 0.044715 * u ** 3)))
+
+
+def gelu_derivative(u):
+    """d/du of the tanh GELU, by hand."""
+    t = np.tanh(C * (u + 0.044715 * u ** 3))
+    return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * C * (1.0 + 3 * 0.044715 * u * u)
+
+
+def geglu_reference(x, p):
+    """The GeGLU MLP and the pieces its gradient needs, plainly: x (n, D) -> (n, D)."""
+    a = x @ p["Wgate"] + p["bgate"]
+    b = x @ p["Wup"] + p["bup"]
+    hidden = gelu_reference(a) * b
+    return hidden @ p["Wdown"] + p["bdown"], (a, b, hidden)
+
+
+def geglu_reference_grad(x, p, R):
+    """Gradient of sum(geglu(x) * R) with respect to x and every weight, derived by hand."""
+    _, (a, b, hidden) = geglu_reference(x, p)
+    dh = R @ p["Wdown"].T
+    da = dh * b * gelu_derivative(a)
+    db = dh * gelu_reference(a)
+    return {"x": da @ p["Wgate"].T + db @ p["Wup"].T,
+            "Wgate": x.T @ da, "bgate": da.sum(0), "Wup": x.T @ db, "bup": db.sum(0),
+            "Wdown": hidden.T @ R, "bdown": R.sum(0)}
+
+
+@st.composite
+def geglu_cases(draw):
+    B, T, D, F = (draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.integers(1, 8)))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    scale = draw(st.sampled_from([0.1, 1.0, 4.0]))
+    p = {"Wgate": rng.normal(0, scale, (D, F)), "bgate": rng.normal(0, scale, F), "Wup": rng.normal(0, 1, (D, F)),
+         "bup": rng.normal(0, 1, F), "Wdown": rng.normal(0, 1, (F, D)), "bdown": rng.normal(0, 1, D)}
+    return rng.normal(0, 1, (B, T, D)), p, rng.normal(0, 1, (B, T, D))
+
+
+@examples(60)
+@given(geglu_cases())
+def test_geglu_value_and_gradient_match_a_plain_reference(case):
+    """Operator law (GeGLU): mlp(x) = (gelu(x Wgate + bgate) * (x Wup + bup)) Wdown + bdown with the tanh
+    GELU, and its gradient equals the hand-derived one, in float64 (the level-batched mlp too)."""
+    x, p, R = case
+    B, T, D = x.shape
+    want, _ = geglu_reference(x.reshape(B * T, D), p)
+    np.testing.assert_allclose(model.mlp(x, p), want.reshape(B, T, D), rtol=1e-10, atol=1e-10)
+    stacked = {k: v[None] for k, v in p.items()}
+    np.testing.assert_allclose(fast.mlp(x[None], stacked)[0], want.reshape(B, T, D), rtol=1e-10, atol=1e-10)
+    ref = geglu_reference_grad(x.reshape(B * T, D), p, R.reshape(B * T, D))
+    gx, gp = grad(lambda x, p: np.sum(model.mlp(x, p) * R), argnum=(0, 1))(x, p)
+    np.testing.assert_allclose(gx, ref["x"].reshape(B, T, D), rtol=1e-9, atol=1e-9)
+    for k in p:
+        np.testing.assert_allclose(gp[k], ref[k], rtol=1e-9, atol=1e-9, err_msg=k)
+
+
+# Law 11: gradients
+
+def zeros_like(params):
+    return {**{k: np.zeros_like(v) for k, v in params.items() if k != "layers"},
+            "layers": [{k: np.zeros_like(v) for k, v in layer.items()} for layer in params["layers"]]}
+
+
+def add_scaled(params, direction, h):
+    return {**{k: params[k] + h * direction[k] for k in params if k != "layers"},
+            "layers": [{k: layer[k] + h * d[k] for k in layer} for layer, d in zip(params["layers"], direction["layers"])]}
+
+
+@examples(8)
+@given(models(max_nodes=7, dtype=np.float64), st.integers(0, 2 ** 32 - 1),
+       st.sampled_from(["reference", "level-batched"]))
+def test_gradients_of_the_full_model_match_finite_differences(args, seed, path):
+    """Gradients: the gradient of the tree loss (reference or level-batched) matches central finite
+    differences in float64, along random directions and on random single coordinates."""
+    cfg, params, ids, targets = args
+    loss = model.tree_loss_reference if path == "reference" else fast.tree_loss
+    f = lambda P: loss(P, cfg, ids, targets)
+    g = grad(f)(params)
+    rng = np.random.default_rng(seed)
+    h = 1e-5
+    directions = [{**{k: rng.normal(size=v.shape) for k, v in params.items() if k != "layers"},
+                   "layers": [{k: rng.normal(size=v.shape) for k, v in layer.items()} for layer in params["layers"]]}]
+    all_arrays = arrays_with_roles(params)
+    for _ in range(4):
+        one_hot = zeros_like(params)
+        where, a, _ = all_arrays[rng.integers(len(all_arrays))]
+        get(one_hot, where)[np.unravel_index(rng.integers(a.size), a.shape)] = 1.0
+        directions.append(one_hot)
+    for d in directions:
+        numeric = (f(add_scaled(params, d, h)) - f(add_scaled(params, d, -h))) / (2 * h)
+        exact = sum(float(np.sum(get(g, p) * get(d, p))) for p, _, _ in all_arrays)
+        assert abs(numeric - exact) <= 1e-6 * max(1.0, abs(exact)), (numeric, exact)
+
+
+ROLE_PATTERNS = [("R",), ("M",), (None, "R"), ("R", "M"), ("M", "R"), ("R", None, "C"), (None, "C", "R")]
+
+
+@st.composite
+def stacked_block_cases(draw):
+    roles = draw(st.sampled_from(ROLE_PATTERNS))
+    n = draw(st.integers(1, 4))
+    shape = tuple(n * draw(st.integers(1, 3)) if r else draw(st.integers(1, 3)) for r in roles)
+    a = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1))).normal(size=shape)
+    return a, roles, n
+
+
+@examples(40)
+@given(stacked_block_cases(), st.integers(0, 2 ** 31 - 1))
+def test_gradients_of_stacked_blocks_pass_check_grads(case, seed):
+    """Gradients: tree.stacked_blocks, the custom-VJP primitive under level_view, passes autograd's
+    check_grads (reverse mode, float64), and its gradient lands exactly on the diagonal blocks."""
+    a, roles, n = case
+    np.random.seed(seed)                       # check_grads draws its random directions from here
+    check_grads(lambda a: stacked_blocks(a, roles, n), modes=["rev"], order=1)(a)
+    g = grad(lambda a: np.sum(stacked_blocks(a, roles, n)))(a)
+    on_diagonal = np.zeros(a.shape)
+    stacked_blocks_np(on_diagonal, roles, n)[...] = 1.0
+    assert np.array_equal(g, on_diagonal)
+
+
+def ops_primitives():
+    """The custom-VJP primitives registered in tinyfractal.ops, or a reason to skip."""
+    if importlib.util.find_spec("tinyfractal.ops") is None:
+        return None, "tinyfractal.ops does not exist yet (its primitives are checked once it does)"
+    ops = importlib.import_module("tinyfractal.ops")
+    if not hasattr(ops, "PRIMITIVES"):
+        return None, "tinyfractal.ops has no PRIMITIVES registry to discover its custom VJPs from"
+    return ops.PRIMITIVES, None
+
+
+def test_gradients_every_custom_vjp_in_ops_passes_check_grads():
+    """Gradients: every custom-VJP primitive registered in tinyfractal.ops.PRIMITIVES passes check_grads
+    (reverse mode, float64) on its example arguments of random shapes."""
+    prims, reason = ops_primitives()
+    if prims is None:
+        pytest.skip(reason)
+    assert len(prims) > 0
+    for name, entry in dict(prims).items():
+        fn, make_args = entry
+        for seed in range(3):
+            args = make_args(np.random.default_rng(seed))
+            np.random.seed(seed)
+            check_grads(fn, modes=["rev"], order=1, argnum=tuple(range(len(args))))(*args)
