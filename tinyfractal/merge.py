@@ -1,0 +1,135 @@
+"""Model merging: place trained models on the diagonal blocks of a larger FractalFormer, and back.
+
+`merge` is the write-side twin of `tree.view`: child r of the merged model *is* view (1, r), so
+writing each child through its view puts every array exactly where the index maps of SPEC.md
+section 1 say, and moves the child's own descendants one level down unchanged. What is left over,
+the off-diagonal blocks of the projection and MLP matrices, is all that is new; `trainable_mask`
+marks exactly those entries so training can leave the children bit for bit as they were.
+"""
+import dataclasses
+
+import numpy as onp
+from autograd.extend import defvjp, primitive
+
+from . import fast
+from .config import Config
+from .model import init_params, param_shapes
+from .tree import flatten, index_mask, map_roles, unflatten, view
+
+OFF_DIAGONAL = ("zero", "random")
+
+
+def parent_config(child_cfg, split):
+    """The config one level up: split x the width and head dim, one more level, all else the same."""
+    if not isinstance(split, int) or isinstance(split, bool) or split < 2:
+        raise ValueError(f"split must be an integer >= 2, got {split!r}")
+    if child_cfg.split != split:
+        raise ValueError(f"child_cfg has split={child_cfg.split} but the merge uses split={split}; one tree has "
+                         f"one split (use child_cfg.override(split={split}) for standalone children)")
+    return dataclasses.replace(child_cfg, hidden=split * child_cfg.hidden, head_dim=split * child_cfg.head_dim,
+                               levels=child_cfg.levels + 1)
+
+
+def _check_children(children, child_cfg, split):
+    """ValueError naming the first way the children do not fit child_cfg or each other."""
+    if not isinstance(children, (list, tuple)) or len(children) != split:
+        got = len(children) if isinstance(children, (list, tuple)) else type(children).__name__
+        raise ValueError(f"merge needs exactly split={split} children, got {got}")
+    cfgs = list(child_cfg) if isinstance(child_cfg, (list, tuple)) else [child_cfg] * split
+    if len(cfgs) != split or not all(isinstance(c, Config) for c in cfgs):
+        raise ValueError(f"child_cfg must be one Config or a list of {split} Configs")
+    for r, c in enumerate(cfgs[1:], start=1):
+        diff = [f"{f.name} {getattr(c, f.name)!r} vs {getattr(cfgs[0], f.name)!r}"
+                for f in dataclasses.fields(Config) if getattr(c, f.name) != getattr(cfgs[0], f.name)]
+        if diff:
+            raise ValueError(f"child {r}'s config differs from child 0's: {', '.join(diff)}")
+    want = flatten(param_shapes(cfgs[0]))
+    dtypes = set()
+    for r, child in enumerate(children):
+        if not isinstance(child, dict) or "layers" not in child:
+            raise ValueError(f"child {r} is not a params dict (got {type(child).__name__})")
+        flat = flatten(child)
+        if len(child["layers"]) != cfgs[0].layers:
+            raise ValueError(f"child {r} has {len(child['layers'])} layers, child_cfg has layers={cfgs[0].layers}")
+        missing, extra = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
+        if missing or extra:
+            raise ValueError(f"child {r}'s arrays do not match child_cfg: missing {missing}, unexpected {extra}")
+        for name, shape in want.items():
+            if tuple(onp.shape(flat[name])) != shape:
+                raise ValueError(f"child {r}: array {name} has shape {tuple(onp.shape(flat[name]))}, "
+                                 f"child_cfg needs {shape}")
+            dtypes.add(onp.asarray(flat[name]).dtype)
+    if len(dtypes) != 1 or next(iter(dtypes)) not in (onp.float32, onp.float64):
+        raise ValueError(f"the children's arrays must all be float32 or all float64, got {sorted(map(str, dtypes))}")
+    return cfgs[0], next(iter(dtypes))
+
+
+def merge(children, child_cfg, split, off_diagonal="zero", scale=0.1, seed=0):
+    """Merge `split` models of config child_cfg into one FractalFormer: child r becomes node (1, r).
+
+    Returns (params, parent_cfg), with parent_cfg.sub(1) == child_cfg. The children may themselves be
+    FractalFormers (levels >= 1); their nodes (l, j) become (l+1, r*split**l + j), unchanged.
+    New entries (off-diagonal blocks of Wq/Wk/Wv/Wo/Wgate/Wup/Wdown) are zero, or with
+    off_diagonal="random" uniform in +-scale/sqrt(fan_in), a `scale` fraction of the usual init.
+    """
+    if off_diagonal not in OFF_DIAGONAL:
+        raise ValueError(f"off_diagonal must be one of {OFF_DIAGONAL}, got {off_diagonal!r}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale < 0:
+        raise ValueError(f"scale must be a number >= 0, got {scale!r}")
+    child_cfg, dtype = _check_children(children, child_cfg, split)
+    cfg = parent_config(child_cfg, split)
+    if off_diagonal == "zero":
+        params = map_roles(lambda a, roles: onp.zeros(a.shape, dtype), init_params(cfg, seed))
+    else:
+        params = map_roles(lambda a, roles: (a * a.dtype.type(scale)).astype(dtype), init_params(cfg, seed))
+    for r, child in enumerate(children):
+        def write(block, roles, source):
+            block[...] = source
+        map_roles(write, view(params, cfg, 1, r), child)
+    return params, cfg
+
+
+def extract(params, cfg, level, index):
+    """A standalone deep copy of model (level, index): the params of a model of config cfg.sub(level)."""
+    return map_roles(lambda a, roles: onp.array(a, copy=True, order="C"), view(params, cfg, level, index))
+
+
+def trainable_mask(params, cfg, frozen_level=1):
+    """Flat name -> bool array: True exactly outside the union of the index sets of the models at
+    `frozen_level` (after a merge: the new off-diagonal blocks; gains, biases and E are all frozen)."""
+    cfg.check_level(frozen_level)
+    covered = map_roles(lambda a, roles: onp.zeros(onp.shape(a), dtype=bool), params)
+    for j in range(cfg.n_models(frozen_level)):
+        covered = map_roles(lambda c, roles, m: c | m, covered, index_mask(params, cfg, frozen_level, j))
+    return {name: ~c for name, c in flatten(covered).items()}
+
+
+@primitive
+def only_trainable(a, mask):
+    """Identity on values; the gradient flowing back is zeroed outside `mask`.
+
+    Frozen entries then add nothing to the gradient norm that clipping measures, so clipping sees
+    the same gradient it would if the new blocks were the only parameters.
+    """
+    return a
+
+
+defvjp(only_trainable, lambda ans, a, mask: lambda g: g * mask)
+
+
+def mask_gradients(params, trainable):
+    """params with `only_trainable` applied to every array (flat names from `trainable`)."""
+    flat = flatten(params)
+    return unflatten({k: only_trainable(v, trainable[k]) if k in trainable else v for k, v in flat.items()})
+
+
+def root_loss(params, cfg, ids, targets, rng=None):
+    """Cross-entropy of the root model (0, 0) alone: the tree loss with level_weights [1, 0, 0, ...]."""
+    return fast.cross_entropy_per_model(fast.forward_level(params, cfg, 0, ids, rng), targets)[0]
+
+
+def frozen_loss(trainable, loss=root_loss):
+    """A train.train loss_fn whose gradient is zero on frozen entries (see `only_trainable`)."""
+    def loss_fn(params, cfg, ids, targets, rng=None):
+        return loss(mask_gradients(params, trainable), cfg, ids, targets, rng)
+    return loss_fn
