@@ -200,7 +200,8 @@ def invalid_configs(draw):
     """
     d = draw(config_dicts(max_nodes=21))
     kind = draw(st.sampled_from(["positive", "integer", "positive_float", "dropout", "split", "hidden",
-                                 "head_dim", "rope_even", "kv_heads"]))
+                                 "head_dim", "rope_even", "kv_heads", "coupling", "coupling_flag",
+                                 "coupling_scale_init"]))
     leaves = d["split"] ** (d["levels"] - 1)
     if kind == "positive":
         field = draw(st.sampled_from(INT_FIELDS))
@@ -230,6 +231,16 @@ def invalid_configs(draw):
         step = leaves if kind == "hidden" else 2 * leaves
         d[kind] = step * draw(st.integers(1, 3)) + draw(st.integers(1, leaves - 1))
         return d, (kind, "divisible"), kind
+    if kind == "coupling":
+        d["coupling"] = draw(st.sampled_from(["sideways", "Upstream", "", 1, None]))
+        return d, ("coupling",), kind
+    if kind == "coupling_flag":
+        field = draw(st.sampled_from(["coupling_cumulative", "coupling_sublayer"]))
+        d[field] = draw(st.sampled_from([1, 0, "yes", "true", None]))
+        return d, (field, "true or false"), kind
+    if kind == "coupling_scale_init":
+        d["coupling_scale_init"] = draw(st.sampled_from([float("inf"), float("-inf"), float("nan"), True, "x"]))
+        return d, ("coupling_scale_init",), kind
     if kind == "rope_even":
         d["head_dim"] = leaves * draw(st.sampled_from([1, 3, 5]))
         return d, ("even",), kind
