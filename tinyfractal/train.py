@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as onp
 from autograd import value_and_grad
 
-from . import fast
+from . import coupling, fast
 from .data import batch_at
 from .tree import NO_DECAY, flatten, nodes, unflatten
 
@@ -126,7 +126,7 @@ def adamw_step(params, grads, state, lr, tc, trainable=None):
 
 def evaluate(params, cfg, tokens, batch_size, batches, seed=1234, level_losses=None):
     """Per-node mean loss over fixed batches of a split: {(level, index): loss}."""
-    level_losses = level_losses or fast.node_losses
+    level_losses = level_losses or (coupling.node_losses if cfg.coupling != "none" else fast.node_losses)
     sums = {node: 0.0 for node in nodes(cfg)}
     for b in range(batches):
         ids, targets = batch_at(tokens, batch_size, cfg.context, seed, b)
@@ -152,7 +152,8 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     Returns (state, metrics). metrics holds the per-node train/val loss history at every eval.
     `loss_fn(params, cfg, ids, targets, rng)` and `level_losses` let variants swap the model.
     """
-    loss_fn = loss_fn or (lambda p, c, i, t, rng: fast.tree_loss(p, c, i, t, level_weights, rng))
+    tree_loss = coupling.tree_loss if cfg.coupling != "none" else fast.tree_loss   # coupled trees: coupling.py
+    loss_fn = loss_fn or (lambda p, c, i, t, rng: tree_loss(p, c, i, t, level_weights, rng))
     value_grad = value_and_grad(loss_fn)
     state = state or adamw_init(params)
     metrics = metrics or {"step": [], "loss": [], "eval_step": [], "train": {}, "val": {}}
