@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as onp
 from autograd import value_and_grad
 
-from . import coupling, fast
+from . import concepts, coupling, fast
 from .data import batch_at
 from .tree import NO_DECAY, flatten, nodes, unflatten
 
@@ -126,7 +126,8 @@ def adamw_step(params, grads, state, lr, tc, trainable=None):
 
 def evaluate(params, cfg, tokens, batch_size, batches, seed=1234, level_losses=None):
     """Per-node mean loss over fixed batches of a split: {(level, index): loss}."""
-    level_losses = level_losses or (coupling.node_losses if cfg.coupling != "none" else fast.node_losses)
+    level_losses = level_losses or (coupling.node_losses if cfg.coupling != "none" else
+                                    concepts.node_losses if cfg.tokenizer == "bytes" else fast.node_losses)
     sums = {node: 0.0 for node in nodes(cfg)}
     for b in range(batches):
         ids, targets = batch_at(tokens, batch_size, cfg.context, seed, b)
@@ -152,7 +153,8 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     Returns (state, metrics). metrics holds the per-node train/val loss history at every eval.
     `loss_fn(params, cfg, ids, targets, rng)` and `level_losses` let variants swap the model.
     """
-    tree_loss = coupling.tree_loss if cfg.coupling != "none" else fast.tree_loss   # coupled trees: coupling.py
+    tree_loss = (coupling.tree_loss if cfg.coupling != "none" else          # coupled trees: coupling.py
+                 concepts.tree_loss if cfg.tokenizer == "bytes" else fast.tree_loss)   # byte models: concepts.py
     loss_fn = loss_fn or (lambda p, c, i, t, rng: tree_loss(p, c, i, t, level_weights, rng))
     value_grad = value_and_grad(loss_fn)
     state = state or adamw_init(params)
@@ -222,10 +224,12 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
     from .data import load_tokens, train_val_split
     from .model import init_params
     from .tokenizer import Tokenizer
-    tokenizer = tokenizer or Tokenizer.default()
+    tokenizer = tokenizer or (concepts.ByteTokenizer() if cfg.tokenizer == "bytes" else Tokenizer.default())
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the config's vocab_size is {cfg.vocab_size}")
     train_tokens, val_tokens = train_val_split(load_tokens(tokenizer))
+    if cfg.tokenizer == "bytes":   # rows of g_0 bytes, one top-level group each (concepts.py)
+        train_tokens, val_tokens = concepts.group_rows(train_tokens, cfg), concepts.group_rows(val_tokens, cfg)
     if resume:
         params, saved_cfg, meta = load(out)
         if saved_cfg != cfg:
