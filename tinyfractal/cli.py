@@ -11,6 +11,7 @@ import sys
 PLUGINS = [
     # ("tinyfractal.some_module", "add_command"),
     ("tinyfractal.trace", "add_command"),
+    ("tinyfractal.plots", "add_command"),
 ]
 
 
