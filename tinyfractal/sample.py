@@ -1,6 +1,11 @@
-"""Sampling text from any node of the tree: temperature, top-k and top-p, all of which really act."""
+"""Sampling text from any node of the tree: temperature, top-k and top-p, all of which really act.
+
+`generate` decodes with a KV cache (`infer.py`); `generate_reference` recomputes the whole window for
+every token, the readable definition the cached path is tested against.
+"""
 import numpy as onp
 
+from . import infer
 from .model import forward
 from .tree import view
 
@@ -70,6 +75,9 @@ def generate_reference(params, cfg, tokenizer, prompt, level=0, index=0, max_new
     """
     cfg.check_node(level, index)
     check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if cfg.coupling != "none":   # a coupled node runs its subtree or its ancestors: coupling.py
+        from .coupling import generate_reference as coupled
+        return coupled(params, cfg, tokenizer, prompt, level, index, max_new_tokens, temperature, top_k, top_p, seed)
     p, sub = view(params, cfg, level, index), cfg.sub(level)
     ids = prompt_ids(tokenizer, prompt)
     rng = onp.random.default_rng(seed)
@@ -83,4 +91,22 @@ def generate_reference(params, cfg, tokenizer, prompt, level=0, index=0, max_new
     return prompt + tokenizer.decode(new)
 
 
-generate = generate_reference
+def generate(params, cfg, tokenizer, prompt, level=0, index=0, max_new_tokens=200,
+             temperature=1.0, top_k=None, top_p=None, seed=0, keep=None):
+    """Sample from model (level, index) with a KV cache: the prompt once, then one token per step.
+
+    Same tokens as `generate_reference` for the same seed. When the window of `context` tokens is
+    full it slides, recomputing the cache from the last `keep` tokens (default: context, which is
+    exactly the reference's window). Returns the prompt followed by the new text.
+    """
+    cfg.check_node(level, index)
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    keep = infer.check_keep(keep, cfg.context)
+    if cfg.coupling != "none":   # a coupled node runs its subtree or its ancestors: coupling.py
+        from .coupling import generate as coupled
+        return coupled(params, cfg, tokenizer, prompt, level, index, max_new_tokens, temperature, top_k, top_p, seed, keep)
+    ids = prompt_ids(tokenizer, prompt)
+    rng = onp.random.default_rng(seed)
+    new = infer.decode(infer.node_models(params, cfg, level, index), ids, max_new_tokens,
+                       lambda logits: sample_token(logits, rng, temperature, top_k, top_p), keep)
+    return prompt + tokenizer.decode(new)

@@ -1,0 +1,266 @@
+"""Self-speculative decoding: a FractalFormer's own sub-models draft, a bigger node verifies.
+
+The drafters are descendants of the verifier, so they cost no extra weights: they are slices of the
+same arrays. One round:
+  1. every drafter proposes k tokens greedily (or by sampling), from its own KV cache; all the
+     drafters of one level run as one batched computation;
+  2. the verifier scores every distinct draft in ONE batched pass over k+1 positions
+     (the pending token, then the k drafted ones);
+  3. it keeps the draft with the longest accepted prefix, plus its own next token there, and every
+     cache rolls back to the accepted length.
+Greedy verification keeps a drafted token only if it is the verifier's argmax, so the output is the
+verifier's own greedy output, token for token. With sampling (one drafter) a drafted token t is kept
+with probability min(1, p(t)/q(t)); on rejection the token is drawn from normalize(max(0, p - q)).
+This leaves the verifier's distribution p exactly as it was (Leviathan et al. 2023; Chen et al. 2023).
+"""
+from dataclasses import dataclass, field
+
+import numpy as onp
+
+from . import infer
+from .sample import check_sampling, filtered_probs, prompt_ids
+
+
+def is_descendant(cfg, node, ancestor):
+    """Is `node` strictly below `ancestor` in the tree? (l, j) is under (a, i) iff l > a and j // s^(l-a) = i."""
+    (level, index), (alevel, aindex) = node, ancestor
+    return level > alevel and index // cfg.split ** (level - alevel) == aindex
+
+
+def resolve_drafters(cfg, verifier, drafters):
+    """The drafter nodes, sorted: None = every descendant of the verifier one level down; an int = every
+    descendant at that level; or a list of (level, index) nodes, each a descendant of the verifier."""
+    vlevel, vindex = check_node_pair(cfg, verifier, "verifier")
+    if vlevel == cfg.levels - 1:
+        raise ValueError(f"the verifier {verifier} is a leaf (level {vlevel}); it has no sub-models to draft with")
+    if drafters is None:
+        drafters = vlevel + 1
+    if isinstance(drafters, int) and not isinstance(drafters, bool):
+        if not vlevel < drafters < cfg.levels:
+            raise ValueError(f"drafter level {drafters} must be below the verifier's level {vlevel}: "
+                             f"one of {list(range(vlevel + 1, cfg.levels))}")
+        span = cfg.split ** (drafters - vlevel)
+        return [(drafters, vindex * span + r) for r in range(span)]
+    if not isinstance(drafters, (list, tuple)) or not drafters:
+        raise ValueError(f"drafters must be None, a level (int) or a non-empty list of (level, index) nodes; "
+                         f"got {drafters!r}")
+    out = []
+    for node in drafters:
+        node = check_node_pair(cfg, node, "drafter")
+        if not is_descendant(cfg, node, (vlevel, vindex)):
+            raise ValueError(f"drafter {node} is not a descendant of the verifier {(vlevel, vindex)}; "
+                             f"drafters must be sub-models of the verifier")
+        if node in out:
+            raise ValueError(f"drafter {node} is listed twice")
+        out.append(node)
+    return sorted(out)
+
+
+def check_node_pair(cfg, node, what):
+    if not isinstance(node, (tuple, list)) or len(node) != 2:
+        raise ValueError(f"the {what} must be a (level, index) pair, got {node!r}")
+    level, index = node
+    cfg.check_node(level, index)
+    return int(level), int(index)
+
+
+def check_k(k):
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"draft length k must be an integer >= 1, got {k!r}")
+
+
+@dataclass
+class SpecStats:
+    """What a speculative run did. FLOPs are matmul FLOPs, counted as the matmuls run."""
+    new_tokens: int = 0
+    rounds: int = 0            # verifier passes that checked drafts
+    plain_steps: int = 0       # verifier passes with nothing to check (window full, or last token)
+    drafted: int = 0           # draft positions offered for checking (k per round, or fewer at the end)
+    accepted: int = 0          # drafted tokens the verifier kept
+    first_accepted: int = 0    # rounds whose first drafted token was kept
+    verifier_calls: int = 0    # every verifier forward: prefills, checks, plain steps
+    drafter_calls: int = 0     # every batched drafter forward (a level's drafters count once)
+    verifier_flops: int = 0
+    drafter_flops: int = 0
+    accepted_by: dict = field(default_factory=dict)   # drafter node -> rounds its draft was chosen
+
+    @property
+    def acceptance_rate(self):
+        """Accepted drafted tokens / drafted positions (along the chosen draft)."""
+        return self.accepted / max(1, self.drafted)
+
+    @property
+    def mean_accepted(self):
+        """Drafted tokens kept per round (the verifier's own token not counted)."""
+        return self.accepted / max(1, self.rounds)
+
+    @property
+    def verifier_calls_per_token(self):
+        return self.verifier_calls / max(1, self.new_tokens)
+
+    @property
+    def flops(self):
+        return self.verifier_flops + self.drafter_flops
+
+    def as_dict(self):
+        out = {k: v for k, v in self.__dict__.items() if k != "accepted_by"}
+        out["accepted_by"] = {f"{l}.{j}": n for (l, j), n in sorted(self.accepted_by.items())}
+        for name in ("acceptance_rate", "mean_accepted", "verifier_calls_per_token", "flops"):
+            out[name] = getattr(self, name)
+        return out
+
+
+def accept_greedy(verifier_tokens, drafts):
+    """Greedy check of R drafts at once. verifier_tokens (R,k+1) argmaxes, drafts (R,k) ->
+    (row, accepted, next token): the row with the longest prefix equal to the verifier's choices."""
+    match = onp.cumprod(drafts == verifier_tokens[:, :-1], axis=1)
+    lengths = match.sum(axis=1)
+    row = int(onp.argmax(lengths))
+    a = int(lengths[row])
+    return row, a, int(verifier_tokens[row, a])
+
+
+def accept_sampled(p, q, draft, rng):
+    """The standard accept/reject rule. p (k+1,V) verifier, q (k,V) drafter, draft (k,) drawn from q.
+
+    Token i is kept with probability min(1, p_i(t)/q_i(t)); the first rejected one is replaced by a
+    draw from normalize(max(0, p_i - q_i)); if all are kept, a bonus token comes from p_k.
+    Returns (accepted count, next token).
+    """
+    for i, t in enumerate(draft):
+        if rng.random() * q[i, t] < p[i, t]:
+            continue
+        residual = onp.maximum(p[i] - q[i], 0.0)
+        total = residual.sum()
+        residual = residual / total if total > 0 else p[i]
+        return i, int(rng.choice(len(residual), p=residual))
+    return len(draft), int(rng.choice(p.shape[1], p=p[len(draft)]))
+
+
+class Group:
+    """The drafters of one level, batched: one Models, one cache, one catch-up pointer."""
+
+    def __init__(self, params, cfg, level, indices):
+        self.nodes = [(level, j) for j in indices]
+        self.models = infer.Models(params, cfg, level, indices)
+        self.cache = self.models.new_cache(1)
+
+
+def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), drafters=None, k=4,
+                    temperature=0.0, top_k=None, top_p=None, seed=0, keep=None, on_round=None):
+    """Continue the token list `ids` by speculative decoding. Returns (new token ids, SpecStats).
+
+    temperature 0 is greedy verification and allows any number of drafters; temperature > 0 uses
+    the accept/reject rule and needs exactly one drafter. `on_round(info)` sees every round.
+    """
+    check_k(k)
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    verifier = check_node_pair(cfg, verifier, "verifier")
+    nodes = resolve_drafters(cfg, verifier, drafters)
+    sampled = temperature > 0
+    if sampled and len(nodes) != 1:
+        raise ValueError(f"sampling (temperature > 0) needs exactly one drafter, got {len(nodes)}; "
+                         f"use temperature 0 (greedy) for several drafters")
+    context = cfg.context
+    keep = infer.check_keep(keep, context)
+    rng = onp.random.default_rng(seed)
+    levels = sorted({level for level, _ in nodes})
+    groups = [Group(params, cfg, level, [j for l, j in nodes if l == level]) for level in levels]
+    V = infer.Models(params, cfg, verifier[0], [verifier[1]])
+    stats = SpecStats(accepted_by={n: 0 for n in nodes})
+    ids = list(ids)
+    n_prompt = len(ids)
+
+    def pick(logits):
+        return filtered_probs(logits, temperature, top_k, top_p)
+
+    def draw(probs):
+        return int(rng.choice(len(probs), p=probs)) if sampled else int(onp.argmax(probs))
+
+    start = max(0, len(ids) - context)
+    logits, vcache = infer.prefill(V, onp.asarray(ids[start:])[None])
+    stats.verifier_calls += 1
+    ids.append(draw(pick(logits[0, 0, -1])))
+    while len(ids) - n_prompt < max_new_tokens:
+        L = vcache.length                                       # window slots [0, L) cached; pending at L
+        if L == context:
+            start = len(ids) - keep
+            vcache.rollback(0)
+            if keep > 1:
+                infer.extend(V, vcache, onp.asarray(ids[start:-1])[None])
+                stats.verifier_calls += 1
+            for g in groups:
+                g.cache.rollback(0)
+            L = vcache.length
+        remaining = max_new_tokens - (len(ids) - n_prompt)
+        k_eff = min(k, context - 1 - L, remaining - 1)
+        pending = ids[-1]
+        if k_eff < 1:
+            logits = infer.extend(V, vcache, [[pending]])
+            stats.verifier_calls += 1
+            stats.plain_steps += 1
+            ids.append(draw(pick(logits[0, 0, -1])))
+            continue
+
+        rows, owners, q_rows = [], [], []
+        for g in groups:
+            chunk = onp.asarray(ids[start + g.cache.length:])[None]       # catch up to the pending token
+            out = infer.extend(g.models, g.cache, chunk)[:, 0, -1]       # (N,V)
+            drafts = onp.zeros((g.models.N, k_eff), dtype=onp.int64)
+            for i in range(k_eff):
+                if sampled:
+                    q_rows.append(pick(out[0]))
+                    drafts[0, i] = draw(q_rows[-1])
+                else:
+                    drafts[:, i] = onp.argmax(out, axis=-1)
+                if i + 1 < k_eff:
+                    out = infer.extend(g.models, g.cache, drafts[:, i:i + 1, None])[:, 0, -1]
+            stats.drafter_calls += k_eff
+            g.drafts = drafts
+            for r, node in enumerate(g.nodes):
+                rows.append(tuple(drafts[r]))
+                owners.append(node)
+        distinct = list(dict.fromkeys(rows))                            # same draft from two drafters: check once
+        draft_arr = onp.asarray(distinct, dtype=onp.int64).reshape(len(distinct), k_eff)
+        tokens = onp.concatenate([onp.full((len(distinct), 1), pending), draft_arr], axis=1)
+        branch = vcache.expand(len(distinct))
+        vlogits = infer.extend(V, branch, tokens)[0]                      # (R,k_eff+1,V)
+        stats.verifier_calls += 1
+        stats.rounds += 1
+        if sampled:
+            p = onp.stack([pick(row) for row in vlogits[0]])
+            row, a, nxt = 0, *accept_sampled(p, onp.stack(q_rows), draft_arr[0], rng)
+        else:
+            row, a, nxt = accept_greedy(onp.argmax(vlogits, axis=-1), draft_arr)
+        vcache.adopt(branch, row, L + a + 1)
+        new = [int(t) for t in draft_arr[row, :a]] + [nxt]
+        chosen = owners[rows.index(distinct[row])]
+        stats.accepted_by[chosen] += 1
+        stats.drafted += k_eff
+        stats.accepted += a
+        stats.first_accepted += a > 0
+        for g in groups:
+            fed = g.drafts[:, :k_eff - 1]                                  # what each drafter fed after pending
+            agree = onp.cumprod(fed[:, :len(new)] == onp.asarray(new[:fed.shape[1]]), axis=1).sum(axis=1)
+            g.cache.rollback(L + 1 + int(agree.min()))
+        if on_round:
+            on_round({"drafts": draft_arr, "owners": [[o for o, r in zip(owners, rows) if r == d] for d in distinct],
+                      "row": row, "accepted": a, "token": nxt, "window_start": start})
+        ids.extend(new)
+    stats.new_tokens = len(ids) - n_prompt
+    stats.verifier_flops = V.flops
+    stats.drafter_flops = sum(g.models.flops for g in groups)
+    return ids[n_prompt:], stats
+
+
+def speculative_generate(params, cfg, tokenizer, prompt, verifier=(0, 0), drafters=None, k=4,
+                         max_new_tokens=200, temperature=0.0, top_k=None, top_p=None, seed=0, keep=None,
+                         on_round=None):
+    """Text from `verifier` (default the whole model), drafted by its sub-models.
+
+    drafters: None (the verifier's children), a level (all its descendants there) or a list of nodes.
+    Returns (prompt + new text, SpecStats).
+    """
+    new, stats = speculative_ids(params, cfg, prompt_ids(tokenizer, prompt), max_new_tokens, verifier,
+                                 drafters, k, temperature, top_k, top_p, seed, keep, on_round)
+    return prompt + tokenizer.decode(new), stats
