@@ -98,7 +98,11 @@ def run_eval(args, extra):
     if args.batches < 1 or args.batch_size < 1:
         raise ValueError("--batches and --batch-size must be >= 1")
     params, cfg, _ = load(args.ckpt)
-    _, val = train_val_split(load_tokens(Tokenizer.default()))
+    if cfg.tokenizer == "bytes":   # rows of g_0 bytes; losses are nats per byte (concepts.py)
+        from .concepts import load_split
+        _, val = load_split(cfg)
+    else:
+        _, val = train_val_split(load_tokens(Tokenizer.default()))
     losses = evaluate(params, cfg, val, args.batch_size, args.batches)
     if args.json:
         print(json.dumps({node_key(n): v for n, v in losses.items()}, indent=1))

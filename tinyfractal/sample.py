@@ -78,6 +78,9 @@ def generate_reference(params, cfg, tokenizer, prompt, level=0, index=0, max_new
     if cfg.coupling != "none":   # a coupled node runs its subtree or its ancestors: coupling.py
         from .coupling import generate_reference as coupled
         return coupled(params, cfg, tokenizer, prompt, level, index, max_new_tokens, temperature, top_k, top_p, seed)
+    if cfg.tokenizer == "bytes":   # byte models sample whole groups of bytes, slot by slot: concepts.py
+        from .concepts import generate as generate_bytes
+        return generate_bytes(params, cfg, prompt, level, index, max_new_tokens, temperature, top_k, top_p, seed)
     p, sub = view(params, cfg, level, index), cfg.sub(level)
     ids = prompt_ids(tokenizer, prompt)
     rng = onp.random.default_rng(seed)
@@ -105,6 +108,9 @@ def generate(params, cfg, tokenizer, prompt, level=0, index=0, max_new_tokens=20
     if cfg.coupling != "none":   # a coupled node runs its subtree or its ancestors: coupling.py
         from .coupling import generate as coupled
         return coupled(params, cfg, tokenizer, prompt, level, index, max_new_tokens, temperature, top_k, top_p, seed, keep)
+    if cfg.tokenizer == "bytes":   # byte models sample whole groups of bytes, slot by slot: concepts.py
+        from .concepts import generate as generate_bytes
+        return generate_bytes(params, cfg, prompt, level, index, max_new_tokens, temperature, top_k, top_p, seed)
     ids = prompt_ids(tokenizer, prompt)
     rng = onp.random.default_rng(seed)
     new = infer.decode(infer.node_models(params, cfg, level, index), ids, max_new_tokens,
