@@ -116,7 +116,7 @@ def attention(x, p, cfg, start=0, trace=None):
     if trace is not None:
         trace(f"rope on q, k; repeat k, v to {H} heads", {}, None, (q, k, v))
     q, k, v = (np.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))               # (B,H,T,h)
-    scores = np.matmul(q, np.transpose(k, (0, 1, 3, 2))) / onp.sqrt(h).astype(onp.float32)  # (B,H,T,T)
+    scores = np.matmul(q, np.transpose(k, (0, 1, 3, 2))) / float(onp.sqrt(h))  # (B,H,T,T); float keeps x's dtype
     causal = onp.tril(onp.ones((T, T), dtype=bool))
     scores = np.where(causal, scores, onp.float32(-1e30))
     probs = softmax(scores)                                                    # (B,H,T,T)
