@@ -217,16 +217,11 @@ def load_split(cfg, path=None):
 
 
 def flops_per_byte(cfg, level):
-    """Forward FLOPs per byte of one model at this level (2 per multiply-add; norms, softmax, gelu left out).
-
-    Per position: every layer's q, k, v, o and MLP matmuls, attention over the full window of
-    cfg.context positions (as computed: the causal mask throws half away), and g output slots.
-    """
-    d, h, f, T = cfg.width(level), cfg.head_width(level), cfg.mlp_width(level), cfg.context
-    H, K, V, g = cfg.heads, cfg.kv_heads, cfg.vocab_size, group_size(cfg, level)
-    per_layer = 2 * d * (H + 2 * K) * h + 2 * 2 * H * h * T + 2 * H * h * d + 2 * 3 * d * f
-    per_position = 2 * g * d + cfg.layers * per_layer + 2 * g * d * V
-    return per_position / g
+    """Forward matmul FLOPs per byte of one model at this level, counted as coupling.model_flops counts
+    (2 per multiply-add, attention over the full T x T square as computed), plus g output slots per position."""
+    from .coupling import model_flops
+    T, g = cfg.context, group_size(cfg, level)
+    return (model_flops(cfg, level, T, logits=False) + T * 2 * g * cfg.width(level) * cfg.vocab_size) / (T * g)
 
 
 # Generation.
