@@ -382,11 +382,12 @@ def merge_counts(merges, path, label_first=63):
     fig, ax = plt.subplots(figsize=(max(7.0, 0.17 * len(merges) + 2), 4.8))
     ax.bar(ranks, counts, color="tab:blue", width=0.8)
     for rank, (a, b), count in merges[:label_first]:
-        ax.text(rank, count, " " + repr(a + b)[1:-1], rotation=90, ha="center", va="bottom", fontsize=7)
+        label = repr(a + b)[1:-1].replace(" ", "_")
+        ax.text(rank, count, " " + label, rotation=90, ha="center", va="bottom", fontsize=7)
     ax.set_xlabel("merge rank (0 = first merge)")
     ax.set_ylabel("times the pair was merged")
     ax.set_ylim(0, max(counts) * 1.25)
-    ax.set_title("BPE: each merge is rarer than the one before (label: the new token)")
+    ax.set_title("BPE merge frequency against rank (label: the new token, _ is a space)")
     fig.tight_layout()
     return _save(fig, path)
 
