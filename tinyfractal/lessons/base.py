@@ -138,7 +138,7 @@ def main(argv=None):
 
 
 def save_figures(params, cfg, metrics, out):
-    """Loss curves per node, and which model owns each block of one weight."""
+    """Loss curves per node, which model owns each entry of the MLP and attention weights, the tree."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -159,20 +159,10 @@ def save_figures(params, cfg, metrics, out):
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    owner = np.full(params["layers"][0]["Wgate"].shape, -1.0)
-    for number, (level, j) in enumerate(nodes(cfg)):
-        block = view({"layers": [{"Wgate": owner}]} | {k: params[k] for k in ("E", "emb_norm", "final_norm", "out_norm")},
-                     cfg, level, j)["layers"][0]["Wgate"]
-        block[...] = number
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.imshow(owner, aspect="auto", cmap="tab10", interpolation="nearest", vmin=0, vmax=9)
-    ax.set_title("layers[0].Wgate: each block coloured by the deepest model that owns it")
-    ax.set_xlabel("MLP coordinate (F)")
-    ax.set_ylabel("residual coordinate (D)")
-    fig.tight_layout()
-    paths.append(out / "wgate_owners.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    # Who owns which entry of the MLP and attention weights (drawn through view), and the tree.
+    from tinyfractal.plots import ownership_maps, tree_figure
+    paths += ownership_maps(cfg, out, kinds=["Wgate_Wup", "Wdown", "Wq", "Wo"])
+    paths.append(tree_figure(cfg, out / "tree.png", params))
     return paths
 
 
