@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 
 import tinyfractal as tf
 from tinyfractal import fast, model
-from tinyfractal.checkpoint import load_optimizer
+from tinyfractal.checkpoint import _digest, load_optimizer
 from tinyfractal.sample import filtered_probs, sample_token
 from tinyfractal.train import TrainConfig, adamw_init, train
 from tinyfractal.tree import flatten, index_mask, map_roles
@@ -232,6 +232,10 @@ def test_corrupt_truncated_or_mismatched_checkpoint_is_refused(tmp_path):
     npz.write_bytes(data)
     meta = json.loads((tmp_path / "c" / "meta.json").read_text())
     meta["config"]["hidden"] = 32
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="edited"):
+        tf.load(tmp_path / "c")
+    meta["meta_sha256"] = _digest(meta)
     (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="shape"):
         tf.load(tmp_path / "c")

@@ -52,11 +52,17 @@ def save(path, params, cfg, meta=None, opt_state=None):
     onp.savez(buf, **arrays)
     data = buf.getvalue()
     atomic_write_bytes(Path(path) / "params.npz", data)
-    atomic_write_json(Path(path) / "meta.json", {
-        "format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "meta": meta or {},
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "optimizer_step": None if opt_state is None else int(opt_state["t"]),
-    })
+    info = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "meta": meta or {},
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "optimizer_step": None if opt_state is None else int(opt_state["t"])}
+    info["meta_sha256"] = _digest(info)
+    atomic_write_json(Path(path) / "meta.json", info)
+
+
+def _digest(info):
+    """SHA-256 of meta.json's content without its own checksum, so an edited config or meta is caught."""
+    body = {k: v for k, v in info.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _read(path):
@@ -73,6 +79,9 @@ def _read(path):
         raise ValueError(f"checkpoint {str(path)!r}: meta.json is not a {FORMAT} file")
     if info.get("version") != VERSION:
         raise ValueError(f"checkpoint {str(path)!r}: version {info.get('version')!r} is not supported (want {VERSION})")
+    if info.get("meta_sha256") != _digest(info):
+        raise ValueError(f"checkpoint {str(path)!r}: meta.json does not match its own checksum "
+                         f"(the config or meta was edited after saving)")
     try:
         data = (path / "params.npz").read_bytes()
     except FileNotFoundError:
