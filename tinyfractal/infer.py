@@ -18,8 +18,31 @@ reproduces the full-recompute reference exactly; a smaller `keep` amortises the 
 """
 import numpy as onp
 
-from .model import gelu, rmsnorm, rope, rope_tables
+from .model import rmsnorm, rope_tables
 from .tree import level_view
+
+
+def norm(x, gain, eps):
+    """rmsnorm with the gain already as (1 + g): x / sqrt(mean(x^2) + eps) * gain, in plain NumPy."""
+    ms = onp.add.reduce(x * x, axis=-1, keepdims=True) * onp.float32(1.0 / x.shape[-1])
+    return x * (gain / onp.sqrt(ms + onp.float32(eps)))
+
+
+def gelu(x):
+    """tanh approximation of GELU (as model.gelu), in plain NumPy."""
+    return onp.float32(0.5) * x * (onp.float32(1.0) + onp.tanh(
+        onp.float32(0.7978845608028654) * (x + onp.float32(0.044715) * x * x * x)))
+
+
+def rope_matrices(T, h, theta):
+    """RoPE at position t as one matrix: x @ R[t] rotates each pair (m, m + h/2) by t * theta^(-2m/h). (T,h,h)."""
+    cos, sin = rope_tables(T, h, theta)
+    half = h // 2
+    R = onp.zeros((T, h, h), onp.float32)
+    m = onp.arange(half)
+    R[:, m, m], R[:, m + half, m + half] = cos, cos
+    R[:, m + half, m], R[:, m, m + half] = -sin, sin
+    return R
 
 
 class Models:
@@ -48,8 +71,8 @@ class Models:
         N, d, H, K, h = len(indices), sub.hidden, sub.heads, sub.kv_heads, sub.head_dim
         self.N, self.d, self.H, self.K, self.h = N, d, H, K, h
         self.E = take(P["E"])                                                     # (N,V,d)
-        self.emb_norm = take(P["emb_norm"])[:, None, None, :]                     # (N,1,1,d)
-        self.final_norm = take(P["final_norm"])[:, None, None, :]
+        self.emb_norm = 1 + take(P["emb_norm"])[:, None, None, :]                 # (N,1,1,d), as 1 + g
+        self.final_norm = 1 + take(P["final_norm"])[:, None, None, :]
         out_emb = rmsnorm(self.E, take(P["out_norm"])[:, None, :], sub.eps)       # (N,V,d), tied output
         self.out_T = onp.ascontiguousarray(onp.transpose(out_emb, (0, 2, 1)))    # (N,d,V)
         self.layers = []
@@ -57,15 +80,15 @@ class Models:
             Wqkv = onp.concatenate([take(p["Wq"]).reshape(N, d, H * h), take(p["Wk"]).reshape(N, d, K * h),
                                     take(p["Wv"]).reshape(N, d, K * h)], axis=2)  # (N,d,(H+2K)h)
             self.layers.append({
-                "attn_norm": take(p["attn_norm"])[:, None, None, :],
+                "attn_norm": 1 + take(p["attn_norm"])[:, None, None, :],
                 "Wqkv": onp.ascontiguousarray(Wqkv),
                 "Wo": take(p["Wo"]).reshape(N, H * h, d),
-                "mlp_norm": take(p["mlp_norm"])[:, None, None, :],
+                "mlp_norm": 1 + take(p["mlp_norm"])[:, None, None, :],
                 "Wgu": onp.ascontiguousarray(onp.concatenate([take(p["Wgate"]), take(p["Wup"])], axis=2)),
                 "bgu": onp.concatenate([take(p["bgate"]), take(p["bup"])], axis=1)[:, None, None, :],
                 "Wdown": take(p["Wdown"]), "bdown": take(p["bdown"])[:, None, None, :],
             })
-        self.cos, self.sin = rope_tables(sub.context, h, sub.rope_theta)         # (context, h/2)
+        self.rope = rope_matrices(sub.context, h, sub.rope_theta)                # (context,h,h)
         self.flops = 0
 
     def matmul(self, a, b):
@@ -168,22 +191,22 @@ def extend(m, cache, ids):
         raise ValueError(f"{Tn} new tokens after {L} cached ones exceed the context of {m.sub.context}; "
                          f"slide the window first")
     sub, N, H, K, h = m.sub, m.N, m.H, m.K, m.h
-    x = rmsnorm(embed(m, ids), m.emb_norm, sub.eps)                              # (N,B,Tn,d)
+    x = norm(embed(m, ids), m.emb_norm, sub.eps)                                 # (N,B,Tn,d)
     B = x.shape[1]
     if B != cache.batch:
         raise ValueError(f"the cache holds {cache.batch} rows but {B} were given")
-    cos, sin = m.cos[L:L + Tn], m.sin[L:L + Tn]
+    R = m.rope[L:L + Tn]                                                        # (Tn,h,h)
     for i, p in enumerate(m.layers):
-        qkv = m.linear(rmsnorm(x, p["attn_norm"], sub.eps), p["Wqkv"]).reshape(N, B, Tn, H + 2 * K, h)
-        qk = rope(qkv[:, :, :, :H + K], cos, sin)                                 # positions L..L+Tn-1
+        qkv = m.linear(norm(x, p["attn_norm"], sub.eps), p["Wqkv"]).reshape(N, B, Tn, H + 2 * K, h)
+        qk = onp.matmul(qkv[:, :, :, :H + K], R)                                  # RoPE at positions L..L+Tn-1
         cache.k[i][:, :, :, L:L + Tn] = qk[:, :, :, H:].transpose(0, 1, 3, 2, 4)
         cache.v[i][:, :, :, L:L + Tn] = qkv[:, :, :, H + K:].transpose(0, 1, 3, 2, 4)
         x = x + m.linear(attend(m, qk[:, :, :, :H], cache, i, L, Tn), p["Wo"])
-        gu = m.linear(rmsnorm(x, p["mlp_norm"], sub.eps), p["Wgu"]) + p["bgu"]
+        gu = m.linear(norm(x, p["mlp_norm"], sub.eps), p["Wgu"]) + p["bgu"]
         f = gu.shape[-1] // 2
         x = x + m.linear(gelu(gu[..., :f]) * gu[..., f:], p["Wdown"]) + p["bdown"]
     cache.length = L + Tn
-    return m.linear(rmsnorm(x, m.final_norm, sub.eps), m.out_T)
+    return m.linear(norm(x, m.final_norm, sub.eps), m.out_T)
 
 
 def prefill(m, ids, cache=None):
