@@ -6,7 +6,9 @@ from .fast import forward_level, tree_loss
 from .sample import generate
 from .checkpoint import save, load
 from .tokenizer import Tokenizer
+from .merge import merge, extract
+from .grow import grow
 
 __all__ = ["Config", "nodes", "parent", "children", "view", "level_view", "index_mask", "init_params",
            "forward", "count_params", "tree_loss_reference", "forward_level", "tree_loss", "generate",
-           "save", "load", "Tokenizer"]
+           "save", "load", "Tokenizer", "merge", "extract", "grow"]

@@ -12,6 +12,7 @@ PLUGINS = [
     # ("tinyfractal.some_module", "add_command"),
     ("tinyfractal.trace", "add_command"),
     ("tinyfractal.plots", "add_command"),
+    ("tinyfractal.grow", "add_command"),
 ]
 
 

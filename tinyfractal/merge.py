@@ -43,6 +43,9 @@ def _check_children(children, child_cfg, split):
                 for f in dataclasses.fields(Config) if getattr(c, f.name) != getattr(cfgs[0], f.name)]
         if diff:
             raise ValueError(f"child {r}'s config differs from child 0's: {', '.join(diff)}")
+    if cfgs[0].coupling != "none":
+        raise ValueError(f"merge places uncoupled models; got coupling={cfgs[0].coupling!r}, allowed: 'none' "
+                         f"(a coupled parent would send its state into, or share per-level scales with, its children)")
     want = flatten(param_shapes(cfgs[0]))
     dtypes = set()
     for r, child in enumerate(children):
@@ -86,6 +89,11 @@ def merge(children, child_cfg, split, off_diagonal="zero", scale=0.1, seed=0):
         def write(block, roles, source):
             block[...] = source
         map_roles(write, view(params, cfg, 1, r), child)
+    for r, child in enumerate(children):
+        placed, given = flatten(view(params, cfg, 1, r)), flatten(child)
+        clash = [name for name in given if not onp.array_equal(placed[name], given[name])]
+        if clash:   # only possible for arrays whose rows siblings share (roles "L", "G")
+            raise ValueError(f"child {r}'s arrays {clash} share entries with a sibling and their values differ")
     return params, cfg
 
 

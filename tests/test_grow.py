@@ -1,0 +1,142 @@
+"""Laws of growing (tinyfractal/grow.py): the chunks tile the corpus, every stage keeps what the
+stages before it trained bit for bit, and the command line and the lesson run end to end."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from strategies import examples
+from tinyfractal import cli
+from tinyfractal.checkpoint import load
+from tinyfractal.config import Config
+from tinyfractal.grow import chunk_data, grow, parse_steps, stage_steps, step_flops, union
+from tinyfractal.merge import extract
+from tinyfractal.train import TrainConfig
+from tinyfractal.tree import flatten
+
+
+def corpus(n, vocab, seed=0):
+    """Random tokens with a repeated phrase, so a few steps of training lower the loss."""
+    rng = np.random.default_rng(seed)
+    out = np.tile(rng.integers(0, vocab, size=13), n // 13 + 1)[:n]
+    noise = rng.random(n) < 0.3
+    out[noise] = rng.integers(0, vocab, size=int(noise.sum()))
+    return out.astype(np.int32)
+
+
+SMALL = Config.preset("micro").override(levels=3, hidden=16, head_dim=8, vocab_size=16, context=8)
+QUICK = TrainConfig(steps=3, batch_size=2, eval_interval=2, eval_batches=1, log_interval=2, warmup=0)
+
+
+@examples(25)
+@given(st.integers(40, 3000), st.integers(1, 9))
+def test_chunks_tile_the_corpus_each_split_90_10(n, n_chunks):
+    """Chunk k's train then val part are contiguous, the chunks follow each other, and together they are
+    the corpus; inside each chunk the first 90% trains."""
+    tokens = np.arange(n, dtype=np.int32)
+    try:
+        chunks = chunk_data(tokens, n_chunks, context=2)
+    except ValueError as e:
+        assert "context+1" in str(e)
+        return
+    np.testing.assert_array_equal(np.concatenate([np.concatenate(c) for c in chunks]), tokens)
+    for train, val in chunks:
+        total = len(train) + len(val)
+        assert len(train) == int(total * 0.9)
+    train, val = union(chunks, 0, n_chunks)
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), tokens)
+
+
+def test_grow_keeps_every_trained_model_bit_for_bit():
+    """Every model a stage trained is, after all later stages, still in the final tree bit for bit at its
+    node; each merge reports max abs logit diff 0.0 and unchanged children; the records describe the tree."""
+    saved = {}
+
+    def keep(t, record, params, cfg):
+        saved[tuple(record["node"])] = {k: v.copy() for k, v in flatten(params).items()}
+
+    params, stages = grow(SMALL, QUICK, [3, 2, 2], tokens=corpus(4000, 16), log=lambda msg: None,
+                          on_stage=keep)
+    assert [len(s) for s in stages] == [4, 2, 1]
+    assert [r["chunks"] for r in stages[0]] == [[0, 1], [1, 2], [2, 3], [3, 4]]
+    assert [r["chunks"] for r in stages[1]] == [[0, 2], [2, 4]]
+    assert stages[2][0]["chunks"] == [0, 4]
+    for (level, j), want in saved.items():
+        got = flatten(extract(params, SMALL, level, j))
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"({level},{j}) {name}")
+    for records in stages[1:]:
+        for r in records:
+            assert r["logit_max_abs_diff"] == [0.0, 0.0]
+            assert r["children_unchanged"] is True
+            assert set(r["val_at_merge"]) >= {"0.0", "1.0", "1.1"}
+            assert r["new_entries"] > 0
+    assert stages[0][0]["step_flops"] == step_flops(SMALL.sub(2), QUICK.batch_size)
+    assert stages[2][0]["train_flops"] == 2 * step_flops(SMALL, QUICK.batch_size)
+
+
+def test_grow_new_blocks_learn():
+    """Training the new blocks lowers the new parent's val loss below where it started at the merge."""
+    cfg = SMALL.override(levels=2)
+    tc = TrainConfig(steps=40, batch_size=4, eval_interval=40, eval_batches=2, log_interval=40, warmup=0, lr=1e-2)
+    _, stages = grow(cfg, tc, [60, 40], tokens=corpus(6000, 16), log=lambda msg: None)
+    root = stages[1][0]
+    assert root["final_val"]["0.0"] < root["val_at_merge"]["0.0"]
+    assert root["final_val"]["1.0"] == root["val_at_merge"]["1.0"]
+
+
+def test_stage_steps_and_parse_steps():
+    """Steps are one count for all stages or one per stage, leaves first; anything else is a ValueError."""
+    assert stage_steps(5, 3) == [5, 5, 5]
+    assert parse_steps("4,3,2", 3) == [4, 3, 2]
+    assert parse_steps("7", 2) == [7, 7]
+    for bad in ([1, 2], [1, 0, 1], "x"):
+        with pytest.raises(ValueError, match="steps per stage"):
+            stage_steps(bad, 3)
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        parse_steps("1,a", 2)
+
+
+def test_grow_refuses_what_it_cannot_grow():
+    """Coupled and byte configs, and a corpus too short to cut into chunks, are ValueErrors."""
+    with pytest.raises(ValueError, match="coupling='upstream'"):
+        grow(SMALL.override(coupling="upstream"), QUICK, 1, tokens=corpus(4000, 16))
+    with pytest.raises(ValueError, match="tokenizer='bytes'"):
+        grow(SMALL.override(tokenizer="bytes", vocab_size=256), QUICK, 1, tokens=corpus(4000, 16))
+    with pytest.raises(ValueError, match="context\\+1"):
+        grow(SMALL, QUICK, 1, tokens=corpus(60, 16))
+    with pytest.raises(ValueError, match="off_diagonal"):
+        grow(SMALL, QUICK, 1, tokens=corpus(4000, 16), off_diagonal="ones")
+
+
+def test_grow_command_writes_checkpoint_and_stage_metrics(tmp_path, capsys):
+    """`python -m tinyfractal grow` on micro writes a loadable checkpoint of the preset's config and one
+    metrics file per stage; bad arguments are one line on stderr and exit code 2."""
+    out = tmp_path / "grown"
+    code = cli.main(["grow", "--preset", "micro", "--out", str(out), "--steps-per-stage", "2,1",
+                     "--batch_size=2", "--eval_batches=1", "--eval_interval=1", "--off-diagonal", "random"])
+    assert code == 0
+    params, cfg, meta = load(out)
+    assert cfg == Config.preset("micro")
+    assert meta["grow"]["steps_per_stage"] == [2, 1] and meta["grow"]["off_diagonal"] == "random"
+    for t, n in ((0, 2), (1, 1)):
+        stage = json.loads((out / f"stage{t}.json").read_text())
+        assert stage["stage"] == t and len(stage["models"]) == n
+        assert all(m["metrics"]["val"]["0.0"] for m in stage["models"])
+    assert "children unchanged" in capsys.readouterr().out
+    for argv, words in ((["--steps-per-stage", "1,2,3"], "2 of them"), (["--off-diagonal", "ones"], "zero, random"),
+                        (["--steps-per-stage", "1", "--coupling=upstream"], "coupling")):
+        code = cli.main(["grow", "--preset", "micro", "--out", str(tmp_path / "bad")] + argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and words in err and "\n" not in err, err
+
+
+def test_merging_lesson_quick(tmp_path, capsys):
+    """The lesson runs with --quick, tells its story and saves its figures."""
+    from tinyfractal.lessons import merging
+    assert merging.main(["--quick", "--out", str(tmp_path)]) in (0, None)
+    text = capsys.readouterr().out
+    assert "max abs diff" in text and "0.0" in text
+    assert sorted(p.name for p in tmp_path.glob("*.png"))

@@ -1,0 +1,207 @@
+"""Growing a FractalFormer: train small models apart, merge them, train only what is new, repeat.
+
+The original's plan (SPEC.md section 4, "infinite fusion"):
+  stage 0          split**(L-1) standalone leaf models, each on its own contiguous chunk of the corpus
+                   (90/10 train/val inside each chunk);
+  stage 1 .. L-1   merge each group of `split` models into the level above (merge.py), freeze the
+                   children, and train only the new off-diagonal blocks on the union of their chunks,
+                   with the loss of the new parent alone (the children's losses cannot move).
+Stage L-1 leaves one model: a whole FractalFormer whose every node was trained.
+
+    python -m tinyfractal grow --preset tiny --out runs/grown --steps-per-stage 400,300,300
+"""
+import dataclasses
+import time
+
+import numpy as onp
+
+from .checkpoint import atomic_write_json, save
+from .coupling import model_flops
+from .data import batch_at, train_val_split
+from .merge import OFF_DIAGONAL, extract, frozen_loss, merge, trainable_mask
+from .model import forward, init_params
+from .train import TrainConfig, evaluate, node_key, train
+from .tree import flatten, view
+
+
+def chunk_data(tokens, n_chunks, context, val_fraction=0.1):
+    """Cut the corpus into n_chunks contiguous chunks, each split 90/10: [(train, val), ...]."""
+    bounds = [len(tokens) * k // n_chunks for k in range(n_chunks + 1)]
+    chunks = [train_val_split(tokens[a:b], val_fraction) for a, b in zip(bounds, bounds[1:])]
+    shortest = min(min(len(tr), len(va)) for tr, va in chunks)
+    if shortest <= context + 1:
+        raise ValueError(f"the corpus of {len(tokens)} tokens cut into {n_chunks} chunks leaves a train or val part "
+                         f"of {shortest} tokens; every part needs more than context+1 = {context + 1}")
+    return chunks
+
+
+def union(chunks, lo, hi):
+    """The train parts of chunks [lo, hi) end to end, and their val parts likewise.
+
+    A batch window may straddle the seam between two chunks; that is a few windows in thousands.
+    """
+    return (onp.concatenate([tr for tr, _ in chunks[lo:hi]]),
+            onp.concatenate([va for _, va in chunks[lo:hi]]))
+
+
+def stage_steps(steps, levels):
+    """`steps` as one count per stage (leaves first): an int for all, or a list of `levels` ints."""
+    counts = [steps] * levels if isinstance(steps, int) and not isinstance(steps, bool) else list(steps)
+    if len(counts) != levels or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+        raise ValueError(f"steps per stage must be one positive integer or {levels} of them "
+                         f"(leaves first, root last), got {steps!r}")
+    return counts
+
+
+def step_flops(cfg, batch_size, levels=(0,)):
+    """Matmul FLOPs of one training step whose loss reads the models of `levels`: 3x their forward."""
+    return 3 * batch_size * sum(cfg.n_models(m) * model_flops(cfg, m, cfg.context) for m in levels)
+
+
+def logit_diffs(params, cfg, children, child_cfg, ids):
+    """Max |logits of node (1, r) in the merged tree - logits of standalone child r|, for every r."""
+    return [float(onp.max(onp.abs(forward(view(params, cfg, 1, r), child_cfg, ids) - forward(child, child_cfg, ids))))
+            for r, child in enumerate(children)]
+
+
+def same_arrays(a, b):
+    """True if two params dicts hold bit-for-bit equal arrays."""
+    fa, fb = flatten(a), flatten(b)
+    return fa.keys() == fb.keys() and all(onp.array_equal(fa[k], fb[k]) for k in fa)
+
+
+def check_growable(cfg):
+    if cfg.coupling != "none":
+        raise ValueError(f"grow builds uncoupled trees; got coupling={cfg.coupling!r}, allowed: 'none'")
+    if cfg.tokenizer != "bpe":
+        raise ValueError(f"grow trains on the BPE corpus; got tokenizer={cfg.tokenizer!r}, allowed: 'bpe'")
+
+
+def grow(cfg, tc, steps, tokens=None, off_diagonal="zero", scale=0.1, out=None, log=print, on_stage=None):
+    """Build a model of config `cfg` by growing (see the module docstring). Returns (params, stages).
+
+    stages[t] describes stage t (0 = the leaves), one record per model it trained: its node in the
+    final tree, its chunks, the step count, FLOPs and seconds, its training metrics and, for merged
+    models, the check that every child still gives its standalone logits (max abs diff, 0.0 when
+    exact), the per-node val losses at the moment of merging, and whether the children are still
+    bit for bit what they were after the training. With `out`, each stage is written to
+    out/stage{t}.json as it ends and the final model to `out` with checkpoint.save.
+    `on_stage(t, record, params, cfg_t)` is called after each model of each stage.
+    """
+    check_growable(cfg)
+    if off_diagonal not in OFF_DIAGONAL:
+        raise ValueError(f"off_diagonal must be one of {OFF_DIAGONAL}, got {off_diagonal!r}")
+    counts = stage_steps(steps, cfg.levels)
+    if tokens is None:
+        from .data import load_tokens
+        from .tokenizer import Tokenizer
+        tokenizer = Tokenizer.default()
+        if tokenizer.vocab_size != cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
+        tokens = load_tokens(tokenizer)
+    L, s = cfg.levels, cfg.split
+    chunks = chunk_data(tokens, s ** (L - 1), cfg.context)
+    models, stages = [], []
+    for t in range(L):
+        level = L - 1 - t                           # where this stage's models sit in the final tree
+        model_cfg = cfg.sub(level)
+        per_model = s ** t                          # chunks each model of this stage reads
+        tc_t = dataclasses.replace(tc, steps=counts[t])
+        log(f"== stage {t + 1}/{L}: {cfg.n_models(level)} model(s) of width {model_cfg.hidden}, "
+            f"levels {model_cfg.levels}, {counts[t]} steps each")
+        records, trained = [], []
+        for g in range(cfg.n_models(level)):
+            train_tokens, val_tokens = union(chunks, g * per_model, (g + 1) * per_model)
+            tc_g = dataclasses.replace(tc_t, seed=tc.seed + 1000 * t + g)
+            record = {"node": [level, g], "chunks": [g * per_model, (g + 1) * per_model], "steps": counts[t],
+                      "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens))}
+            prefix = f"[stage {t + 1}/{L} node ({level},{g})] "
+            if t == 0:
+                params = init_params(model_cfg, tc_g.seed)
+                trainable, loss_fn, children = None, None, None
+                record["step_flops"] = step_flops(model_cfg, tc.batch_size)
+            else:
+                children = models[g * s:(g + 1) * s]
+                params, merged_cfg = merge(children, cfg.sub(level + 1), s, off_diagonal, scale, seed=tc_g.seed)
+                assert merged_cfg == model_cfg
+                ids, _ = batch_at(val_tokens, 4, cfg.context, 4321, 0)
+                record["logit_max_abs_diff"] = logit_diffs(params, model_cfg, children, cfg.sub(level + 1), ids)
+                at_merge = evaluate(params, model_cfg, val_tokens, tc.batch_size, tc.eval_batches)
+                record["val_at_merge"] = {node_key(n): v for n, v in at_merge.items()}
+                trainable = trainable_mask(params, model_cfg)
+                loss_fn = frozen_loss(trainable)
+                record["new_entries"] = int(sum(m.sum() for m in trainable.values()))
+                record["step_flops"] = step_flops(model_cfg, tc.batch_size)
+                log(prefix + f"merged {[f'({level + 1},{g * s + r})' for r in range(s)]}: children's logits "
+                    f"max abs diff {max(record['logit_max_abs_diff'])}; val at merge: parent "
+                    f"{at_merge[(0, 0)]:.4f}, children " + ", ".join(f"{at_merge[(1, r)]:.4f}" for r in range(s)))
+            wall, cpu = time.perf_counter(), time.process_time()
+            _, metrics = train(params, model_cfg, tc_g, train_tokens, val_tokens, trainable=trainable,
+                               loss_fn=loss_fn, log=lambda msg: log(prefix + msg))
+            record["seconds"] = time.perf_counter() - wall
+            record["cpu_seconds"] = time.process_time() - cpu
+            record["train_flops"] = record["step_flops"] * counts[t]
+            record["metrics"] = metrics
+            record["final_val"] = {k: v[-1] for k, v in metrics["val"].items()}
+            if children is not None:
+                record["children_unchanged"] = all(same_arrays(extract(params, model_cfg, 1, r), child)
+                                                   for r, child in enumerate(children))
+            records.append(record)
+            trained.append(params)
+            if on_stage:
+                on_stage(t, record, params, model_cfg)
+        models = trained
+        stages.append(records)
+        if out is not None:
+            atomic_write_json(f"{out}/stage{t}.json", {"stage": t, "level": level, "config": model_cfg.to_dict(),
+                                                       "train": dataclasses.asdict(tc_t), "models": records})
+    params = models[0]
+    if out is not None:
+        save(out, params, cfg, {"grow": {"steps_per_stage": counts, "off_diagonal": off_diagonal, "scale": scale,
+                                         "train": dataclasses.asdict(tc),
+                                         "final_val": stages[-1][0]["final_val"],
+                                         "train_flops": sum(r["train_flops"] for st in stages for r in st)}})
+        log(f"saved the grown model to {out} (stage metrics in {out}/stage0.json .. stage{L - 1}.json)")
+    return params, stages
+
+
+def add_command(sub):
+    p = sub.add_parser("grow", help="grow a FractalFormer: train leaves apart, merge, train the new blocks, repeat")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--out", required=True, help="folder for the final checkpoint and stage{t}.json metrics")
+    p.add_argument("--steps-per-stage", default=None,
+                   help="N for every stage, or N0,N1,... leaves first (default: the preset's train steps)")
+    p.add_argument("--off-diagonal", default="zero", help=f"new blocks start as {' or '.join(OFF_DIAGONAL)}")
+    p.add_argument("--scale", type=float, default=0.1, help="random off-diagonals: fraction of the usual init")
+    p.set_defaults(run=run_grow, overrides=True)
+
+
+def parse_steps(text, levels):
+    """'300' or '400,300,200' -> [counts per stage]."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--steps-per-stage must be an integer or comma-separated integers, got {text!r}") from None
+    return stage_steps(values[0] if len(values) == 1 else values, levels)
+
+
+def run_grow(args, extra):
+    from .cli import parse_overrides, split_overrides
+    from .config import Config
+    model_over, train_over = split_overrides(parse_overrides(extra))
+    cfg = Config.preset(args.preset).override(**model_over)
+    tc = TrainConfig.preset(args.preset).override(**train_over)
+    steps = parse_steps(args.steps_per_stage, cfg.levels) if args.steps_per_stage else tc.steps
+    if args.off_diagonal not in OFF_DIAGONAL:
+        raise ValueError(f"--off-diagonal must be one of {', '.join(OFF_DIAGONAL)}, got {args.off_diagonal!r}")
+    check_growable(cfg)
+    print(f"growing {cfg}\nwith {tc}\nsteps per stage (leaves first): {stage_steps(steps, cfg.levels)}")
+    _, stages = grow(cfg, tc, steps, off_diagonal=args.off_diagonal, scale=args.scale, out=args.out)
+    print(f"{'stage':>5} {'node':>7} {'val at merge':>12} {'final val':>9}  children unchanged")
+    for t, records in enumerate(stages):
+        for r in records:
+            at = r.get("val_at_merge", {}).get("0.0")
+            print(f"{t:5d} {'(' + ','.join(map(str, r['node'])) + ')':>7} "
+                  f"{'-' if at is None else f'{at:.4f}':>12} {r['final_val']['0.0']:9.4f}  "
+                  f"{r.get('children_unchanged', '-')}")
+    return 0
