@@ -43,20 +43,26 @@ COMMITTED = Tokenizer.default()
 
 
 def texts_for(tok, max_size=60):
-    """Text over tok's alphabet: random characters, or pieces of its tokens glued together (so that
-    merges, including those of a repeated character such as 'll', really fire)."""
+    """Text over tok's alphabet: random characters, pieces of its tokens glued together, or runs of
+    repeated pieces ('lll', 'aaaa'), so that merges, and merges of a repeated character, really fire."""
     pieces = st.lists(st.sampled_from(tok.token_strings), max_size=max_size // 4).map("".join)
-    return st.text(alphabet="".join(tok.chars), max_size=max_size) | pieces
+    runs = st.lists(st.tuples(st.sampled_from(tok.token_strings[:len(tok.chars)] + tok.token_strings[-3:]),
+                              st.integers(1, 5)), max_size=max_size // 8).map(lambda r: "".join(s * n for s, n in r))
+    return st.text(alphabet="".join(tok.chars), max_size=max_size) | pieces | runs
 
 
 @examples(60)
 @given(trained_tokenizers().flatmap(lambda t: st.tuples(st.just(t), texts_for(t))))
 def test_tokenizer_round_trip(args):
-    """Tokenizer: decode(encode(s)) == s for every text s over the alphabet, for any trained tokenizer."""
+    """Tokenizer: decode(encode(s)) == s for every text s over the alphabet, for any trained tokenizer
+    (checked on the drawn text and on runs around every merge: 'lll', 'thth', ...)."""
     tok, text = args
-    ids = tok.encode(text)
-    assert all(0 <= i < tok.vocab_size for i in ids)
-    assert tok.decode(ids) == text
+    strings = tok.token_strings
+    around_merges = [strings[a] * 3 + strings[b] * 2 + strings[a] for a, b in tok.merges]
+    for s in [text] + around_merges:
+        ids = tok.encode(s)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == s
 
 
 @examples(40)
