@@ -337,13 +337,16 @@ def attention_probs(params, cfg, ids, level, index):
 
 def attention_maps(params, cfg, tokenizer, prompt, level, path, layers=None):
     """Attention maps of every node of one level for one prompt: a row per node, a column per
-    (layer, head). `layers` picks layers (default all)."""
+    (layer, head). `layers` picks layers (default: all if that makes at most 12 columns, else the
+    first and the last)."""
     cfg.check_level(level)
     ids = onp.array([tokenizer.encode(prompt)])
     T = ids.shape[1]
     if T == 0 or T > cfg.context:
         raise ValueError(f"the prompt is {T} tokens; it must be 1..{cfg.context} (the context)")
-    layers = list(range(cfg.layers)) if layers is None else list(layers)
+    if layers is None:
+        layers = list(range(cfg.layers)) if cfg.layers * cfg.heads <= 12 else sorted({0, cfg.layers - 1})
+    layers = list(layers)
     for layer in layers:
         if not 0 <= layer < cfg.layers:
             raise ValueError(f"layer {layer} is out of range; this config has layers 0..{cfg.layers - 1}")
