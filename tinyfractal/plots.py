@@ -229,7 +229,7 @@ def ownership_figure(cfg, kind, path, marker=None):
     fig.suptitle(f"Who owns {what}? Each entry coloured by the deepest model that owns it\n"
                  f"(computed with view; levels={cfg.levels}, split={cfg.split}, D={cfg.hidden}, "
                  f"heads={cfg.heads}, hd={cfg.head_dim}, F={cfg.mlp_hidden})", fontsize=11)
-    fig.legend(handles=_legend_handles(cfg, colours, present), loc="center right", fontsize=8,
+    fig.legend(handles=_legend_handles(cfg, colours, present), loc="center left", bbox_to_anchor=(0.79, 0.5), fontsize=8,
                title="model (level, index)", title_fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0, 0.78, 1))
     return _save(fig, path)
