@@ -8,7 +8,8 @@ from .checkpoint import save, load
 from .tokenizer import Tokenizer
 from .merge import merge, extract
 from .grow import grow
+from .trace import trace_node
 
 __all__ = ["Config", "nodes", "parent", "children", "view", "level_view", "index_mask", "init_params",
            "forward", "count_params", "tree_loss_reference", "forward_level", "tree_loss", "generate",
-           "save", "load", "Tokenizer", "merge", "extract", "grow"]
+           "save", "load", "Tokenizer", "merge", "extract", "grow", "trace_node"]
