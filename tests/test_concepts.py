@@ -299,6 +299,23 @@ def test_level_batched_byte_logits_losses_and_gradients_equal_the_per_node_refer
         assert np.allclose(g_fast[name], g_ref[name], rtol=1e-6, atol=1e-7 * scale), name
 
 
+@examples(15)
+@given(byte_models(max_nodes=21))
+def test_a_nodes_loss_is_the_mean_of_its_slot_losses(args):
+    """A node's loss is the mean over the g_l slots of its per-slot losses, and slot m's loss is the
+    cross-entropy of slot m's logits against byte m of the next group (computed here with plain NumPy)."""
+    cfg, params, ids, targets = args
+    per_node, per_slot = C.node_losses(params, cfg, ids, targets), C.slot_losses(params, cfg, ids, targets)
+    for level in range(cfg.levels):
+        assert per_slot[level].shape == (cfg.n_models(level), group_size(cfg, level))
+        assert np.allclose(per_slot[level].mean(axis=1), per_node[level], rtol=1e-5, atol=1e-5)
+        inputs, wanted = C.level_batch(ids, targets, cfg, level)
+        logits = np.asarray(C.forward_level(params, cfg, level, inputs), dtype=np.float64)
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        picked = np.take_along_axis(logits, np.broadcast_to(wanted[None, ..., None], logits.shape[:-1] + (1,)), -1)[..., 0]
+        assert np.allclose((logz - picked).mean(axis=(1, 2)), per_slot[level], rtol=1e-4, atol=1e-4)
+
+
 def test_byte_gradients_are_float32_and_reach_every_node():
     """Training stays in float32, and every node gets a gradient in every array it owns."""
     cfg = Config.preset("micro").override(tokenizer="bytes", vocab_size=256, levels=3, hidden=16, head_dim=8)

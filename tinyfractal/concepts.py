@@ -179,6 +179,20 @@ def node_losses(params, cfg, ids, targets, rng=None):
     return out
 
 
+def slot_losses(params, cfg, ids, targets):
+    """Per level, every model's loss at each slot of the next group, nats: [(1, g_0), (s, g_1), ...].
+
+    Slot 0 is the very next byte; slot m is m bytes further ahead, read from the same state.
+    """
+    out = []
+    for level in range(cfg.levels):
+        inputs, wanted = level_batch(ids, targets, cfg, level)
+        logits = forward_level(params, cfg, level, inputs)                      # (N,B,T,g,V)
+        out.append(onp.stack([fast.cross_entropy_per_model(logits[:, :, :, m], wanted[:, :, m])
+                              for m in range(inputs.shape[2])], axis=1))
+    return out
+
+
 def tree_loss(params, cfg, ids, targets, level_weights=None, rng=None):
     """Mean over every node of its loss in nats per byte (weighted per level if asked)."""
     weights = level_weight_table(cfg, level_weights)

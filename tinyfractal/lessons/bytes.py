@@ -15,7 +15,7 @@ from tinyfractal import Config, Tokenizer, count_params, init_params, nodes, vie
 from tinyfractal import concepts as C
 from tinyfractal.checkpoint import atomic_write_json
 from tinyfractal.coupling import model_flops
-from tinyfractal.data import unigram_entropy
+from tinyfractal.data import batch_at, unigram_entropy
 from tinyfractal.paths import CORPUS
 from tinyfractal.train import TrainConfig, evaluate, format_duration, node_key, train
 from tinyfractal.tree import group_size, slot_offset
@@ -181,6 +181,15 @@ def main(argv=None):
         p = np.mean([r["bpe_bits_per_char"] for r in rows if r["node"].startswith(f"{level}.")])
         print(f"level {level}: bytes {b:.3f} bits/byte vs BPE {p:.3f} bits/char "
               f"(byte model sees {C.context_bytes(cfg, level)} bytes, BPE {bpe_cfg.context * chars_per_token:.0f} chars)")
+    print("\nWhere an upper level pays: slot m of a group is predicted m bytes further ahead, from the same state.")
+    slot_bits = [np.zeros(group_size(cfg, level)) for level in range(cfg.levels)]
+    for b in range(final_batches):
+        ids_b, targets_b = batch_at(val_rows, tc.batch_size, cfg.context, 1234, b)
+        for level, losses in enumerate(C.slot_losses(params, cfg, ids_b, targets_b)):
+            slot_bits[level] += C.bits(np.asarray(losses).mean(axis=0)) / final_batches
+    for level in range(cfg.levels):
+        print(f"level {level}: val bits per byte at slots 0..{group_size(cfg, level) - 1} (mean of its models): "
+              + " ".join(f"{v:.3f}" for v in slot_bits[level]))
 
     # %% 6. Samples
     section("6. A sample from every node, group by group, slot by slot")
@@ -223,7 +232,7 @@ def main(argv=None):
     atomic_write_json(out / "metrics.json", {
         "config": cfg.to_dict(), "bpe_config": bpe_cfg.to_dict(), "steps": steps, "batch_size": tc.batch_size,
         "final_val_batches": final_batches, "chars_per_token": chars_per_token, "unigram_bits_per_byte": unigram,
-        "byte_seconds": byte_seconds, "bpe_seconds": bpe_seconds, "nodes": rows, "samples": samples,
+        "slot_bits": [v.tolist() for v in slot_bits], "byte_seconds": byte_seconds, "bpe_seconds": bpe_seconds, "nodes": rows, "samples": samples,
         "neighbours": neighbours, "cos_the_eht": {"init": cos_init, "trained": cos_trained},
         "byte_metrics": byte_metrics, "bpe_metrics": bpe_metrics})
     print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
