@@ -2,59 +2,62 @@
 
 `level_view` stacks each level's diagonal blocks on a leading N axis (still views of the shared
 arrays), and every op below carries that axis, so a level costs one batched matmul per weight
-instead of N small ones. This is the path training uses; `model.py` is the readable reference,
-and a test proves the two give the same loss and gradients.
+instead of N small ones. The heavy ops are the fused primitives of `ops.py`, whose gradients are
+written by hand. This is the path training uses; `model.py` is the readable reference, and
+tests/test_fast.py proves the two give the same loss and gradients.
+
+Activations go through every weight matmul as (N, B·T, features): one 2-D matmul per model
+(STYLE.md section 9). q, k, v and the MLP's gate and up projections get a matmul each rather than
+one fused [Wq | Wk | Wv] matmul, because the ops after them run 2-4x faster on whole contiguous
+arrays than on column slices of a wider one.
 """
 import numpy as onp
 import autograd.numpy as np
 
-from .model import dropout, gelu, level_weight_table, rmsnorm, rope, rope_tables, softmax
+from . import ops
+from .model import dropout, level_weight_table
 from .tree import level_view
 
 
 def matmul_rows(x, W):
     """(N, ..., A) @ (N, A, ...) -> (N, ..., rest): flatten to one batched 2-D matmul per model."""
     N, A = x.shape[0], x.shape[-1]
-    lead = x.shape[1:-1]
-    rest = W.shape[2:]
-    out = np.matmul(np.reshape(x, (N, -1, A)), np.reshape(W, (N, A, -1)))
+    lead, rest = x.shape[1:-1], W.shape[2:]
+    out = ops.linear(np.reshape(x, (N, -1, A)), np.reshape(W, (N, A, -1)))
     return np.reshape(out, (N,) + lead + rest)
 
 
 def embed(P, ids):
     """Token embeddings of every model. P['E'] (N,V,d), ids (B,T) -> (N,B,T,d)."""
-    return P["E"][:, ids]
+    return ops.embedding(P["E"], onp.asarray(ids))
 
 
 def attention(x, p, cfg, start=0):
-    """Causal multi-query attention with RoPE for N models at once. (N,B,T,d) -> (N,B,T,d)."""
+    """Causal multi-query attention with RoPE for N models at once. (N,B,T,d) -> (N,B,T,d).
+
+    `start` is the position of the first token (RoPE angles start there).
+    """
     N, B, T, d = x.shape
     H, K, h = p["Wq"].shape[2], p["Wk"].shape[2], p["Wq"].shape[3]
-    q = matmul_rows(x, p["Wq"])                                               # (N,B,T,H,h)
-    k = matmul_rows(x, p["Wk"])                                               # (N,B,T,K,h)
-    v = matmul_rows(x, p["Wv"])
-    cos, sin = rope_tables(T, h, cfg.rope_theta, start)
-    q, k = rope(q, cos, sin), rope(k, cos, sin)
-    k, v = np.repeat(k, H // K, axis=3), np.repeat(v, H // K, axis=3)          # (N,B,T,H,h)
-    q, k, v = (np.transpose(a, (0, 1, 3, 2, 4)) for a in (q, k, v))            # (N,B,H,T,h)
-    scores = np.matmul(q, np.transpose(k, (0, 1, 2, 4, 3))) / onp.float32(onp.sqrt(h))
-    causal = onp.tril(onp.ones((T, T), dtype=bool))
-    scores = np.where(causal, scores, onp.float32(-1e30))
-    out = np.matmul(softmax(scores), v)                                        # (N,B,H,T,h)
-    out = np.reshape(np.transpose(out, (0, 1, 3, 2, 4)), (N, B, T, H * h))
-    return matmul_rows(out, np.reshape(p["Wo"], (N, H * h, d)))
+    x2 = np.reshape(x, (N, B * T, d))
+    q, k, v = (np.reshape(ops.linear(x2, np.reshape(p[name], (N, d, -1))), (N, B, T, -1, h))
+               for name in ("Wq", "Wk", "Wv"))                                   # (N,B,T,H|K,h)
+    out = ops.causal_attention(q, k, v, cfg.rope_theta, start)                    # (N,B,T,H,h)
+    out = ops.linear(np.reshape(out, (N, B * T, H * h)), np.reshape(p["Wo"], (N, H * h, d)))
+    return np.reshape(out, (N, B, T, d))
 
 
 def mlp(x, p):
-    """GeGLU MLP for N models. (N,B,T,d) -> (N,B,T,d)."""
-    gate = matmul_rows(x, p["Wgate"]) + p["bgate"][:, None, None, :]
-    up = matmul_rows(x, p["Wup"]) + p["bup"][:, None, None, :]
-    return matmul_rows(gelu(gate) * up, p["Wdown"]) + p["bdown"][:, None, None, :]
+    """GeGLU MLP for N models: (gelu(x Wgate + bgate) * (x Wup + bup)) Wdown + bdown. (N,B,T,d) -> same."""
+    N, B, T, d = x.shape
+    x2 = np.reshape(x, (N, B * T, d))
+    hidden = ops.geglu(ops.linear(x2, p["Wgate"], p["bgate"]), ops.linear(x2, p["Wup"], p["bup"]))  # (N,BT,f)
+    return np.reshape(ops.linear(hidden, p["Wdown"], p["bdown"]), (N, B, T, d))
 
 
 def norm(x, g, eps):
     """rmsnorm with a gain per model: x (N,...,d), g (N,d)."""
-    return rmsnorm(x, g.reshape((g.shape[0],) + (1,) * (x.ndim - 2) + (g.shape[1],)), eps)
+    return ops.rmsnorm(x, g, eps)
 
 
 def block(x, p, cfg, rng=None, start=0):
@@ -65,8 +68,10 @@ def block(x, p, cfg, rng=None, start=0):
 
 def output_logits(x, P, cfg):
     """Tied output: rmsnorm(x, final_norm) against the row-normalised embedding. (N,B,T,d) -> (N,B,T,V)."""
-    out_emb = norm(P["E"], P["out_norm"], cfg.eps)                            # (N,V,d)
-    return matmul_rows(norm(x, P["final_norm"], cfg.eps), np.transpose(out_emb, (0, 2, 1)))
+    N, B, T, d = x.shape
+    out_emb = norm(P["E"], P["out_norm"], cfg.eps)                              # (N,V,d)
+    xn = np.reshape(norm(x, P["final_norm"], cfg.eps), (N, B * T, d))
+    return np.reshape(ops.linear(xn, np.swapaxes(out_emb, 1, 2)), (N, B, T, -1))
 
 
 def forward_stacked(P, cfg, ids, rng=None):
@@ -84,13 +89,7 @@ def forward_level(params, cfg, level, ids, rng=None):
 
 def cross_entropy_per_model(logits, targets):
     """Mean cross-entropy of each model. logits (N,B,T,V), targets (B,T) -> (N,)."""
-    N, V = logits.shape[0], logits.shape[-1]
-    flat = np.reshape(logits, (N, -1, V))
-    m = np.max(flat, axis=2, keepdims=True)
-    logz = np.log(np.sum(np.exp(flat - m), axis=2)) + m[:, :, 0]
-    t = onp.asarray(targets).reshape(-1)
-    picked = flat[:, onp.arange(t.size), t]
-    return np.mean(logz - picked, axis=1)
+    return ops.cross_entropy(logits, onp.asarray(targets))
 
 
 def node_losses(params, cfg, ids, targets, rng=None):

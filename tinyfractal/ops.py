@@ -1,0 +1,609 @@
+"""Fused operations with hand-written gradients: where the level-batched fast path spends its time.
+
+autograd can differentiate any `autograd.numpy` program, but its generic rules are slow exactly where
+a transformer works hardest. Indexing and broadcasting gradients go through `np.add.at` and
+`unbroadcast`, a softmax becomes a dozen recorded ops with a full-size temporary each, and some
+rules (mean, max, where) hand back float64. Each op here is one `@primitive` whose VJP is written
+out by hand, in float32, with the math in its docstring:
+
+  linear(x, W, b)                        x·W + b, batched over the N models of a level
+  rmsnorm(x, g, eps)                     x / sqrt(mean(x²) + eps) · (1 + g)
+  embedding(E, ids)                      E[:, ids]; its gradient is a one-hot matmul, not np.add.at
+  geglu(a, u)                            gelu(a) · u
+  causal_attention(q, k, v, theta, start) RoPE, causal softmax(q·kᵀ/√h), ·v, all models and heads
+  cross_entropy(logits, targets)         mean of logsumexp(logits) − logits[target], per model
+
+Next to each one sits `*_reference`, the same function in plain `autograd.numpy`, which
+tests/test_ops.py compares against (STYLE.md section 6).
+
+Shapes use the letters of the model: N models of one level, B batch, T time, M = B·T rows,
+H query heads, K key/value heads, G = H/K query heads per key head, h head dim, V vocabulary.
+"""
+import contextlib
+import ctypes
+import os
+import threading
+import time
+import weakref
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as onp
+import autograd.numpy as np
+from autograd.extend import primitive, defvjp, defvjp_argnums
+
+from .model import rope_tables
+
+ATTENTION_BLOCK = 64   # query positions per causal block; see causal_attention
+
+
+# What the backward needs, handed over from the forward.
+
+_saved = {}
+
+
+def _save(out, *residuals):
+    """Keep intermediate results for the backward, keyed by the output array.
+
+    autograd hands a VJP maker only the inputs and the output, so a primitive that wants to give its
+    backward something it computed on the way (attention probabilities, say) leaves it here. The VJP
+    maker takes it right after the forward; if no gradient is being traced, the entry goes away with
+    the output array.
+    """
+    key = id(out)
+    _saved[key] = (residuals, weakref.finalize(out, _saved.pop, key, None))
+
+
+def _take(out):
+    residuals, finalizer = _saved.pop(id(out))
+    finalizer.detach()
+    return residuals
+
+
+# Threads and the profile clock.
+
+def _openblas_thread_setter():
+    """numpy's bundled OpenBLAS's set_num_threads, or None if this numpy uses another BLAS.
+
+    The symbol is not exposed by numpy, so we find the loaded library in /proc/self/maps (Linux).
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+    except OSError:
+        return None
+    for path in sorted(p for p in paths if p.startswith("/")):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            setter = getattr(lib, name, None)
+            getter = getattr(lib, name.replace("set_", "get_"), None)
+            if setter is not None and getter is not None:
+                setter.argtypes, getter.restype = [ctypes.c_int], ctypes.c_int
+                return setter, getter
+    return None
+
+
+_blas = _openblas_thread_setter()
+THREADS = int(os.environ.get("TINYFRACTAL_THREADS", os.cpu_count() or 1)) if _blas else 1
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def parallel_map(fn, pieces):
+    """[fn(p) for p in pieces], on THREADS worker threads while BLAS runs one thread per call.
+
+    Why: attention is hundreds of small matmuls (T·G x h x T) and elementwise passes. OpenBLAS
+    wakes both its threads for every small matmul, and on a busy machine that handoff costs more
+    than the math (measured 5-10x slower than one thread). NumPy releases the GIL inside its
+    loops, so two Python threads, each running whole chunks with single-threaded BLAS, keep both
+    cores busy and each chunk's score tiles stay in cache.
+    """
+    global _pool
+    if THREADS <= 1 or len(pieces) <= 1:
+        return [fn(p) for p in pieces]
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="tinyfractal")
+        setter, getter = _blas
+        before = getter()
+        setter(1)
+        try:
+            return list(_pool.map(fn, pieces))
+        finally:
+            setter(before)
+
+
+def _chunks(n, cost_each, target=1 << 18):
+    """Split range(n) into slices of about `target` work units, at least THREADS of them."""
+    count = max(min(n, THREADS), min(n, -(-n * cost_each // target)))
+    edges = [n * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+_profile = None
+_profile_lock = threading.Lock()
+_now = time.perf_counter
+
+
+@contextlib.contextmanager
+def profiling(clock=time.perf_counter):
+    """Collect seconds spent per category of op inside this block: {category: seconds}.
+
+    `clock` is wall time by default; time.thread_time measures CPU time instead, which a busy
+    machine disturbs less (with THREADS = 1).
+    """
+    global _profile, _now
+    saved = _profile, _now
+    _profile, _now = defaultdict(float), clock
+    try:
+        yield _profile
+    finally:
+        _profile, _now = saved
+
+
+@contextlib.contextmanager
+def _clock(category):
+    if _profile is None:
+        yield
+        return
+    t0 = _now()
+    try:
+        yield
+    finally:
+        with _profile_lock:
+            _profile[category] += _now() - t0
+
+
+def _record_split(wall, busy):
+    """Share `wall` seconds among categories in proportion to their summed thread time `busy`."""
+    total = sum(busy.values())
+    if _profile is not None and total > 0:
+        with _profile_lock:
+            for category, seconds in busy.items():
+                _profile[category] += wall * seconds / total
+
+
+# linear
+
+@primitive
+def linear(x, W, b=None):
+    """x·W + b for every model. x (N,M,A), W (N,A,O), b (N,O) or None -> (N,M,O)."""
+    with _clock("matmul: weights"):
+        y = onp.matmul(x, W)
+        if b is not None:
+            y += b[:, None, :]
+    return y
+
+
+def _linear_vjp(argnums, ans, args, kwargs):
+    x, W = args[0], args[1]
+
+    def vjp(g):
+        # dx = g·Wᵀ, dW = xᵀ·g, db = sum of g over rows
+        with _clock("matmul: weights"):
+            grads = {0: lambda: onp.matmul(g, onp.swapaxes(W, 1, 2)),
+                     1: lambda: onp.matmul(onp.swapaxes(x, 1, 2), g),
+                     2: lambda: g.sum(axis=1)}
+            return tuple(grads[i]() for i in argnums)
+    return vjp
+
+
+defvjp_argnums(linear, _linear_vjp)
+
+
+def linear_reference(x, W, b=None):
+    y = np.matmul(x, W)
+    return y if b is None else y + b[:, None, :]
+
+
+# rmsnorm
+
+def _gain_shape(x, g):
+    """(N,d) -> (N,1,...,1,d) so the gain of model n meets every row of x[n]."""
+    return (g.shape[0],) + (1,) * (x.ndim - 2) + (g.shape[1],)
+
+
+def _inverse_rms(x, eps):
+    """1 / sqrt(mean(x², last axis) + eps), keeping the axis. einsum sums the squares without a temporary."""
+    r = onp.einsum("...d,...d->...", x, x)[..., None]
+    r *= 1.0 / x.shape[-1]
+    r += eps
+    onp.sqrt(r, out=r)
+    return onp.reciprocal(r, out=r)
+
+
+@primitive
+def rmsnorm(x, g, eps):
+    """rmsnorm: x / sqrt(mean(x², last axis) + eps) · (1 + g). x (N,...,d), g (N,d) -> like x."""
+    with _clock("norms"):
+        r = _inverse_rms(x, eps)
+        y = x * r
+        y *= (1.0 + g).reshape(_gain_shape(x, g))
+    _save(y, r)
+    return y
+
+
+def _rmsnorm_vjp(argnums, ans, args, kwargs):
+    x, g, eps = args
+    r, = _take(ans)
+
+    def vjp(dy):
+        # with n = x·r, r = 1/sqrt(mean(x²)+eps):  dg = Σ_rows dy·n,  dn = dy·(1+g),
+        # dx = r·(dn − n·mean(dn·n))
+        with _clock("norms"):
+            n = x * r
+            out = []
+            for i in argnums:
+                if i == 0:
+                    dn = dy * (1.0 + g).reshape(_gain_shape(x, g))
+                    dot = onp.einsum("...d,...d->...", dn, n)[..., None]
+                    dot *= 1.0 / x.shape[-1]
+                    dn -= n * dot
+                    dn *= r
+                    out.append(dn)
+                else:
+                    N, d = g.shape
+                    out.append(onp.einsum("nmd,nmd->nd", dy.reshape(N, -1, d), n.reshape(N, -1, d)))
+            return tuple(out)
+    return vjp
+
+
+defvjp_argnums(rmsnorm, _rmsnorm_vjp)
+
+
+def rmsnorm_reference(x, g, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1.0 + np.reshape(g, _gain_shape(x, g)))
+
+
+# embedding
+
+@primitive
+def embedding(E, ids):
+    """Rows of every model's embedding. E (N,V,d), ids (B,T) ints -> (N,B,T,d)."""
+    with _clock("embedding"):
+        return E[:, ids]
+
+
+def _embedding_vjp(ans, E, ids):
+    def vjp(g):
+        # dE[n] = onehot(ids)ᵀ · g[n]: one matmul that sums repeated ids, where autograd's
+        # generic indexing gradient would call the slow np.add.at.
+        with _clock("embedding"):
+            N, V, d = E.shape
+            flat = onp.asarray(ids).reshape(-1)
+            onehot = onp.zeros((flat.size, V), dtype=g.dtype)
+            onehot[onp.arange(flat.size), flat] = 1.0
+            return onp.matmul(onehot.T, g.reshape(N, flat.size, d))
+    return vjp
+
+
+defvjp(embedding, _embedding_vjp)
+
+
+def embedding_reference(E, ids):
+    return E[:, onp.asarray(ids)]
+
+
+# GeGLU
+
+_GELU_C = 0.7978845608028654       # sqrt(2/pi)
+_GELU_K = 0.044715
+
+
+def _gelu_sigmoid(a, out):
+    """out = σ(2z) with z = c·(a + k·a³), so that gelu(a) = a·σ(2z) = a·½(1 + tanh z).
+
+    The sigmoid form needs one exp where tanh costs 2.5x more in NumPy. Where exp(−2z)
+    overflows to inf the sigmoid is exactly 0, so the overflow is silenced, not clipped
+    (autograd's own rule for tanh, 1/cosh², warned there).
+    """
+    onp.multiply(a, a, out=out)
+    out *= -2.0 * _GELU_C * _GELU_K
+    out -= 2.0 * _GELU_C
+    out *= a
+    with onp.errstate(over="ignore"):
+        onp.exp(out, out=out)
+    out += 1.0
+    return onp.reciprocal(out, out=out)
+
+
+@primitive
+def geglu(a, u):
+    """GeGLU: gelu(a) · u, with the tanh form of gelu. a, u (...) -> (...)."""
+    if a.shape != u.shape:
+        raise ValueError(f"geglu needs a and u of one shape, got {a.shape} and {u.shape}")
+    sig = onp.empty_like(a)                                   # σ(2z), kept for the backward
+    out = onp.empty_like(a)
+    fa, fu, fsig, fout = (x.reshape(-1) for x in (a, u, sig, out))
+
+    def piece(s):
+        _gelu_sigmoid(fa[s], fsig[s])
+        onp.multiply(fsig[s], fa[s], out=fout[s])
+        fout[s] *= fu[s]
+
+    with _clock("geglu"):
+        parallel_map(piece, _chunks(a.size, 1))
+    _save(out, sig)
+    return out
+
+
+def _geglu_vjp(argnums, ans, args, kwargs):
+    a, u = args
+    sig, = _take(ans)
+
+    def vjp(g):
+        # gelu(a) = a·σ,  gelu'(a) = σ + gelu(a)·(1−σ)·2c·(1 + 3k·a²)
+        # da = g·u·gelu'(a),  du = g·gelu(a)
+        da, du = onp.empty_like(a), onp.empty_like(u)
+        fa, fu, fsig, fg, fda, fdu = (x.reshape(-1) for x in (a, u, sig, g, da, du))
+
+        def piece(s):
+            a, sg, d = fa[s], fsig[s], fda[s]
+            gelu = a * sg
+            onp.multiply(fg[s], gelu, out=fdu[s])
+            onp.multiply(a, a, out=d)
+            d *= 6.0 * _GELU_C * _GELU_K
+            d += 2.0 * _GELU_C
+            d *= gelu
+            onp.subtract(1.0, sg, out=gelu)
+            d *= gelu
+            d += sg
+            d *= fu[s]
+            d *= fg[s]
+
+        with _clock("geglu"):
+            parallel_map(piece, _chunks(a.size, 1))
+        return tuple({0: da, 1: du}[i] for i in argnums)
+    return vjp
+
+
+defvjp_argnums(geglu, _geglu_vjp)
+
+
+def geglu_reference(a, u):
+    return 0.5 * a * (1.0 + np.tanh(_GELU_C * (a + _GELU_K * a * a * a))) * u
+
+
+# causal attention
+
+def _rope_tables(T, h, heads, theta, start, dtype, scale=1.0):
+    """RoPE as one elementwise formula over all heads: rope(x) = x·C + swap(x)·S.
+
+    swap exchanges the two halves of every head (a gather with `perm`), C = [cos, cos] and
+    S = [−sin, sin] per head, times `scale`. Working on whole (T, heads·h) rows keeps NumPy's
+    inner loops long even when a head has only 2 or 4 coordinates. -> C, S (T, heads·h), perm.
+    """
+    cos, sin = rope_tables(T, h, theta, start)
+    C = onp.tile(onp.concatenate([cos, cos], axis=1), heads) * scale
+    S = onp.tile(onp.concatenate([-sin, sin], axis=1), heads) * scale
+    perm = onp.arange(heads * h).reshape(heads, 2, h // 2)[:, ::-1].reshape(-1)
+    return C.astype(dtype), S.astype(dtype), perm
+
+
+def _rope(x, C, S, perm):
+    """x (..., T, W) -> x·C + swap(x)·S."""
+    out = x * C
+    out += onp.take(x, perm, axis=-1) * S
+    return out
+
+
+def _rope_transposed(dy, C, S, perm):
+    """The VJP of _rope: dx = dy·C + swap(dy·S) (swap is its own transpose)."""
+    dx = dy * C
+    dx += onp.take(dy * S, perm, axis=-1)
+    return dx
+
+
+def _blocks(T, size):
+    """Query blocks [t0, t1) of the causal triangle."""
+    return [(t0, min(T, t0 + size)) for t0 in range(0, T, size)]
+
+
+def _check_heads(q, k, v):
+    if q.ndim != 5 or k.shape != v.shape or k.shape[:3] != q.shape[:3] or k.shape[4] != q.shape[4] \
+            or q.shape[3] % k.shape[3] or q.shape[4] % 2:
+        raise ValueError(f"causal_attention needs q (N,B,T,H,h) and k, v (N,B,T,K,h) with K dividing H and h even; "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+
+
+@primitive
+def causal_attention(q, k, v, theta, start=0):
+    """softmax(rope(q)·rope(k)ᵀ/√h, causal)·v for every model, batch row and head.
+
+    q (N,B,T,H,h), k and v (N,B,T,K,h) -> (N,B,T,H,h). Positions start at `start` (for RoPE).
+
+    How it stays fast:
+    - Multi-query without repeating k and v: the G = H/K query heads that share a key head are
+      stacked as extra rows, so each (model, batch, key head) is one (T·G, h) x (h, T) matmul.
+    - The causal triangle is cut into query blocks of ATTENTION_BLOCK positions; block [t0, t1)
+      only meets keys [0, t1), so most of the masked upper half is never computed, and only the
+      diagonal tile needs a mask.
+    - The forward keeps exp(scores − max) of each block and 1/rowsum for the backward; the
+      normalisation is applied to the (narrow) outputs, not to the (wide) probabilities.
+      The backward uses rowsum(dP·P) = rowsum(dO·O).
+    - Chunks of (model, batch, key head) run on worker threads (see parallel_map).
+    """
+    _check_heads(q, k, v)
+    N, B, T, H, h = q.shape
+    K = k.shape[3]
+    G, Z, dtype = H // K, N * B * K, q.dtype
+    with _clock("rope"):
+        Cq, Sq, perm_q = _rope_tables(T, h, H, theta, start, dtype, scale=1.0 / onp.sqrt(h))
+        Ck, Sk, perm_k = _rope_tables(T, h, K, theta, start, dtype)
+        Q = _rope(q.reshape(N, B, T, H * h), Cq, Sq, perm_q)                   # (N,B,T,H·h)
+        Kr = _rope(k.reshape(N, B, T, K * h), Ck, Sk, perm_k)                  # (N,B,T,K·h)
+        Q = _to_groups(Q.reshape(N, B, T, K, G, h)).reshape(Z, T * G, h)
+        Kr = _to_groups(Kr.reshape(N, B, T, K, 1, h)).reshape(Z, T, h)
+        V = _to_groups(v.reshape(N, B, T, K, 1, h)).reshape(Z, T, h)
+    blocks = _blocks(T, ATTENTION_BLOCK)
+    E = [onp.empty((Z, (t1 - t0) * G, t1), dtype=dtype) for t0, t1 in blocks]  # exp(scores − max)
+    inv = onp.empty((Z, T * G, 1), dtype=dtype)                                # 1 / rowsum
+    O = onp.empty((Z, T * G, h), dtype=dtype)
+    bias = onp.triu(onp.full((ATTENTION_BLOCK, ATTENTION_BLOCK), -onp.inf, dtype=dtype), 1)[:, None, :]
+
+    def piece(zs):
+        busy = defaultdict(float)
+        for (t0, t1), Eb in zip(blocks, E):
+            rows = slice(t0 * G, t1 * G)
+            S = Eb[zs]                                                           # (z, (t1-t0)·G, t1)
+            c0 = _now()
+            onp.matmul(Q[zs, rows], onp.swapaxes(Kr[zs, :t1], 1, 2), out=S)
+            c1 = _now()
+            S.reshape(S.shape[0], t1 - t0, G, t1)[..., t0:] += bias[:t1 - t0, :, :t1 - t0]
+            S -= S.max(axis=-1, keepdims=True)
+            onp.exp(S, out=S)
+            onp.reciprocal(S.sum(axis=-1, keepdims=True), out=inv[zs, rows])
+            c2 = _now()
+            onp.matmul(S, V[zs, :t1], out=O[zs, rows])
+            c3 = _now()
+            O[zs, rows] *= inv[zs, rows]
+            busy["matmul: attention"] += (c1 - c0) + (c3 - c2)
+            busy["attention softmax"] += c2 - c1
+        return busy
+
+    _run_timed(piece, _chunks(Z, T * G * T))
+    out = _from_groups(O.reshape(N, B, K, T, G, h)).reshape(N, B, T, H, h)
+    _save(out, Q, Kr, V, O, E, inv, blocks, (Cq, Sq, perm_q), (Ck, Sk, perm_k))
+    return out
+
+
+def _to_groups(x):
+    """(N,B,T,K,G,h) -> (N,B,K,T,G,h), contiguous; free when K = 1."""
+    return onp.ascontiguousarray(x.transpose(0, 1, 3, 2, 4, 5))
+
+
+def _from_groups(x):
+    """(N,B,K,T,G,h) -> (N,B,T,K,G,h), contiguous; free when K = 1."""
+    return onp.ascontiguousarray(x.transpose(0, 1, 3, 2, 4, 5))
+
+
+def _run_timed(piece, chunks):
+    """Run piece over chunks in parallel; split the wall time by the categories each piece reports."""
+    t0 = _now()
+    busy = parallel_map(piece, chunks)
+    total = defaultdict(float)
+    for b in busy:
+        for category, seconds in b.items():
+            total[category] += seconds
+    _record_split(_now() - t0, total)
+
+
+def _attention_vjp(argnums, ans, args, kwargs):
+    q, k, v = args[:3]
+    Q, Kr, V, O, E, inv, blocks, rope_q, rope_k = _take(ans)
+
+    def vjp(g):
+        N, B, T, H, h = q.shape
+        K = k.shape[3]
+        G, Z = H // K, N * B * K
+        dO = _to_groups(g.reshape(N, B, T, K, G, h)).reshape(Z, T * G, h)
+        dQ, dK, dV = onp.empty_like(Q), onp.zeros_like(Kr), onp.zeros_like(V)
+
+        def piece(zs):
+            # with P = E·inv:  dV += Pᵀ·dO,  dS = P·(dO·Vᵀ − rowsum(dO·O)),  dQ = dS·K,  dK += dSᵀ·Q
+            busy = defaultdict(float)
+            for (t0, t1), Eb in zip(blocks, E):
+                rows = slice(t0 * G, t1 * G)
+                Ez = Eb[zs]
+                dOs = dO[zs, rows] * inv[zs, rows]                               # dO / rowsum
+                dot = onp.sum(dOs * O[zs, rows], axis=-1, keepdims=True)
+                c0 = _now()
+                dV[zs, :t1] += onp.matmul(onp.swapaxes(Ez, 1, 2), dOs)
+                dS = onp.matmul(dOs, onp.swapaxes(V[zs, :t1], 1, 2))
+                c1 = _now()
+                dS -= dot
+                dS *= Ez
+                c2 = _now()
+                onp.matmul(dS, Kr[zs, :t1], out=dQ[zs, rows])
+                dK[zs, :t1] += onp.matmul(onp.swapaxes(dS, 1, 2), Q[zs, rows])
+                c3 = _now()
+                busy["matmul: attention"] += (c1 - c0) + (c3 - c2)
+                busy["attention softmax"] += c2 - c1
+            return busy
+
+        _run_timed(piece, _chunks(Z, T * G * T))
+        with _clock("rope"):
+            grads = {0: lambda: _rope_transposed(_from_groups(dQ.reshape(N, B, K, T, G, h)).reshape(N, B, T, H * h),
+                                                 *rope_q).reshape(q.shape),
+                     1: lambda: _rope_transposed(_from_groups(dK.reshape(N, B, K, T, 1, h)).reshape(N, B, T, K * h),
+                                                 *rope_k).reshape(k.shape),
+                     2: lambda: _from_groups(dV.reshape(N, B, K, T, 1, h)).reshape(v.shape)}
+            return tuple(grads[i]() for i in argnums)
+    return vjp
+
+
+defvjp_argnums(causal_attention, _attention_vjp)
+
+
+def causal_attention_reference(q, k, v, theta, start=0):
+    """The same attention written plainly: RoPE, repeat k and v to H heads, masked softmax."""
+    N, B, T, H, h = q.shape
+    K = k.shape[3]
+    cos, sin = rope_tables(T, h, theta, start)
+    cos, sin = cos.astype(q.dtype)[:, None, :], sin.astype(q.dtype)[:, None, :]
+
+    def rope(x):
+        x1, x2 = x[..., :h // 2], x[..., h // 2:]
+        return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+    q, k = rope(q), rope(k)
+    k, v = np.repeat(k, H // K, axis=3), np.repeat(v, H // K, axis=3)
+    q, k, v = (np.transpose(a, (0, 1, 3, 2, 4)) for a in (q, k, v))       # (N,B,H,T,h)
+    scores = np.matmul(q, np.swapaxes(k, 3, 4)) / onp.sqrt(h)
+    scores = np.where(onp.tril(onp.ones((T, T), dtype=bool)), scores, -1e30)
+    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
+    out = np.matmul(e / np.sum(e, axis=-1, keepdims=True), v)                # (N,B,H,T,h)
+    return np.transpose(out, (0, 1, 3, 2, 4))
+
+
+# cross-entropy
+
+@primitive
+def cross_entropy(logits, targets):
+    """Mean next-token cross-entropy of each model. logits (N,...,V), targets (...) ints -> (N,).
+
+    loss = mean over rows of logsumexp(logits) − logits[target].
+    """
+    with _clock("cross-entropy"):
+        N, V = logits.shape[0], logits.shape[-1]
+        x = logits.reshape(N, -1, V)
+        t = onp.asarray(targets).reshape(-1)
+        m = x.max(axis=-1, keepdims=True)
+        p = x - m
+        onp.exp(p, out=p)
+        z = p.sum(axis=-1, keepdims=True)
+        p /= z                                                                 # softmax, for the backward
+        lse = onp.log(z[..., 0]) + m[..., 0]                                    # (N,M)
+        loss = (lse - x[:, onp.arange(t.size), t]).mean(axis=1)
+    _save(loss, p)
+    return loss
+
+
+def _cross_entropy_vjp(ans, logits, targets):
+    p, = _take(ans)
+
+    def vjp(g):
+        # d loss[n] / d logits[n, i] = (softmax(logits[n, i]) − onehot(target_i)) / M
+        with _clock("cross-entropy"):
+            t = onp.asarray(targets).reshape(-1)
+            scale = (g / t.size)[:, None]
+            d = p * scale[..., None]
+            d[:, onp.arange(t.size), t] -= scale                               # each row once: no add.at
+            return d.reshape(logits.shape)
+    return vjp
+
+
+defvjp(cross_entropy, _cross_entropy_vjp)
+
+
+def cross_entropy_reference(logits, targets):
+    N, V = logits.shape[0], logits.shape[-1]
+    x = np.reshape(logits, (N, -1, V))
+    t = onp.asarray(targets).reshape(-1)
+    m = np.max(x, axis=-1, keepdims=True)
+    lse = np.log(np.sum(np.exp(x - m), axis=-1)) + m[..., 0]
+    return np.mean(lse - x[:, onp.arange(t.size), t], axis=1)
