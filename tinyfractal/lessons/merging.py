@@ -1,0 +1,353 @@
+"""Lesson 4, merging: grow a FractalFormer from small models trained apart, and train only what is new.
+
+Run: python -m tinyfractal.lessons.merging [--quick] [--out DIR] [--steps-per-stage A,B,C] [--joint-steps N]
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tinyfractal import Config, Tokenizer
+from tinyfractal.checkpoint import atomic_write_json
+from tinyfractal.data import batch_at, load_tokens
+from tinyfractal.grow import chunk_data, grow, parse_steps, step_flops, union
+from tinyfractal.merge import merge
+from tinyfractal.model import cross_entropy, forward, init_params, rmsnorm, rope, rope_tables, softmax
+from tinyfractal.train import TrainConfig, evaluate, format_duration, node_key, train
+from tinyfractal.tree import nodes
+
+FULL_STEPS = "600,500,1000"     # leaves, the two level-1 merges, the root merge
+FULL_JOINT = 800
+QUICK_STEPS = "3,2,2"
+QUICK_JOINT = 3
+
+
+def section(title):
+    print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m tinyfractal.lessons.merging", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="lesson_output/merging", help="folder for figures, metrics and checkpoints")
+    p.add_argument("--quick", action="store_true", help="a smaller model and a few steps, to check that it runs")
+    p.add_argument("--steps-per-stage", default=None, help=f"leaves first (default {FULL_STEPS})")
+    p.add_argument("--joint-steps", type=int, default=None, help=f"steps of the jointly trained model "
+                                                                 f"(default {FULL_JOINT})")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.joint_steps is not None and args.joint_steps < 1:
+        p.error("--joint-steps must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    # %% 1. The plan
+    section("1. The plan: train small models apart, then merge them")
+    cfg = Config.preset("tiny")
+    if args.quick:
+        cfg = cfg.override(hidden=24, head_dim=8, context=16)
+    steps = parse_steps(args.steps_per_stage or (QUICK_STEPS if args.quick else FULL_STEPS), cfg.levels)
+    joint_steps = args.joint_steps or (QUICK_JOINT if args.quick else FULL_JOINT)
+    tc = TrainConfig(batch_size=4 if args.quick else 16, eval_interval=1 if args.quick else 50,
+                     eval_batches=1 if args.quick else 4, log_interval=100, seed=args.seed,
+                     warmup=0 if args.quick else 50)
+    L, s = cfg.levels, cfg.split
+    print(f"Config: {cfg}")
+    print(f"The jointly trained model (lesson 1) learns all {cfg.n_nodes} models at once. Growing does it in "
+          f"{L} stages:\n"
+          f"  stage 1: {s ** (L - 1)} standalone leaf models of width {cfg.width(L - 1)}, each on its own "
+          f"contiguous quarter of the corpus;\n"
+          f"  stage 2..{L}: merge each {s} of them into the level above (they become its diagonal blocks), freeze "
+          f"them,\n           and train only the new off-diagonal blocks on the union of their chunks.")
+    print(f"Steps per stage (leaves first): {steps}; the joint model: {joint_steps} steps.")
+    print("\nCost of one training step (batch {0}, context {1}), matmul FLOPs (3x forward):".format(
+        tc.batch_size, cfg.context))
+    costs = {"leaf (stage 1)": step_flops(cfg.sub(L - 1), tc.batch_size)}
+    for t in range(1, L):
+        costs[f"new parent, width {cfg.width(L - 1 - t)} (stage {t + 1})"] = step_flops(cfg.sub(L - 1 - t),
+                                                                                     tc.batch_size)
+    costs["joint: all seven nodes"] = step_flops(cfg, tc.batch_size, levels=range(L))
+    for name, flops in costs.items():
+        print(f"  {name:<34} {flops / 1e9:8.3f} GFLOP")
+    print("A merged stage trains with the new parent's loss alone: its children are frozen, so their losses "
+          "cannot move.")
+
+    tokenizer = Tokenizer.default()
+    tokens = load_tokens(tokenizer)
+    chunks = chunk_data(tokens, s ** (L - 1), cfg.context)
+    train_all, val_all = union(chunks, 0, len(chunks))
+    print(f"Corpus: {len(tokens):,} tokens in {len(chunks)} chunks of ~{len(tokens) // len(chunks):,}, each split "
+          f"90/10.")
+
+    # %% 2. Growing
+    section("2. Growing, stage by stage")
+    leaves = {}
+
+    def report(t, record, params, model_cfg):
+        level, g = record["node"]
+        if t == 0:
+            leaves[g] = params
+            print(f"  leaf ({level},{g}) trained on chunk {g}: val loss {record['final_val']['0.0']:.4f} "
+                  f"({format_duration(record['seconds'])})")
+            return
+        kids = ", ".join(f"({level + 1},{s * g + r})" for r in range(s))
+        at = record["val_at_merge"]
+        print(f"\n  merged {kids} -> ({level},{g}), trained on chunks {record['chunks'][0]}..{record['chunks'][1] - 1}:")
+        print("    each child still gives exactly its standalone logits: max abs diff = " +
+              ", ".join(str(d) for d in record["logit_max_abs_diff"]))
+        print(f"    val loss at the moment of merging: parent {at['0.0']:.4f}   children " +
+              "  ".join(f"{at[f'1.{r}']:.4f}" for r in range(s)))
+        print(f"    after {record['steps']} steps on the {record['new_entries']:,} new entries: parent "
+              f"{record['final_val']['0.0']:.4f}   children " +
+              "  ".join(f"{record['final_val'][f'1.{r}']:.4f}" for r in range(s)) +
+              f"   (children bit for bit unchanged: {record['children_unchanged']})")
+
+    quiet = (lambda msg: None) if args.quick else (lambda msg: print("    " + msg) if "step " in msg and
+                                                   "/" in msg and " 1/" not in msg else None)
+    grown, stages = grow(cfg, tc, steps, tokens=tokens, out=out / "grown", log=quiet, on_stage=report)
+    grow_flops = sum(r["train_flops"] for st in stages for r in st)
+    grow_seconds = sum(r["seconds"] for st in stages for r in st)
+    grow_cpu = sum(r["cpu_seconds"] for st in stages for r in st)
+    grow_steps = sum(r["steps"] for st in stages for r in st)
+
+    # %% 3. Why the parent does not start as its children
+    section("3. Why a parent does not start as the sum of its children")
+    child_cfg = cfg.sub(L - 1)
+    first = [leaves[r] for r in range(s)]
+    parent, pcfg = merge(first, child_cfg, s)
+    print(f"Re-making the first merge (leaves (2,0) and (2,1) -> a model of width {pcfg.hidden}) to look inside it.")
+    print("Its off-diagonal blocks are zero, so the children's numbers never mix through a weight. Yet:")
+    ids, targets = batch_at(union(chunks, 0, s)[1], tc.batch_size, cfg.context, 99, 0)
+    demo = coupling_demo(parent, pcfg, first, child_cfg, ids, targets)
+    atomic_write_json(out / "coupling_demo.json", demo)
+
+    # %% 4. Figure: how the parent's loss falls
+    section("4. How the parent's loss falls while only the new blocks train")
+    figures = [plot_parent_losses(stages, out / "parent_loss.png")]
+    print(f"saved {figures[-1]}")
+    for t in range(1, L):
+        for r in stages[t]:
+            v = r["metrics"]["val"]["0.0"]
+            print(f"  stage {t + 1} parent ({r['node'][0]},{r['node'][1]}): at merge {r['val_at_merge']['0.0']:.4f}"
+                  f" -> {v[0]:.4f} after {r['metrics']['eval_step'][0]} steps -> {v[-1]:.4f} after {r['steps']}; "
+                  f"best child {min(r['val_at_merge'][f'1.{c}'] for c in range(s)):.4f}")
+
+    # %% 5. The same tree trained jointly
+    section("5. The same tree trained jointly (lesson 1's way), on the same data")
+    joint = init_params(cfg, args.seed)
+    tc_joint = TrainConfig(**{**tc.__dict__, "steps": joint_steps})
+    wall, cpu = time.perf_counter(), time.process_time()
+    _, joint_metrics = train(joint, cfg, tc_joint, train_all, val_all,
+                             log=(lambda msg: None) if args.quick else (lambda msg: print("    " + msg)))
+    joint_seconds, joint_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    joint_flops = costs["joint: all seven nodes"] * joint_steps
+    print(f"\nBudgets (training only; evaluation not counted):")
+    print(f"  {'':<8} {'optimizer steps':>15} {'parallel steps':>14} {'GFLOP':>8} {'CPU s':>7} {'wall s':>7}")
+    print(f"  {'grown':<8} {grow_steps:15d} {sum(steps):14d} {grow_flops / 1e9:8.0f} {grow_cpu:7.0f} "
+          f"{grow_seconds:7.0f}")
+    print(f"  {'joint':<8} {joint_steps:15d} {joint_steps:14d} {joint_flops / 1e9:8.0f} {joint_cpu:7.0f} "
+          f"{joint_seconds:7.0f}")
+    print("  (optimizer steps: every model's steps added up; parallel steps: the models of one stage are\n"
+          "   independent, so with enough cores a stage takes as long as one of them.)")
+    batches = 2 if args.quick else 16
+    grown_val = evaluate(grown, cfg, val_all, tc.batch_size, batches)
+    joint_val = evaluate(joint, cfg, val_all, tc.batch_size, batches)
+    print(f"\nPer-node val loss on the same {batches} batches of the union of the chunks' val parts:")
+    print(f"  {'node':>7} {'width':>5} {'grown':>8} {'joint':>8} {'grown - joint':>14}")
+    for node in nodes(cfg):
+        print(f"  {str(node).replace(' ', ''):>7} {cfg.width(node[0]):5d} {grown_val[node]:8.4f} "
+              f"{joint_val[node]:8.4f} {grown_val[node] - joint_val[node]:+14.4f}")
+
+    # %% 6. How much compute does growing save?
+    section("6. How much compute does growing save?")
+    summary = compare_to_joint(stages, joint_metrics, costs, joint_flops, steps)
+    figures.append(plot_root_vs_flops(stages, joint_metrics, costs, out / "root_vs_flops.png"))
+    print(f"saved {figures[-1]}")
+    atomic_write_json(out / "summary.json", {
+        "config": cfg.to_dict(), "steps_per_stage": steps, "joint_steps": joint_steps,
+        "grown": {"val": {node_key(n): v for n, v in grown_val.items()}, "flops": grow_flops,
+                  "optimizer_steps": grow_steps, "cpu_seconds": grow_cpu, "seconds": grow_seconds},
+        "joint": {"val": {node_key(n): v for n, v in joint_val.items()}, "flops": joint_flops,
+                  "cpu_seconds": joint_cpu, "seconds": joint_seconds,
+                  "root_val_curve": [joint_metrics["eval_step"], joint_metrics["val"]["0.0"]]},
+        "reach": summary, "coupling_demo": demo})
+    print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
+    return 0
+
+
+def attention_probs(x, Wq, Wk, h, theta):
+    """Layer-0 attention probabilities of one model on its normalised input x: (B,H,T,T)."""
+    B, T, D = x.shape
+    H, K = Wq.shape[1], Wk.shape[1]
+    q = np.reshape(np.reshape(x, (B * T, D)) @ np.reshape(Wq, (D, H * h)), (B, T, H, h))
+    k = np.reshape(np.reshape(x, (B * T, D)) @ np.reshape(Wk, (D, K * h)), (B, T, K, h))
+    cos, sin = rope_tables(T, h, theta)
+    q, k = rope(q, cos, sin), np.repeat(rope(k, cos, sin), H // K, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(h)
+    return softmax(np.where(np.tril(np.ones((T, T), dtype=bool)), scores, -1e30))
+
+
+def coupling_demo(parent, pcfg, children, child_cfg, ids, targets):
+    """The three couplings of a merge with zero off-diagonals, measured on one batch (section 3)."""
+    s, d, h = pcfg.split, child_cfg.hidden, child_cfg.head_dim
+    x = rmsnorm(parent["E"][ids], parent["emb_norm"], pcfg.eps)                # (B,T,D), full width
+    xs = [rmsnorm(c["E"][ids], c["emb_norm"], child_cfg.eps) for c in children]  # (B,T,d) each
+    print("\n(a) RMSNorm divides by the RMS over the FULL width, which mixes the children's scales.")
+    print("    After the first norm, child r's slice of the parent's state is child r's own state times")
+    print("    rms(child r) / rms(all): one factor per token, never exactly 1.")
+    ratios = []
+    for r in range(s):
+        ratio = (x[..., r * d:(r + 1) * d] / xs[r])[..., 0]
+        ratios.append([float(ratio.min()), float(ratio.mean()), float(ratio.max())])
+        print(f"    child {r}: factor min {ratio.min():.3f}  mean {ratio.mean():.3f}  max {ratio.max():.3f}")
+
+    print("\n(b) RoPE pairs component m with m + head_dim/2 of the SAME head, at angle pos * theta^(-2m/hd).")
+    hp = pcfg.head_dim
+    print(f"    child (head dim {h}): pairs " + ", ".join(f"({m},{m + h // 2})" for m in range(h // 2)) +
+          f"; frequencies " + ", ".join(f"{pcfg.rope_theta ** (-2 * m / h):.3g}" for m in range(h // 2)))
+    print(f"    parent (head dim {hp}): pairs " + ", ".join(f"({m},{m + hp // 2})" for m in range(hp // 2)) +
+          f"; frequencies " + ", ".join(f"{pcfg.rope_theta ** (-2 * m / hp):.3g}" for m in range(hp // 2)))
+    print(f"    So the parent rotates child 0's component m together with child 1's component m, at a")
+    print(f"    different speed. On the layer-0 queries of this batch:")
+    p0 = parent["layers"][0]
+    B, T, D = x.shape
+    H = pcfg.heads
+    q = np.reshape(np.reshape(x, (B * T, D)) @ np.reshape(p0["Wq"], (D, H * hp)), (B, T, H, hp))
+    cos, sin = rope_tables(T, hp, pcfg.rope_theta)
+    cos_c, sin_c = rope_tables(T, h, pcfg.rope_theta)
+    merged_rope = rope(q, cos, sin)
+    apart_rope = np.concatenate([rope(q[..., r * h:(r + 1) * h], cos_c, sin_c) for r in range(s)], axis=-1)
+    rope_diff = float(np.abs(merged_rope - apart_rope).max())
+    print(f"    max |parent's RoPE(q) - each child's RoPE on its own slice| = {rope_diff:.3f} "
+          f"(|q| max {np.abs(q).max():.3f})")
+
+    print("\n(c) Merged heads: the parent's head holds every child's slice of that head, so its score is")
+    print(f"    the SUM of the children's q.k, divided by sqrt({hp}) instead of sqrt({h}); one softmax over the")
+    print("    sum replaces a softmax per child. Layer-0 attention, parent vs each child (same input slice):")
+    parent_att = attention_probs(x, p0["Wq"], p0["Wk"], hp, pcfg.rope_theta)
+    tv = []
+    for r in range(s):
+        c0 = children[r]["layers"][0]
+        child_att = attention_probs(x[..., r * d:(r + 1) * d], c0["Wq"], c0["Wk"], h, pcfg.rope_theta)
+        tv.append(float(0.5 * np.abs(parent_att - child_att).sum(-1)[..., 1:].mean()))
+        print(f"    child {r}: mean total-variation distance between the attention rows = {tv[-1]:.3f} "
+              f"(0 = same, 1 = disjoint)")
+
+    print("\n(d) The result: the parent's logits are not the sum of its children's, and its loss starts higher.")
+    plog = forward(parent, pcfg, ids)
+    clogs = [forward(c, child_cfg, ids) for c in children]
+    total = sum(clogs)
+    losses = {"parent at merge": float(cross_entropy(plog, targets))}
+    for r, lg in enumerate(clogs):
+        losses[f"child {r}"] = float(cross_entropy(lg, targets))
+    losses["sum of the children's logits"] = float(cross_entropy(total, targets))
+    losses["mean of the children's logits"] = float(cross_entropy(total / s, targets))
+    print(f"    max |parent logits - sum of children's logits| = {np.abs(plog - total).max():.3f} "
+          f"(|logits| max {np.abs(total).max():.3f})")
+    for name, value in losses.items():
+        print(f"    {name:<32} loss {value:.4f}")
+    print("    The output is rmsnorm(x) . rmsnorm_rows(E)^T over the full width: with the couplings removed it")
+    print("    WOULD be the sum of the children's logits, a product of experts that counts each child's")
+    print("    confidence at full strength. Training the off-diagonal blocks is what calibrates the parent.")
+    return {"norm_factor_min_mean_max": ratios, "rope_max_abs_diff": rope_diff, "attention_tv": tv,
+            "losses": losses}
+
+
+def compare_to_joint(stages, joint_metrics, costs, joint_flops, steps):
+    """Steps and FLOPs the grown root needs to reach the joint root's final val loss (section 6)."""
+    root = stages[-1][0]
+    target = joint_metrics["val"]["0.0"][-1]
+    before = sum(r["train_flops"] for st in stages[:-1] for r in st)
+    root_step = root["step_flops"]
+    curve = list(zip(root["metrics"]["eval_step"], root["metrics"]["val"]["0.0"]))
+    print(f"Target: the joint root's final val loss {target:.4f} (after {joint_metrics['eval_step'][-1]} steps, "
+          f"{joint_flops / 1e9:.0f} GFLOP).")
+    print(f"The grown root starts its stage after {before / 1e9:.0f} GFLOP of leaves and level-1 merges.")
+    hit = next(((step, v) for step, v in curve if v <= target), None)
+    result = {"target": target, "before_root_flops": before, "joint_flops": joint_flops}
+    if hit is None:
+        best_step, best = min(curve, key=lambda c: c[1])
+        spent = before + root_step * root["steps"]
+        print(f"The grown root does NOT reach it within its {root['steps']} steps: best val {best:.4f} at step "
+              f"{best_step} ({best - target:+.4f} from the target), after {spent / 1e9:.0f} GFLOP in all.")
+        result.update(reached=False, best=best, best_step=best_step, spent_flops=spent)
+    else:
+        step, v = hit
+        spent = before + root_step * step
+        saving = 1 - spent / joint_flops
+        print(f"The grown root reaches it at root step {step} (val {v:.4f}), after {spent / 1e9:.0f} GFLOP "
+              f"in all: {saving:+.0%} compute saved against the joint run.")
+        result.update(reached=True, root_step=step, spent_flops=spent, saving=saving)
+    joint_curve = list(zip(joint_metrics["eval_step"], joint_metrics["val"]["0.0"]))
+    grown_final = root["final_val"]["0.0"]
+    back = next((step for step, v in joint_curve if v <= grown_final), None)
+    if back is None:
+        print(f"The other way round: the joint root never reaches the grown root's final {grown_final:.4f} "
+              f"within its {joint_curve[-1][0]} steps.")
+    else:
+        print(f"The other way round: the joint root first reaches the grown root's final {grown_final:.4f} at "
+              f"step {back}, after {back * joint_flops / joint_curve[-1][0] / 1e9:.0f} GFLOP.")
+    result["joint_step_to_grown_final"] = back
+    print("Model-growth papers (warm-starting a large model from smaller trained ones) report 45-50% of the")
+    print("compute saved at equal loss. Those grow the large model and then train ALL of it; here the")
+    print("children stay frozen, so the parent can only learn through its off-diagonal blocks.")
+    return result
+
+
+def plot_parent_losses(stages, path):
+    """Val loss of every merged parent from the moment of merging, with its children's as dashed lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    merged = [r for st in stages[1:] for r in st]
+    fig, axes = plt.subplots(1, len(merged), figsize=(4.2 * len(merged), 3.6), sharey=True, squeeze=False)
+    for ax, r in zip(axes[0], merged):
+        steps = [0] + r["metrics"]["eval_step"]
+        ax.plot(steps, [r["val_at_merge"]["0.0"]] + r["metrics"]["val"]["0.0"], "o-", ms=3, label="parent")
+        for key, value in sorted(r["val_at_merge"].items()):
+            if key.startswith("1."):
+                ax.axhline(value, ls="--", lw=1, color="gray")
+        ax.plot([], [], ls="--", color="gray", label="children (frozen)")
+        ax.set_title(f"parent ({r['node'][0]},{r['node'][1]})")
+        ax.set_xlabel("steps on the new blocks")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("val loss (nats/token)")
+    fig.suptitle("After a merge the parent starts above its children; training the new blocks brings it down")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_root_vs_flops(stages, joint_metrics, costs, path):
+    """Root val loss against cumulative training FLOPs: grown (root stage only) and joint."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    root = stages[-1][0]
+    before = sum(r["train_flops"] for st in stages[:-1] for r in st)
+    joint_step = costs["joint: all seven nodes"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot([(before + root["step_flops"] * s) / 1e9 for s in [0] + root["metrics"]["eval_step"]],
+            [root["val_at_merge"]["0.0"]] + root["metrics"]["val"]["0.0"], "o-", ms=3, label="grown root")
+    ax.plot([joint_step * s / 1e9 for s in joint_metrics["eval_step"]], joint_metrics["val"]["0.0"], "s-", ms=3,
+            label="joint root")
+    ax.axvline(before / 1e9, ls=":", color="gray", label="leaves + level-1 merges done")
+    ax.set_xlabel("training GFLOP spent (matmuls, 3x forward)")
+    ax.set_ylabel("root val loss (nats/token)")
+    ax.set_title("The root's loss against the compute spent to get it")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
