@@ -349,8 +349,7 @@ def _geglu_vjp(argnums, ans, args, kwargs):
             d *= 6.0 * _GELU_C * _GELU_K
             d += 2.0 * _GELU_C
             d *= gelu
-            onp.subtract(1.0, sg, out=gelu)
-            d *= gelu
+            d *= 1.0 - sg                      # with the line before: the a·σ·(1−σ)·2c(1+3k·a²) term
             d += sg
             d *= fu[s]
             d *= fg[s]
