@@ -323,7 +323,8 @@ def geglu_example(draw):
     shape = draw(small_shapes)
     f = draw(st.integers(1, 4))
     scale = draw(st.sampled_from([0.5, 3.0]))
-    return (lambda gu: ops_module().geglu(gu)), (rng_of(draw).normal(0, scale, size=shape + (2 * f,)),)
+    rng = rng_of(draw)
+    return (lambda a, u: ops_module().geglu(a, u)), (rng.normal(0, scale, size=shape + (f,)), rng.normal(0, 1, size=shape + (f,)))
 
 
 @st.composite
@@ -336,13 +337,14 @@ def causal_attention_example(draw):
     theta, start = draw(st.sampled_from([10.0, 100.0])), draw(st.integers(0, 5))
     block = draw(st.sampled_from([2, 3, ops.ATTENTION_BLOCK]))   # several causal blocks, or one
 
-    def attend(qkv):
+    def attend(q, k, v):
         saved, ops.ATTENTION_BLOCK = ops.ATTENTION_BLOCK, block
         try:
-            return ops.causal_attention(qkv, H, K, theta, start)
+            return ops.causal_attention(q, k, v, theta, start)
         finally:
             ops.ATTENTION_BLOCK = saved
-    return attend, (rng_of(draw).normal(size=(N, B, T, (H + 2 * K) * h)),)
+    rng = rng_of(draw)
+    return attend, (rng.normal(size=(N, B, T, H, h)), rng.normal(size=(N, B, T, K, h)), rng.normal(size=(N, B, T, K, h)))
 
 
 @st.composite
