@@ -45,6 +45,16 @@ def rope_matrices(T, h, theta):
     return R
 
 
+def check_base(cfg):
+    """The cache runs the base FractalFormer; coupled and byte models decode in their own modules."""
+    if getattr(cfg, "coupling", "none") != "none":
+        raise ValueError(f"coupling={cfg.coupling!r}: a coupled node needs its relatives' states, so it decodes "
+                         f"with coupling.generate; the cache here runs base models (coupling='none')")
+    if getattr(cfg, "tokenizer", "bpe") != "bpe":
+        raise ValueError(f"tokenizer={cfg.tokenizer!r}: byte models decode with concepts.generate; "
+                         f"the cache here runs token models (tokenizer='bpe')")
+
+
 class Models:
     """N models of one level, as contiguous float32 arrays ready for batched matmuls.
 
@@ -54,6 +64,7 @@ class Models:
     """
 
     def __init__(self, params, cfg, level, indices):
+        check_base(cfg)
         cfg.check_level(level)
         indices = [int(j) for j in indices]
         for j in indices:

@@ -153,6 +153,7 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
     temperature 0 is greedy verification and allows any number of drafters; temperature > 0 uses
     the accept/reject rule and needs exactly one drafter. `on_round(info)` sees every round.
     """
+    infer.check_base(cfg)
     check_k(k)
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     verifier = check_node_pair(cfg, verifier, "verifier")
@@ -168,7 +169,9 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
     groups = [Group(params, cfg, level, [j for l, j in nodes if l == level]) for level in levels]
     V = infer.Models(params, cfg, verifier[0], [verifier[1]])
     stats = SpecStats(accepted_by={n: 0 for n in nodes})
-    ids = list(ids)
+    ids = [int(t) for t in ids]
+    if not ids:
+        raise ValueError("speculative decoding needs at least one prompt token")
     n_prompt = len(ids)
 
     def pick(logits):
@@ -177,10 +180,11 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
     def draw(probs):
         return int(rng.choice(len(probs), p=probs)) if sampled else int(onp.argmax(probs))
 
-    start = max(0, len(ids) - context)
-    logits, vcache = infer.prefill(V, onp.asarray(ids[start:])[None])
-    stats.verifier_calls += 1
-    ids.append(draw(pick(logits[0, 0, -1])))
+    start = max(0, len(ids) - context)                          # the first window, as in plain decoding
+    vcache = V.new_cache(1)
+    if len(ids) - start > 1:                                    # cache all but the last token: it is pending
+        infer.extend(V, vcache, onp.asarray(ids[start:-1])[None])
+        stats.verifier_calls += 1
     while len(ids) - n_prompt < max_new_tokens:
         L = vcache.length                                       # window slots [0, L) cached; pending at L
         if L == context:
