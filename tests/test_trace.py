@@ -125,3 +125,5 @@ def test_trace_command_runs_and_refuses_bad_nodes(capsys):
     assert err.count("\n") == 1 and "valid indices are 0..3" in err
     assert main(["trace", "--preset", "tiny", "--split=3"]) == 2
     assert "divisible" in capsys.readouterr().err
+    assert main(["trace", "--preset", "tiny", "--coupling=upstream"]) == 2
+    assert "does not trace coupled or byte models" in capsys.readouterr().err

@@ -178,6 +178,9 @@ def run_trace(args, extra):
         cfg = Config.preset(args.preset).override(**parse_overrides(extra))
         params = init_params(cfg, args.seed)
     cfg.check_node(args.level, args.index)
+    if getattr(cfg, "coupling", "none") != "none" or getattr(cfg, "tokenizer", "bpe") != "bpe":
+        raise ValueError("trace follows the base model's reference forward (model.py); it does not trace "
+                         "coupled or byte models: use coupling=none and tokenizer=bpe")
     tok = Tokenizer.default()
     if tok.vocab_size != cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the config's vocab_size is {cfg.vocab_size}")
