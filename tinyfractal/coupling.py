@@ -22,13 +22,14 @@ Two paths compute the same thing, and a test proves it:
   `forward_tree` / `forward_node`   level-batched: the states of level l are one (N_l,B,T,d_l) array,
                                     so the children's concatenation is a reshape + transpose;
   `forward_nodes_reference`         node by node with model.py's blocks: readable, slow.
-Generation (`generate`) runs the needed nodes with the KV caches of infer.py, one token at a time.
+Generation (`generate`) runs the needed nodes with KV caches (as infer.py does for one node).
 """
 import numpy as onp
 import autograd.numpy as np
 
-from . import fast, infer
-from .model import attention, cross_entropy, dropout, gelu, level_weight_table, mlp, rmsnorm, rope
+from . import fast
+from .model import (attention, cross_entropy, dropout, gelu, level_weight_table, mlp, rmsnorm, rope,
+                    rope_tables)
 from .tree import children, level_view, map_roles, nodes, parent, view
 
 
@@ -252,81 +253,131 @@ def tree_loss_reference(params, cfg, ids, targets, level_weights=None):
     return sum(weights[l] * cross_entropy(logits[(l, j)], targets) for l, j in nodes(cfg))
 
 
-# Generation: the needed nodes with KV caches (infer.py's contiguous weights and cache)
+# Generation: the needed nodes with KV caches
 
 class Runner:
-    """The models node (level, index) needs, one infer.Models per level, ready to decode."""
+    """The models node (level, index) needs, as contiguous float32 copies stacked per level, plus a
+    matmul FLOP counter. Decoding keeps a KV cache per level (`new_caches`)."""
 
     def __init__(self, params, cfg, level, index):
         self.cfg, self.level, self.index = cfg, level, index
         self.ranges = node_ranges(cfg, level, index)
         scale = coupling_scale(params, cfg)
         self.scale = None if scale is None else onp.asarray(scale, dtype=onp.float32)
-        self.models = {m: infer.Models(params, cfg, m, range(lo, hi)) for m, (lo, hi) in self.ranges.items()}
+        # level_view gives strided views, which BLAS would copy on every call: copy once here.
+        self.P = {m: map_roles(lambda a, roles: onp.ascontiguousarray(a, dtype=onp.float32), P)
+                  for m, P in stacked_params(params, cfg, self.ranges).items()}
+        self.flops = 0
 
-    @property
-    def flops(self):
-        """Matmul FLOPs counted so far by all the models this node runs."""
-        return sum(m.flops for m in self.models.values())
+    def linear(self, x, W):
+        """(N,B,T,A) @ (N,A,...) -> (N,B,T,C) as one batched 2-D matmul per model, counting 2*M*K*N FLOPs."""
+        N, B, T, A = x.shape
+        out = onp.matmul(x.reshape(N, B * T, A), W.reshape(N, A, -1))
+        self.flops += 2 * out.size * A
+        return out.reshape(N, B, T, -1)
 
     def new_caches(self, batch=1):
-        return {m: M.new_cache(batch) for m, M in self.models.items()}
+        """{level: {'k': [per layer (N,B,context,K,h)], 'v': [...], 'length': 0}}."""
+        caches = {}
+        for m, (lo, hi) in self.ranges.items():
+            shape = (hi - lo, batch, self.cfg.context, self.cfg.kv_heads, self.cfg.head_width(m))
+            caches[m] = {"k": [onp.zeros(shape, onp.float32) for _ in range(self.cfg.layers)],
+                         "v": [onp.zeros(shape, onp.float32) for _ in range(self.cfg.layers)], "length": 0}
+        return caches
 
 
-def _layer_cached(M, p, x, cache, layer, L, Tn):
-    """infer.extend's layer with the attention and MLP outputs kept apart: -> (new state, their sum)."""
-    sub, (N, B) = M.sub, x.shape[:2]
-    H, K, h = M.H, M.K, M.h
-    qkv = M.linear(rmsnorm(x, p["attn_norm"], sub.eps), p["Wqkv"]).reshape(N, B, Tn, H + 2 * K, h)
-    qk = rope(qkv[:, :, :, :H + K], M.cos[L:L + Tn], M.sin[L:L + Tn])        # positions L..L+Tn-1
-    cache.k[layer][:, :, :, L:L + Tn] = qk[:, :, :, H:].transpose(0, 1, 3, 2, 4)
-    cache.v[layer][:, :, :, L:L + Tn] = qkv[:, :, :, H + K:].transpose(0, 1, 3, 2, 4)
-    a = M.linear(infer.attend(M, qk[:, :, :, :H], cache, layer, L, Tn), p["Wo"])
+def _gain(g):
+    """(N,d) gain -> (N,1,1,d), to broadcast over (N,B,T,d)."""
+    return g[:, None, None, :]
+
+
+def attention_cached(run, x, p, cfg, cache, layer, L):
+    """Attention of Tn new tokens (positions L..L+Tn-1) over the cached keys and their own; stores their
+    keys and values in the cache. (N,B,Tn,d) -> (N,B,Tn,d)."""
+    N, B, Tn, d = x.shape
+    H, K, h = p["Wq"].shape[2], p["Wk"].shape[2], p["Wq"].shape[3]
+    G, S = H // K, L + Tn
+    q = run.linear(x, p["Wq"]).reshape(N, B, Tn, H, h)
+    k = run.linear(x, p["Wk"]).reshape(N, B, Tn, K, h)
+    v = run.linear(x, p["Wv"]).reshape(N, B, Tn, K, h)
+    cos, sin = rope_tables(Tn, h, cfg.rope_theta, L)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    cache["k"][layer][:, :, L:S], cache["v"][layer][:, :, L:S] = k, v
+    keys = cache["k"][layer][:, :, :S].transpose(0, 1, 3, 4, 2)                  # (N,B,K,h,S)
+    values = cache["v"][layer][:, :, :S].transpose(0, 1, 3, 2, 4)                # (N,B,K,S,h)
+    # the G query heads sharing a kv head are stacked on the query axis: one matmul per kv head
+    q = q.reshape(N, B, Tn, K, G, h).transpose(0, 1, 3, 4, 2, 5).reshape(N, B, K, G * Tn, h)
+    scores = onp.matmul(q, keys) * onp.float32(1.0 / onp.sqrt(h))               # (N,B,K,G*Tn,S)
+    run.flops += 2 * scores.size * h
+    visible = onp.arange(S)[None, :] <= L + onp.arange(Tn)[:, None]             # (Tn,S) causal
+    scores = onp.where(onp.tile(visible, (G, 1)), scores, onp.float32(-1e30))
+    weights = onp.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    out = onp.matmul(weights, values)                                           # (N,B,K,G*Tn,h)
+    run.flops += 2 * out.size * S
+    out = out.reshape(N, B, K, G, Tn, h).transpose(0, 1, 4, 2, 3, 5).reshape(N, B, Tn, H * h)
+    return run.linear(out, p["Wo"])
+
+
+def layer_cached(run, x, p, cfg, cache, layer, L):
+    """One layer for new tokens with a KV cache: (N,B,Tn,d) -> (state after it, attention + MLP outputs)."""
+    a = attention_cached(run, rmsnorm(x, _gain(p["attn_norm"]), cfg.eps), p, cfg, cache, layer, L)
     y = x + a
-    gu = M.linear(rmsnorm(y, p["mlp_norm"], sub.eps), p["Wgu"]) + p["bgu"]
-    f = gu.shape[-1] // 2
-    b = M.linear(gelu(gu[..., :f]) * gu[..., f:], p["Wdown"]) + p["bdown"]
+    h = rmsnorm(y, _gain(p["mlp_norm"]), cfg.eps)
+    hidden = gelu(run.linear(h, p["Wgate"]) + p["bgate"][:, None, None, :]) * (
+        run.linear(h, p["Wup"]) + p["bup"][:, None, None, :])
+    b = run.linear(hidden, p["Wdown"]) + p["bdown"][:, None, None, :]
     return y + b, a + b
 
 
-def extend(runner, caches, ids):
+def extend(run, caches, ids):
     """Run Tn new tokens through every needed model, coupled, after the cached ones. ids (B,Tn) -> (B,Tn,V)."""
-    ids = onp.asarray(ids)
-    cfg, models = runner.cfg, runner.models
-    L, Tn = caches[runner.level].length, ids.shape[-1]
+    ids, cfg = onp.asarray(ids), run.cfg
+    L, Tn = caches[run.level]["length"], ids.shape[-1]
     if L + Tn > cfg.context:
         raise ValueError(f"{Tn} new tokens after {L} cached ones exceed the context of {cfg.context}")
-    x = {m: rmsnorm(infer.embed(M, ids), M.emb_norm, cfg.eps) for m, M in models.items()}
+    x = {m: rmsnorm(P["E"][:, ids], _gain(P["emb_norm"]), cfg.eps) for m, P in run.P.items()}   # (N,B,Tn,d)
     for i in range(cfg.layers):
         out, delta = {}, {}
-        for m, M in models.items():
-            out[m], delta[m] = _layer_cached(M, M.layers[i], x[m], caches[m], i, L, Tn)
-        x = couple(cfg, i, runner.scale, out, delta, runner.ranges)
+        for m, P in run.P.items():
+            out[m], delta[m] = layer_cached(run, x[m], P["layers"][i], cfg.sub(m), caches[m], i, L)
+        x = couple(cfg, i, run.scale, out, delta, run.ranges)
     for cache in caches.values():
-        cache.length = L + Tn
-    M = models[runner.level]                                                   # this node alone at its level
-    return M.linear(rmsnorm(x[runner.level], M.final_norm, cfg.eps), M.out_T)[0]
+        cache["length"] = L + Tn
+    P = run.P[run.level]                                                         # this node alone at its level
+    out_emb = rmsnorm(P["E"], P["out_norm"][:, None, :], cfg.eps)               # (1,V,d)
+    return run.linear(rmsnorm(x[run.level], _gain(P["final_norm"]), cfg.eps), out_emb.transpose(0, 2, 1))[0]
 
 
-def prefill(runner, ids, caches=None):
-    """Fresh caches filled with a window of tokens. ids (B,T) -> (logits (B,T,V), caches)."""
+def prefill(run, ids, caches=None):
+    """Fresh (or emptied) caches filled with a window of tokens. ids (B,T) -> (logits (B,T,V), caches)."""
     ids = onp.asarray(ids)
-    caches = caches or runner.new_caches(ids.shape[0])
+    caches = caches or run.new_caches(ids.shape[0])
     for cache in caches.values():
-        cache.rollback(0)
-    return extend(runner, caches, ids), caches
+        cache["length"] = 0
+    return extend(run, caches, ids), caches
 
 
-def decode(runner, ids, max_new_tokens, choose, keep=None, on_logits=None):
-    """Append max_new_tokens tokens to the list `ids`, as infer.decode but through the coupled runner.
+def check_keep(keep, context):
+    """How many tokens a full window slides back to: an integer in [1, context] (None = context)."""
+    if keep is None:
+        return context
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= context:
+        raise ValueError(f"keep must be an integer in [1, context={context}], got {keep!r}")
+    return keep
 
-    choose(logits (V,)) picks a token; on_logits(window_start, logits) sees every distribution. A
-    full window slides: the caches are rebuilt from the last `keep` tokens (default context).
+
+def decode(run, ids, max_new_tokens, choose, keep=None, on_logits=None):
+    """Append max_new_tokens tokens to the list `ids` with KV caches; returns the new tokens.
+
+    choose(logits (V,)) picks a token; on_logits(window_start, logits) sees every distribution. The
+    first window is ids[-context:]; a full window slides, rebuilding the caches from the last `keep`
+    tokens (default context: exactly the window the recompute path sees).
     """
-    context = runner.cfg.context
-    keep = infer.check_keep(keep, context)
+    context = run.cfg.context
+    keep = check_keep(keep, context)
     start = max(0, len(ids) - context)
-    logits, caches = prefill(runner, onp.asarray(ids[start:])[None])
+    logits, caches = prefill(run, onp.asarray(ids[start:])[None])
     new = []
     for n in range(max_new_tokens):
         last = logits[0, -1]
@@ -337,11 +388,11 @@ def decode(runner, ids, max_new_tokens, choose, keep=None, on_logits=None):
         new.append(token)
         if n + 1 == max_new_tokens:
             break
-        if caches[runner.level].length == context:
+        if caches[run.level]["length"] == context:
             start = len(ids) - keep
-            logits, caches = prefill(runner, onp.asarray(ids[start:])[None], caches)
+            logits, caches = prefill(run, onp.asarray(ids[start:])[None], caches)
         else:
-            logits = extend(runner, caches, [[token]])
+            logits = extend(run, caches, [[token]])
     return new
 
 
