@@ -9,7 +9,10 @@ from .tokenizer import Tokenizer
 from .merge import merge, extract
 from .grow import grow
 from .trace import trace_node
+from .speculative import speculative_generate
+from .ensemble import ensemble_logits
 
 __all__ = ["Config", "nodes", "parent", "children", "view", "level_view", "index_mask", "init_params",
            "forward", "count_params", "tree_loss_reference", "forward_level", "tree_loss", "generate",
-           "save", "load", "Tokenizer", "merge", "extract", "grow", "trace_node"]
+           "save", "load", "Tokenizer", "merge", "extract", "grow", "trace_node",
+           "speculative_generate", "ensemble_logits"]

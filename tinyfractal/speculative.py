@@ -182,29 +182,25 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
 
     start = max(0, len(ids) - context)                          # the first window, as in plain decoding
     vcache = V.new_cache(1)
-    if len(ids) - start > 1:                                    # cache all but the last token: it is pending
-        infer.extend(V, vcache, onp.asarray(ids[start:-1])[None])
-        stats.verifier_calls += 1
     while len(ids) - n_prompt < max_new_tokens:
-        L = vcache.length                                       # window slots [0, L) cached; pending at L
-        if L == context:
+        L = len(ids) - 1 - start                                # window slot of the pending token ids[-1]
+        if L == context:                                        # full: slide, as plain decoding does
             start = len(ids) - keep
-            vcache.rollback(0)
-            if keep > 1:
-                infer.extend(V, vcache, onp.asarray(ids[start:-1])[None])
-                stats.verifier_calls += 1
-            for g in groups:
-                g.cache.rollback(0)
-            L = vcache.length
+            L = keep - 1
+            for cache in [vcache] + [g.cache for g in groups]:
+                cache.rollback(0)
         remaining = max_new_tokens - (len(ids) - n_prompt)
         k_eff = min(k, context - 1 - L, remaining - 1)
         pending = ids[-1]
-        if k_eff < 1:
-            logits = infer.extend(V, vcache, [[pending]])
+        if k_eff < 1:                                           # nothing to check: one plain step
+            logits = infer.extend(V, vcache, onp.asarray(ids[start + vcache.length:])[None])
             stats.verifier_calls += 1
             stats.plain_steps += 1
             ids.append(draw(pick(logits[0, 0, -1])))
             continue
+        if vcache.length < L:                                   # the verifier caches all but the pending token
+            infer.extend(V, vcache, onp.asarray(ids[start + vcache.length:-1])[None])
+            stats.verifier_calls += 1
 
         rows, owners, q_rows = [], [], []
         for g in groups:
