@@ -1,0 +1,273 @@
+"""Lesson 5, coupling: the levels talk to each other (upstream and downstream residuals) vs the base model.
+
+Run: python -m tinyfractal.lessons.coupling [--quick] [--out DIR] [--steps N]
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from autograd import value_and_grad
+
+from tinyfractal import Config, Tokenizer, fast, init_params, nodes
+from tinyfractal import coupling as C
+from tinyfractal.checkpoint import atomic_write_json
+from tinyfractal.data import batch_at, load_tokens, train_val_split, unigram_entropy
+from tinyfractal.sample import generate
+from tinyfractal.train import TrainConfig, format_duration, node_key, train
+
+PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou R"
+VARIANTS = ("base", "upstream", "downstream")
+STEPS = 500        # the base lesson trains 1500 steps; three models at 1500 would not fit in ~8 minutes
+
+
+def section(title):
+    print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m tinyfractal.lessons.coupling", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="lesson_output/coupling", help="folder for figures and summary.json")
+    p.add_argument("--quick", action="store_true", help="a few steps only, to check that everything runs")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per variant (default {STEPS}, 6 with --quick)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    return args
+
+
+def configs():
+    """The three variants of 'tiny': same shapes, different links between the levels."""
+    tiny = Config.preset("tiny")
+    return {"base": tiny, "upstream": tiny.override(coupling="upstream"),
+            "downstream": tiny.override(coupling="downstream")}
+
+
+def name(node):
+    return f"({node[0]},{node[1]})"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cfgs = configs()
+    cfg = cfgs["base"]
+    leaf, root = (cfg.levels - 1, 0), (0, 0)
+
+    # %% 1. What flows where
+    section("1. Three ways to run a tree of models")
+    print(f"The 'tiny' preset: levels={cfg.levels}, split={cfg.split}, widths "
+          f"{[cfg.width(l) for l in range(cfg.levels)]}, {cfg.layers} layers.")
+    print("""
+base        every node runs alone. Node (l,j) reads only its own blocks of the shared arrays.
+upstream    after every layer, each parent adds scale[l,i] * (its children's residual states, side by
+            side). Child r fills coordinates [r*d, (r+1)*d) of the parent: the same coordinates its
+            weights own. Leaves receive nothing. To run a node you must run its whole subtree.
+downstream  after every layer, each child (l,k) adds scale[l,i] * (its slice of the parent's state):
+            the parent's coordinates that the child owns. The root receives nothing. To run a node
+            you must run its chain of ancestors.
+scale       coupling_scale, one learnable number per (receiving level, layer), starting at 1.0.""")
+    print(f"\n{'node':>6}  {'base runs':<12} {'upstream runs':<44} downstream runs")
+    for node in (root, (1, 1), (cfg.levels - 1, cfg.n_models(cfg.levels - 1) - 1)):
+        runs = {v: " ".join(name(n) for n in C.needed_nodes(c, *node)) for v, c in cfgs.items()}
+        print(f"{name(node):>6}  {runs['base']:<12} {runs['upstream']:<44} {runs['downstream']}")
+
+    # %% 2. Whole levels at once
+    section("2. The coupling for a whole level is a reshape")
+    tokenizer = Tokenizer.default()
+    ids = np.array([tokenizer.encode(PROMPT)[-12:]])
+    up = cfgs["upstream"]
+    params = init_params(up, args.seed)
+    states, _ = C.run_states(params, up.override(coupling="none"), ids, C.tree_ranges(up))
+    x2, x1 = states[2], states[1]
+    joined = C.concat_children(x2, up.split)
+    by_hand = np.stack([np.concatenate([x2[2 * j], x2[2 * j + 1]], axis=-1) for j in range(2)])
+    print(f"Training keeps the states of one level in one array: level 2 is {x2.shape} (N, B, T, d).")
+    print(f"concat_children: reshape to (2, 2, B, T, 24), move the child axis next to d, reshape:"
+          f" {x2.shape} -> {joined.shape},")
+    print(f"exactly level 1's shape {x1.shape}. Equal to concatenating each pair by hand: "
+          f"{np.array_equal(joined, by_hand)}")
+    pieces = C.split_to_children(x1, up.split)
+    print(f"split_to_children is the inverse: {x1.shape} -> {pieces.shape}; "
+          f"child 3 gets parent 1's second half: {np.array_equal(pieces[3], x1[1][..., 24:])}")
+    zero = cfgs["upstream"].override(coupling_scale_init=0.0)
+    p0 = init_params(zero, args.seed)
+    base_params = {k: v for k, v in p0.items() if k != "coupling_scale"}
+    worst = max(float(np.abs(C.forward_tree(p0, zero, ids)[l] - fast.forward_level(base_params, cfg, l, ids)).max())
+                for l in range(cfg.levels))
+    print(f"With coupling_scale_init=0 the coupled tree IS the base model at step 0: max |logit difference| "
+          f"over all nodes = {worst}")
+
+    # %% 3. What it costs
+    section("3. What it costs: FLOPs")
+    B, T = 16, cfg.context
+    flops_step = {v: C.train_step_flops(c, B, T) for v, c in cfgs.items()}
+    print(f"One training step (batch {B} x {T} tokens, forward + backward ~ 3 x forward) runs the whole tree in")
+    print("every variant; the coupling only adds a multiply and an add per coordinate per layer:")
+    for v in VARIANTS:
+        print(f"  {v:<10} {flops_step[v] / 1e9:8.4f} GFLOP per step  ({flops_step[v] / flops_step['base']:.5f} x base)")
+    print(f"\nRunning ONE node on {T} tokens is where the variants differ (its own logits only):")
+    print(f"{'node':>6} {'width':>5}  " + "  ".join(f"{v:>18}" for v in VARIANTS))
+    run_flops = {}
+    for node in nodes(cfg):
+        run_flops[node] = {v: C.node_run_flops(c, *node, T) for v, c in cfgs.items()}
+        cells = [f"{run_flops[node][v] / 1e6:8.2f} M ({run_flops[node][v] / run_flops[node]['base']:4.2f}x)"
+                 for v in VARIANTS]
+        print(f"{name(node):>6} {cfg.width(node[0]):5d}  " + "  ".join(f"{c:>18}" for c in cells))
+    counted = C.Runner(init_params(cfgs["downstream"], 0), cfgs["downstream"], *leaf)
+    C.prefill(counted, ids[:, :1].repeat(T, axis=1))
+    adds = sum(C.coupling_flops(cfgs["downstream"], m, T) for m, _ in C.needed_nodes(cfgs["downstream"], *leaf))
+    print(f"Check: the runner counted {counted.flops:,} matmul FLOPs for leaf {name(leaf)} under downstream;"
+          f" the formula says {run_flops[leaf]['downstream'] - adds:,} (+ {adds:,} for the coupling adds).")
+    print("Upstream makes the root cost its whole subtree; downstream makes every leaf pay for its\n"
+          "ancestors, the root included, so a leaf is no longer the cheap model to run.")
+
+    # %% 4. Train the three
+    section("4. Training base, upstream and downstream: same seed, same batches, same steps")
+    steps = args.steps or (6 if args.quick else STEPS)
+    batch = 8 if args.quick else 16
+    tc = TrainConfig(steps=steps, batch_size=batch, lr=3e-3, min_lr=3e-4, warmup=min(50, steps // 10),
+                     eval_interval=max(1, steps // 10), eval_batches=1 if args.quick else 8,
+                     log_interval=max(1, steps // 5), seed=args.seed)
+    if not args.quick and steps < 1500:
+        print(f"{steps} steps per variant (the base lesson trains 1500; three runs of 1500 would take too long).")
+    print(f"Settings: {tc}")
+    train_tokens, val_tokens = train_val_split(load_tokens(tokenizer))
+    trained, metrics, seconds = {}, {}, {}
+    for v in VARIANTS:
+        print(f"\n--- {v} ---")
+        trained[v] = init_params(cfgs[v], args.seed)
+        t0 = time.perf_counter()
+        _, metrics[v] = train(trained[v], cfgs[v], tc, train_tokens, val_tokens)
+        seconds[v] = time.perf_counter() - t0
+        print(f"{v}: {steps} steps in {format_duration(seconds[v])} (evaluations included)")
+
+    # %% 5. Per-node validation loss
+    section("5. Validation loss of every node, side by side")
+    entropy = unigram_entropy(train_tokens, cfg.vocab_size)
+    print(f"After {steps} steps; unigram entropy {entropy:.3f} nats. Lower is better.")
+    print(f"{'node':>6} {'width':>5} " + " ".join(f"{v:>10}" for v in VARIANTS) + "   up-base  down-base")
+    final = {v: {node: metrics[v]["val"][node_key(node)][-1] for node in nodes(cfg)} for v in VARIANTS}
+    for node in nodes(cfg):
+        row = [final[v][node] for v in VARIANTS]
+        print(f"{name(node):>6} {cfg.width(node[0]):5d} " + " ".join(f"{x:10.4f}" for x in row)
+              + f"   {row[1] - row[0]:+7.4f}  {row[2] - row[0]:+9.4f}")
+    for level in range(cfg.levels):
+        means = [np.mean([final[v][(level, j)] for j in range(cfg.n_models(level))]) for v in VARIANTS]
+        print(f"{'level ' + str(level):>12} " + " ".join(f"{x:10.4f}" for x in means) + "   (mean)")
+    print("\nThe learned coupling scales (rows: receiving level, columns: layer):")
+    for v in ("upstream", "downstream"):
+        print(f"  {v:<10} " + "  ".join("[" + " ".join(f"{x:+.3f}" for x in row) + "]"
+                                        for row in np.asarray(trained[v]["coupling_scale"])))
+    print("Upstream leaves are untouched (row 2 unused) and the downstream root is untouched (row 0 unused):\n"
+          "those scales get no gradient and stay at 1.")
+
+    # %% 6. Samples
+    section("6. A sample from a leaf and from the root under each")
+    samples = {}
+    n_new = 12 if args.quick else 60
+    for v in VARIANTS:
+        for node in (leaf, root):
+            text = generate(trained[v], cfgs[v], tokenizer, PROMPT, level=node[0], index=node[1],
+                            max_new_tokens=n_new, temperature=0.8, top_k=40, seed=args.seed)
+            samples[f"{v} {node_key(node)}"] = text
+            print(f"--- {v}, node {name(node)} (width {cfg.width(node[0])}) ---\n{text[len(PROMPT):]!r}\n")
+
+    # %% 7. Step time
+    section("7. Training step time relative to base (measured side by side)")
+    step_time = time_steps(cfgs, trained, train_tokens, batch, args.seed, repeats=1 if args.quick else 5)
+    in_training = {v: seconds[v] / steps for v in VARIANTS}
+    print(f"{'variant':<11} {'step (median)':>14} {'x base':>7}   {'in training*':>12} {'x base':>7}")
+    for v in VARIANTS:
+        print(f"{v:<11} {step_time[v] * 1000:11.1f} ms {step_time[v] / step_time['base']:7.3f}   "
+              f"{in_training[v] * 1000:9.1f} ms {in_training[v] / in_training['base']:7.3f}")
+    print("* wall time of the training run per step, evaluations included; on a shared machine the\n"
+          "  side-by-side median (one step of each variant in turn, same batch) is the fairer number.\n"
+          "The FLOPs per step are the same (section 3), so any difference comes from the reshapes and\n"
+          "adds between levels, and from running the levels layer by layer together instead of one\n"
+          "after another; a ratio within a few percent of 1 is noise on a shared machine.")
+
+    # %% 8. Figures
+    section("8. Figures")
+    for f in save_figures(cfg, metrics, final, run_flops, out):
+        print(f"saved {f}")
+    atomic_write_json(out / "summary.json", {
+        "steps": steps, "batch_size": batch, "train_seconds": seconds, "unigram_entropy": entropy,
+        "val": {v: {node_key(n): x for n, x in final[v].items()} for v in VARIANTS},
+        "step_seconds_median": step_time, "step_seconds_in_training": in_training,
+        "train_step_flops": flops_step,
+        "node_run_flops": {node_key(n): f for n, f in run_flops.items()},
+        "coupling_scale": {v: np.asarray(trained[v]["coupling_scale"]).tolist() for v in ("upstream", "downstream")},
+        "samples": samples})
+    print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
+    return 0
+
+
+def time_steps(cfgs, trained, tokens, batch, seed, repeats):
+    """Median seconds of one value-and-gradient step per variant, the variants taking turns."""
+    ids, targets = batch_at(tokens, batch, cfgs["base"].context, seed, 0)
+    steps = {}
+    for v, c in cfgs.items():
+        loss = fast.tree_loss if c.coupling == "none" else C.tree_loss
+        steps[v] = value_and_grad(lambda p, c=c, loss=loss: loss(p, c, ids, targets))
+        steps[v](trained[v])                                                  # warm up
+    times = {v: [] for v in cfgs}
+    for _ in range(repeats):
+        for v in cfgs:
+            t0 = time.perf_counter()
+            steps[v](trained[v])
+            times[v].append(time.perf_counter() - t0)
+    return {v: float(np.median(t)) for v, t in times.items()}
+
+
+def save_figures(cfg, metrics, final, run_flops, out):
+    """Val loss per level over training for the three variants; final per-node loss; FLOPs to run a node."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths, colors = [], {"base": "#444444", "upstream": "#d95f02", "downstream": "#1b9e77"}
+    fig, axes = plt.subplots(1, cfg.levels, figsize=(4 * cfg.levels, 3.8), sharey=True)
+    for level, ax in enumerate(axes):
+        for v in VARIANTS:
+            curve = np.mean([metrics[v]["val"][node_key((level, j))] for j in range(cfg.n_models(level))], axis=0)
+            ax.plot(metrics[v]["eval_step"], curve, color=colors[v], label=v)
+        ax.set_title(f"level {level} (width {cfg.width(level)}), mean of {cfg.n_models(level)}")
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("val loss (nats/token)")
+    axes[0].legend()
+    fig.tight_layout()
+    paths.append(out / "loss_curves.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    all_nodes = nodes(cfg)
+    x = np.arange(len(all_nodes))
+    for fname, values, ylabel, title in (
+            ("node_val_loss.png", {v: [final[v][n] for n in all_nodes] for v in VARIANTS},
+             "val loss (nats/token)", "Final validation loss of every node"),
+            ("node_run_flops.png", {v: [run_flops[n][v] / 1e6 for n in all_nodes] for v in VARIANTS},
+             "MFLOP for one sequence", f"FLOPs to run one node on {cfg.context} tokens")):
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        for k, v in enumerate(VARIANTS):
+            ax.bar(x + (k - 1) * 0.27, values[v], width=0.27, color=colors[v], label=v)
+        ax.set_xticks(x, [name(n) for n in all_nodes])
+        ax.set_xlabel("node (level, index)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if fname == "node_val_loss.png":
+            low = min(min(vals) for vals in values.values())
+            ax.set_ylim(bottom=max(0.0, low - 0.3))
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / fname)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
