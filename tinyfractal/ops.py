@@ -96,14 +96,15 @@ _pool_lock = threading.Lock()
 def parallel_map(fn, pieces):
     """[fn(p) for p in pieces], on THREADS worker threads while BLAS runs one thread per call.
 
-    Why: attention is hundreds of small matmuls (T·G x h x T) and elementwise passes. OpenBLAS
-    wakes both its threads for every small matmul, and on a busy machine that handoff costs more
-    than the math (measured 5-10x slower than one thread). NumPy releases the GIL inside its
-    loops, so two Python threads, each running whole chunks with single-threaded BLAS, keep both
-    cores busy and each chunk's score tiles stay in cache.
+    Why: OpenBLAS wakes its own threads for every matmul and makes them spin at a barrier. For the
+    hundreds of small matmuls of attention that handoff costs more than the math, and on a machine
+    shared with other processes a descheduled BLAS thread stalls the others: we measured 5-50x
+    slowdowns against one thread. NumPy releases the GIL inside its loops and BLAS calls, so our own
+    THREADS Python threads, each running whole chunks with single-threaded BLAS, keep every core
+    busy, degrade gracefully when the machine is busy, and keep each chunk's tiles in cache.
     """
     global _pool
-    if THREADS <= 1 or len(pieces) <= 1:
+    if THREADS <= 1:
         return [fn(p) for p in pieces]
     with _pool_lock:
         if _pool is None:
@@ -112,9 +113,32 @@ def parallel_map(fn, pieces):
         before = getter()
         setter(1)
         try:
+            if len(pieces) == 1:
+                return [fn(pieces[0])]
             return list(_pool.map(fn, pieces))
         finally:
             setter(before)
+
+
+def batched_matmul(a, b):
+    """(N,m,k) @ (N,k,n) -> (N,m,n), split over THREADS threads (see parallel_map).
+
+    The split runs along models when there are enough of them, else along the rows of each model,
+    so every thread gets one large single-threaded matmul.
+    """
+    N, m, n = a.shape[0], a.shape[1], b.shape[2]
+    out = onp.empty((N, m, n), dtype=onp.result_type(a, b))
+    if N >= THREADS:
+        pieces = [(slice(N * i // THREADS, N * (i + 1) // THREADS), slice(None)) for i in range(THREADS)]
+    else:
+        pieces = [(slice(j, j + 1), slice(m * i // THREADS, m * (i + 1) // THREADS))
+                  for j in range(N) for i in range(THREADS)]
+
+    def piece(p):
+        models, rows = p
+        onp.matmul(a[models, rows], b[models], out=out[models, rows])
+    parallel_map(piece, [p for p in pieces if p[0].stop > p[0].start])
+    return out
 
 
 def _chunks(n, cost_each, target=1 << 18):
@@ -173,7 +197,7 @@ def _record_split(wall, busy):
 def linear(x, W, b=None):
     """x·W + b for every model. x (N,M,A), W (N,A,O), b (N,O) or None -> (N,M,O)."""
     with _clock("matmul: weights"):
-        y = onp.matmul(x, W)
+        y = batched_matmul(x, W)
         if b is not None:
             y += b[:, None, :]
     return y
@@ -183,10 +207,11 @@ def _linear_vjp(argnums, ans, args, kwargs):
     x, W = args[0], args[1]
 
     def vjp(g):
-        # dx = g·Wᵀ, dW = xᵀ·g, db = sum of g over rows
+        # dx = g·Wᵀ, dW = xᵀ·g (threads split W's rows, so none of them sums into another's entries),
+        # db = Σ_rows g
         with _clock("matmul: weights"):
-            grads = {0: lambda: onp.matmul(g, onp.swapaxes(W, 1, 2)),
-                     1: lambda: onp.matmul(onp.swapaxes(x, 1, 2), g),
+            grads = {0: lambda: batched_matmul(g, onp.swapaxes(W, 1, 2)),
+                     1: lambda: batched_matmul(onp.swapaxes(x, 1, 2), g),
                      2: lambda: g.sum(axis=1)}
             return tuple(grads[i]() for i in argnums)
     return vjp
@@ -277,7 +302,7 @@ def _embedding_vjp(ans, E, ids):
             flat = onp.asarray(ids).reshape(-1)
             onehot = onp.zeros((flat.size, V), dtype=g.dtype)
             onehot[onp.arange(flat.size), flat] = 1.0
-            return onp.matmul(onehot.T, g.reshape(N, flat.size, d))
+            return batched_matmul(onp.broadcast_to(onehot.T, (N, V, flat.size)), g.reshape(N, flat.size, d))
     return vjp
 
 
