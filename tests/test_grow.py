@@ -87,6 +87,15 @@ def test_grow_new_blocks_learn():
     assert root["final_val"]["1.0"] == root["val_at_merge"]["1.0"]
 
 
+def test_step_flops_of_all_levels_is_the_joint_training_step():
+    """step_flops over every level equals coupling.train_step_flops of the uncoupled tree (one count of the
+    cost of a step, used by both the grown and the joint budget), and the root alone costs less."""
+    from tinyfractal.coupling import train_step_flops
+    for cfg in (SMALL, Config.preset("tiny"), Config.preset("sierpinski")):
+        assert step_flops(cfg, 5, levels=range(cfg.levels)) == train_step_flops(cfg, 5, cfg.context)
+        assert step_flops(cfg, 5) < step_flops(cfg, 5, levels=range(cfg.levels))
+
+
 def test_stage_steps_and_parse_steps():
     """Steps are one count for all stages or one per stage, leaves first; anything else is a ValueError."""
     assert stage_steps(5, 3) == [5, 5, 5]

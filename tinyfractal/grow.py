@@ -77,7 +77,8 @@ def check_growable(cfg):
         raise ValueError(f"grow trains on the BPE corpus; got tokenizer={cfg.tokenizer!r}, allowed: 'bpe'")
 
 
-def grow(cfg, tc, steps, tokens=None, off_diagonal="zero", scale=0.1, out=None, log=print, on_stage=None):
+def grow(cfg, tc, steps, tokens=None, off_diagonal="zero", scale=0.1, out=None, log=print, on_stage=None,
+         on_merge=None):
     """Build a model of config `cfg` by growing (see the module docstring). Returns (params, stages).
 
     stages[t] describes stage t (0 = the leaves), one record per model it trained: its node in the
@@ -86,7 +87,8 @@ def grow(cfg, tc, steps, tokens=None, off_diagonal="zero", scale=0.1, out=None, 
     exact), the per-node val losses at the moment of merging, and whether the children are still
     bit for bit what they were after the training. With `out`, each stage is written to
     out/stage{t}.json as it ends and the final model to `out` with checkpoint.save.
-    `on_stage(t, record, params, cfg_t)` is called after each model of each stage.
+    `on_stage(t, record, params, cfg_t)` is called after each model of each stage is trained, and
+    `on_merge(t, record, params, cfg_t)` after each merge, before its training.
     """
     check_growable(cfg)
     if off_diagonal not in OFF_DIAGONAL:
@@ -135,6 +137,8 @@ def grow(cfg, tc, steps, tokens=None, off_diagonal="zero", scale=0.1, out=None, 
                 log(prefix + f"merged {[f'({level + 1},{g * s + r})' for r in range(s)]}: children's logits "
                     f"max abs diff {max(record['logit_max_abs_diff'])}; val at merge: parent "
                     f"{at_merge[(0, 0)]:.4f}, children " + ", ".join(f"{at_merge[(1, r)]:.4f}" for r in range(s)))
+                if on_merge:
+                    on_merge(t, record, params, model_cfg)
             wall, cpu = time.perf_counter(), time.process_time()
             _, metrics = train(params, model_cfg, tc_g, train_tokens, val_tokens, trainable=trainable,
                                loss_fn=loss_fn, log=lambda msg: log(prefix + msg))

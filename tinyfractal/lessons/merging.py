@@ -3,6 +3,7 @@
 Run: python -m tinyfractal.lessons.merging [--quick] [--out DIR] [--steps-per-stage A,B,C] [--joint-steps N]
 """
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from tinyfractal import Config, Tokenizer
 from tinyfractal.checkpoint import atomic_write_json
 from tinyfractal.data import batch_at, load_tokens
 from tinyfractal.grow import chunk_data, grow, parse_steps, step_flops, union
-from tinyfractal.merge import merge
+from tinyfractal.merge import merge, root_loss
 from tinyfractal.model import cross_entropy, forward, init_params, rmsnorm, rope, rope_tables, softmax
 from tinyfractal.train import TrainConfig, evaluate, format_duration, node_key, train
 from tinyfractal.tree import nodes
@@ -55,7 +56,7 @@ def main(argv=None):
     steps = parse_steps(args.steps_per_stage or (QUICK_STEPS if args.quick else FULL_STEPS), cfg.levels)
     joint_steps = args.joint_steps or (QUICK_JOINT if args.quick else FULL_JOINT)
     tc = TrainConfig(batch_size=4 if args.quick else 16, eval_interval=1 if args.quick else 50,
-                     eval_batches=1 if args.quick else 4, log_interval=100, seed=args.seed,
+                     eval_batches=1 if args.quick else 4, log_interval=200, seed=args.seed,
                      warmup=0 if args.quick else 50)
     L, s = cfg.levels, cfg.split
     print(f"Config: {cfg}")
@@ -89,32 +90,40 @@ def main(argv=None):
     section("2. Growing, stage by stage")
     leaves = {}
 
-    def report(t, record, params, model_cfg):
+    def merged(t, record, params, model_cfg):
         level, g = record["node"]
-        if t == 0:
-            leaves[g] = params
-            print(f"  leaf ({level},{g}) trained on chunk {g}: val loss {record['final_val']['0.0']:.4f} "
-                  f"({format_duration(record['seconds'])})")
-            return
         kids = ", ".join(f"({level + 1},{s * g + r})" for r in range(s))
         at = record["val_at_merge"]
-        print(f"\n  merged {kids} -> ({level},{g}), trained on chunks {record['chunks'][0]}..{record['chunks'][1] - 1}:")
+        print(f"\n  merged {kids} -> ({level},{g}), width {model_cfg.hidden}; it trains on chunks "
+              f"{record['chunks'][0]}..{record['chunks'][1] - 1}")
         print("    each child still gives exactly its standalone logits: max abs diff = " +
               ", ".join(str(d) for d in record["logit_max_abs_diff"]))
         print(f"    val loss at the moment of merging: parent {at['0.0']:.4f}   children " +
               "  ".join(f"{at[f'1.{r}']:.4f}" for r in range(s)))
+
+    def trained(t, record, params, model_cfg):
+        level, g = record["node"]
+        if t == 0:
+            leaves[g] = params
+            print(f"  leaf ({level},{g}) trained on chunk {g}: val loss {record['final_val']['0.0']:.4f} "
+                  f"on its own chunk ({format_duration(record['seconds'])})")
+            return
         print(f"    after {record['steps']} steps on the {record['new_entries']:,} new entries: parent "
               f"{record['final_val']['0.0']:.4f}   children " +
               "  ".join(f"{record['final_val'][f'1.{r}']:.4f}" for r in range(s)) +
               f"   (children bit for bit unchanged: {record['children_unchanged']})")
 
-    quiet = (lambda msg: None) if args.quick else (lambda msg: print("    " + msg) if "step " in msg and
-                                                   "/" in msg and " 1/" not in msg else None)
-    grown, stages = grow(cfg, tc, steps, tokens=tokens, out=out / "grown", log=quiet, on_stage=report)
-    grow_flops = sum(r["train_flops"] for st in stages for r in st)
-    grow_seconds = sum(r["seconds"] for st in stages for r in st)
-    grow_cpu = sum(r["cpu_seconds"] for st in stages for r in st)
-    grow_steps = sum(r["steps"] for st in stages for r in st)
+    def progress(msg):
+        """Training progress, without the first-step lines (the stage headers say what starts)."""
+        if not args.quick and "step" in msg and not re.search(r"step\s+1/", msg):
+            print("    " + msg)
+    grown, stages = grow(cfg, tc, steps, tokens=tokens, out=out / "grown", log=progress, on_stage=trained,
+                         on_merge=merged)
+    budgets = {"grown": {"optimizer steps": sum(r["steps"] for st in stages for r in st),
+                         "parallel steps": sum(steps),
+                         "flops": sum(r["train_flops"] for st in stages for r in st),
+                         "cpu": sum(r["cpu_seconds"] for st in stages for r in st),
+                         "wall": sum(r["seconds"] for st in stages for r in st)}}
 
     # %% 3. Why the parent does not start as its children
     section("3. Why a parent does not start as the sum of its children")
@@ -125,7 +134,6 @@ def main(argv=None):
     print("Its off-diagonal blocks are zero, so the children's numbers never mix through a weight. Yet:")
     ids, targets = batch_at(union(chunks, 0, s)[1], tc.batch_size, cfg.context, 99, 0)
     demo = coupling_demo(parent, pcfg, first, child_cfg, ids, targets)
-    atomic_write_json(out / "coupling_demo.json", demo)
 
     # %% 4. Figure: how the parent's loss falls
     section("4. How the parent's loss falls while only the new blocks train")
@@ -138,45 +146,56 @@ def main(argv=None):
                   f" -> {v[0]:.4f} after {r['metrics']['eval_step'][0]} steps -> {v[-1]:.4f} after {r['steps']}; "
                   f"best child {min(r['val_at_merge'][f'1.{c}'] for c in range(s)):.4f}")
 
-    # %% 5. The same tree trained jointly
-    section("5. The same tree trained jointly (lesson 1's way), on the same data")
-    joint = init_params(cfg, args.seed)
-    tc_joint = TrainConfig(**{**tc.__dict__, "steps": joint_steps})
-    wall, cpu = time.perf_counter(), time.process_time()
-    _, joint_metrics = train(joint, cfg, tc_joint, train_all, val_all,
-                             log=(lambda msg: None) if args.quick else (lambda msg: print("    " + msg)))
-    joint_seconds, joint_cpu = time.perf_counter() - wall, time.process_time() - cpu
-    joint_flops = costs["joint: all seven nodes"] * joint_steps
-    print(f"\nBudgets (training only; evaluation not counted):")
-    print(f"  {'':<8} {'optimizer steps':>15} {'parallel steps':>14} {'GFLOP':>8} {'CPU s':>7} {'wall s':>7}")
-    print(f"  {'grown':<8} {grow_steps:15d} {sum(steps):14d} {grow_flops / 1e9:8.0f} {grow_cpu:7.0f} "
-          f"{grow_seconds:7.0f}")
-    print(f"  {'joint':<8} {joint_steps:15d} {joint_steps:14d} {joint_flops / 1e9:8.0f} {joint_cpu:7.0f} "
-          f"{joint_seconds:7.0f}")
-    print("  (optimizer steps: every model's steps added up; parallel steps: the models of one stage are\n"
-          "   independent, so with enough cores a stage takes as long as one of them.)")
+    # %% 5. The same tree trained jointly, and the root alone from scratch
+    section("5. Baselines at the same compute: the tree trained jointly, and the root alone")
+    joint_steps_flops = step_flops(cfg, tc.batch_size, levels=range(L))
+    root_steps_flops = step_flops(cfg, tc.batch_size)
+    alone_steps = max(1, round(joint_steps * joint_steps_flops / root_steps_flops))
+    print(f"joint: lesson 1's training (mean loss of all {cfg.n_nodes} nodes), {joint_steps} steps.")
+    print(f"alone: the root trained from scratch with its own loss only (what model-growth papers compare\n"
+          f"       with), {alone_steps} steps: the same FLOPs, as its step is cheaper.")
+    print("Both read the same data as the grown root: the union of the chunks' train parts.")
+    runs, metrics = {"grown": grown}, {}
+    for name, n, loss_fn in (("joint", joint_steps, None), ("alone", alone_steps, root_loss)):
+        params = init_params(cfg, args.seed)
+        wall, cpu = time.perf_counter(), time.process_time()
+        _, metrics[name] = train(params, cfg, TrainConfig(**{**tc.__dict__, "steps": n}), train_all, val_all,
+                                 loss_fn=loss_fn, log=progress)
+        budgets[name] = {"optimizer steps": n, "parallel steps": n,
+                         "flops": n * (joint_steps_flops if loss_fn is None else root_steps_flops),
+                         "cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall}
+        runs[name] = params
+    print("\nBudgets (training only; evaluation not counted):")
+    print(f"  {'':<6} {'optimizer steps':>15} {'parallel steps':>14} {'GFLOP':>7} {'CPU s':>6} {'wall s':>6}")
+    for name, b in budgets.items():
+        print(f"  {name:<6} {b['optimizer steps']:15d} {b['parallel steps']:14d} {b['flops'] / 1e9:7.0f} "
+              f"{b['cpu']:6.0f} {b['wall']:6.0f}")
+    print("  optimizer steps: every model's steps added up; parallel steps: the models of a stage are\n"
+          "  independent, so with enough cores a stage takes as long as one of them. Equal steps and equal\n"
+          "  FLOPs cannot both hold: a joint step runs all seven models, a grown step one.")
     batches = 2 if args.quick else 16
-    grown_val = evaluate(grown, cfg, val_all, tc.batch_size, batches)
-    joint_val = evaluate(joint, cfg, val_all, tc.batch_size, batches)
+    val = {name: evaluate(params, cfg, val_all, tc.batch_size, batches) for name, params in runs.items()}
     print(f"\nPer-node val loss on the same {batches} batches of the union of the chunks' val parts:")
-    print(f"  {'node':>7} {'width':>5} {'grown':>8} {'joint':>8} {'grown - joint':>14}")
+    print(f"  {'node':>6} {'width':>5} {'grown':>8} {'joint':>8} {'alone':>8} {'grown - joint':>14}")
     for node in nodes(cfg):
-        print(f"  {str(node).replace(' ', ''):>7} {cfg.width(node[0]):5d} {grown_val[node]:8.4f} "
-              f"{joint_val[node]:8.4f} {grown_val[node] - joint_val[node]:+14.4f}")
+        print(f"  {str(node).replace(' ', ''):>6} {cfg.width(node[0]):5d} {val['grown'][node]:8.4f} "
+              f"{val['joint'][node]:8.4f} {val['alone'][node]:8.4f} {val['grown'][node] - val['joint'][node]:+14.4f}")
+    print("  The 'alone' model's sub-models were never trained: only a FractalFormer trained as a tree\n"
+          "  (jointly or by growing) gives useful models at every node.")
 
     # %% 6. How much compute does growing save?
     section("6. How much compute does growing save?")
-    summary = compare_to_joint(stages, joint_metrics, costs, joint_flops, steps)
-    figures.append(plot_root_vs_flops(stages, joint_metrics, costs, out / "root_vs_flops.png"))
+    reach = {name: steps_to_reach(stages, metrics[name], budgets[name]["flops"], name) for name in ("joint", "alone")}
+    print("\nModel-growth papers, which warm-start a large model from smaller trained ones and then train ALL\n"
+          "of it, report 45-50% of the compute saved at equal loss. Here the children stay frozen, so the\n"
+          "parent learns only through its off-diagonal blocks; the percentages above are what that gives.")
+    figures.append(plot_root_vs_flops(stages, metrics, budgets, out / "root_vs_flops.png"))
     print(f"saved {figures[-1]}")
     atomic_write_json(out / "summary.json", {
-        "config": cfg.to_dict(), "steps_per_stage": steps, "joint_steps": joint_steps,
-        "grown": {"val": {node_key(n): v for n, v in grown_val.items()}, "flops": grow_flops,
-                  "optimizer_steps": grow_steps, "cpu_seconds": grow_cpu, "seconds": grow_seconds},
-        "joint": {"val": {node_key(n): v for n, v in joint_val.items()}, "flops": joint_flops,
-                  "cpu_seconds": joint_cpu, "seconds": joint_seconds,
-                  "root_val_curve": [joint_metrics["eval_step"], joint_metrics["val"]["0.0"]]},
-        "reach": summary, "coupling_demo": demo})
+        "config": cfg.to_dict(), "steps_per_stage": steps, "joint_steps": joint_steps, "alone_steps": alone_steps,
+        "budgets": budgets, "val": {name: {node_key(n): v for n, v in losses.items()} for name, losses in val.items()},
+        "root_val_curves": {name: [m["eval_step"], m["val"]["0.0"]] for name, m in metrics.items()},
+        "reach": reach, "coupling_demo": demo})
     print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
     return 0
 
@@ -259,44 +278,34 @@ def coupling_demo(parent, pcfg, children, child_cfg, ids, targets):
             "losses": losses}
 
 
-def compare_to_joint(stages, joint_metrics, costs, joint_flops, steps):
-    """Steps and FLOPs the grown root needs to reach the joint root's final val loss (section 6)."""
+def steps_to_reach(stages, baseline, baseline_flops, name):
+    """Root steps and FLOPs the grown root needs to reach a baseline root's final val loss (section 6),
+    and the baseline's steps to reach the grown root's final val loss. Curves are read at every eval."""
     root = stages[-1][0]
-    target = joint_metrics["val"]["0.0"][-1]
+    target = baseline["val"]["0.0"][-1]
     before = sum(r["train_flops"] for st in stages[:-1] for r in st)
-    root_step = root["step_flops"]
     curve = list(zip(root["metrics"]["eval_step"], root["metrics"]["val"]["0.0"]))
-    print(f"Target: the joint root's final val loss {target:.4f} (after {joint_metrics['eval_step'][-1]} steps, "
-          f"{joint_flops / 1e9:.0f} GFLOP).")
-    print(f"The grown root starts its stage after {before / 1e9:.0f} GFLOP of leaves and level-1 merges.")
+    print(f"\nTarget: the {name} root's final val loss {target:.4f} ({baseline['eval_step'][-1]} steps, "
+          f"{baseline_flops / 1e9:.0f} GFLOP). The grown root's stage starts after {before / 1e9:.0f} GFLOP.")
     hit = next(((step, v) for step, v in curve if v <= target), None)
-    result = {"target": target, "before_root_flops": before, "joint_flops": joint_flops}
+    result = {"target": target, "before_root_flops": before, "baseline_flops": baseline_flops}
     if hit is None:
         best_step, best = min(curve, key=lambda c: c[1])
-        spent = before + root_step * root["steps"]
-        print(f"The grown root does NOT reach it within its {root['steps']} steps: best val {best:.4f} at step "
-              f"{best_step} ({best - target:+.4f} from the target), after {spent / 1e9:.0f} GFLOP in all.")
-        result.update(reached=False, best=best, best_step=best_step, spent_flops=spent)
+        print(f"  The grown root does NOT reach it in {root['steps']} steps: best {best:.4f} at step {best_step}.")
+        result.update(reached=False, best=best, best_step=best_step)
     else:
         step, v = hit
-        spent = before + root_step * step
-        saving = 1 - spent / joint_flops
-        print(f"The grown root reaches it at root step {step} (val {v:.4f}), after {spent / 1e9:.0f} GFLOP "
-              f"in all: {saving:+.0%} compute saved against the joint run.")
-        result.update(reached=True, root_step=step, spent_flops=spent, saving=saving)
-    joint_curve = list(zip(joint_metrics["eval_step"], joint_metrics["val"]["0.0"]))
+        spent = before + root["step_flops"] * step
+        result.update(reached=True, root_step=step, spent_flops=spent, saving=1 - spent / baseline_flops)
+        print(f"  The grown root reaches it at root step {step} (val {v:.4f}; evals every "
+              f"{curve[1][0] - curve[0][0] if len(curve) > 1 else step} steps), after {spent / 1e9:.0f} GFLOP in all: "
+              f"{result['saving']:.0%} of the {name} run's compute saved.")
     grown_final = root["final_val"]["0.0"]
-    back = next((step for step, v in joint_curve if v <= grown_final), None)
-    if back is None:
-        print(f"The other way round: the joint root never reaches the grown root's final {grown_final:.4f} "
-              f"within its {joint_curve[-1][0]} steps.")
-    else:
-        print(f"The other way round: the joint root first reaches the grown root's final {grown_final:.4f} at "
-              f"step {back}, after {back * joint_flops / joint_curve[-1][0] / 1e9:.0f} GFLOP.")
-    result["joint_step_to_grown_final"] = back
-    print("Model-growth papers (warm-starting a large model from smaller trained ones) report 45-50% of the")
-    print("compute saved at equal loss. Those grow the large model and then train ALL of it; here the")
-    print("children stay frozen, so the parent can only learn through its off-diagonal blocks.")
+    back = next((step for step, v in zip(baseline["eval_step"], baseline["val"]["0.0"]) if v <= grown_final), None)
+    print(f"  The other way round: the {name} root " + (
+        f"never reaches the grown root's final {grown_final:.4f} in its {baseline['eval_step'][-1]} steps."
+        if back is None else f"reaches the grown root's final {grown_final:.4f} at step {back}."))
+    result["baseline_step_to_grown_final"] = back
     return result
 
 
@@ -325,20 +334,22 @@ def plot_parent_losses(stages, path):
     return path
 
 
-def plot_root_vs_flops(stages, joint_metrics, costs, path):
-    """Root val loss against cumulative training FLOPs: grown (root stage only) and joint."""
+def plot_root_vs_flops(stages, metrics, budgets, path):
+    """Root val loss against training FLOPs spent so far: grown (its root stage) and the baselines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     root = stages[-1][0]
     before = sum(r["train_flops"] for st in stages[:-1] for r in st)
-    joint_step = costs["joint: all seven nodes"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot([(before + root["step_flops"] * s) / 1e9 for s in [0] + root["metrics"]["eval_step"]],
             [root["val_at_merge"]["0.0"]] + root["metrics"]["val"]["0.0"], "o-", ms=3, label="grown root")
-    ax.plot([joint_step * s / 1e9 for s in joint_metrics["eval_step"]], joint_metrics["val"]["0.0"], "s-", ms=3,
-            label="joint root")
+    for (name, m), marker in zip(metrics.items(), "s^"):
+        per_step = budgets[name]["flops"] / budgets[name]["optimizer steps"]
+        ax.plot([per_step * s / 1e9 for s in m["eval_step"]], m["val"]["0.0"], marker + "-", ms=3,
+                label=f"{name} root")
     ax.axvline(before / 1e9, ls=":", color="gray", label="leaves + level-1 merges done")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 4.5))
     ax.set_xlabel("training GFLOP spent (matmuls, 3x forward)")
     ax.set_ylabel("root val loss (nats/token)")
     ax.set_title("The root's loss against the compute spent to get it")
