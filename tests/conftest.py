@@ -2,19 +2,20 @@
 
 HYPOTHESIS_PROFILE=thorough runs many more examples than the default profile that CI uses (the law
 tests, tests/test_laws_*.py, take ten times their default counts; see strategies.examples).
-HYPOTHESIS_PROFILE=mutants is the default profile made repeatable (fixed seed, no example database),
-for tests/mutants.py, which sets TINYFRACTAL_MUTANT=name to run the suite against a broken engine.
+HYPOTHESIS_PROFILE=mutants is the default profile made repeatable (fixed seed, no example database, no
+shrinking), for tests/mutants.py, which sets TINYFRACTAL_MUTANT=name to run the suite against a broken engine.
 """
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 settings.register_profile("default", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("mutants", max_examples=25, deadline=None, derandomize=True, database=None,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate],
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 

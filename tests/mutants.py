@@ -12,7 +12,7 @@ law's tests with the break in place, and reports whether they caught it (failed)
 How: pytest runs in a child process with TINYFRACTAL_MUTANT=name; tests/conftest.py then calls
 `activate(name)` before any test module is imported, which patches tinyfractal in memory only (no
 file is changed). HYPOTHESIS_PROFILE=mutants makes the runs repeatable (fixed seed, no example
-database, the default profile's example counts). Not collected by pytest (no test_ prefix).
+database, the default profile's example counts) and skips shrinking: one failing example is enough. Not collected by pytest (no test_ prefix).
 """
 import argparse
 import inspect
@@ -56,7 +56,7 @@ def rewrite(owner, name, old, new, count=1):
     import importlib
     original = getattr(owner, name)
     fn = original.fget if isinstance(original, property) else original
-    fn = getattr(fn, "__wrapped__", fn)
+    fn = getattr(fn, "fun", fn) if getattr(fn, "_is_autograd_primitive", False) else fn
     source = textwrap.dedent(inspect.getsource(fn))
     if source.count(old) != count:
         raise NotApplicable(f"{owner.__name__}.{name} holds {old!r} {source.count(old)} times, expected {count}")
@@ -292,8 +292,8 @@ def ops_geglu_gradient_drops_a_term():
     """ops.geglu's hand-written gradient forgets the a*sigma*(1-sigma) term of gelu'."""
     ops = module("tinyfractal.ops")
     rewrite(ops, "_geglu_vjp", "d *= 1.0 - sg ", "d *= 0.0 ")
-    from autograd.extend import defvjp
-    defvjp(ops.geglu, ops._geglu_vjp)
+    from autograd.extend import defvjp_argnums
+    defvjp_argnums(ops.geglu, ops._geglu_vjp)       # the primitive still holds the old VJP maker
 
 
 def decode_drops_the_last_token():
@@ -330,6 +330,12 @@ def load_skips_the_checksum():
     """checkpoint.load never compares params.npz with the SHA-256 in meta.json."""
     ckpt = module("tinyfractal.checkpoint")
     rewrite(ckpt, "_read", 'if hashlib.sha256(data).hexdigest() != info.get("sha256"):', "if False:")
+
+
+def load_skips_the_meta_checksum():
+    """checkpoint.load never compares meta.json with its own checksum (an edited config loads)."""
+    ckpt = module("tinyfractal.checkpoint")
+    rewrite(ckpt, "_read", 'if info.get("meta_sha256") != _digest(info):', "if False:")
 
 
 def save_rounds_to_float16():
@@ -385,7 +391,7 @@ LAWS = [
     Law(10, "operator laws", "test_laws_ops.py", "rmsnorm or softmax or rope or geglu"),
     Law(11, "gradients", "test_laws_ops.py", "gradients"),
     Law(12, "tokenizer", "test_laws_io.py", "tokenizer"),
-    Law(13, "checkpoints", "test_laws_io.py", "checkpoint and not altered_meta_values"),
+    Law(13, "checkpoints", "test_laws_io.py", "checkpoint"),
     Law(14, "configs", "test_laws_io.py", "every_valid_config or invalid_config or any_config"),
 ]
 
@@ -399,7 +405,8 @@ PLAN = [
     (3, blocks_overlap_by_half, None, True), (3, blocks_in_reverse_order, None, True),
     (3, index_mask_of_model_0, None, True),
     (4, sub_keeps_the_head_dim, None, True), (4, sub_keeps_all_levels, None, True),
-    (4, blocks_in_reverse_order, None, False),      # reversal commutes with nesting; law 3 and 5 catch it
+    (4, blocks_in_reverse_order, "grandchild", False),   # reversal commutes with nesting of views ...
+    (4, blocks_in_reverse_order, None, True),            # ... but not with level_view of a view
     (5, out_norm_gain_slice_0, None, True), (5, child_gets_parent_gain_slice, None, True),
     (5, blocks_in_reverse_order, None, True),
     (6, out_norm_gain_slice_0, None, True), (6, child_gets_parent_gain_slice, None, True),
@@ -418,8 +425,9 @@ PLAN = [
     (11, ops_geglu_gradient_drops_a_term, None, True),
     (12, decode_drops_the_last_token, None, True), (12, encode_alternates_merges, None, True),
     (12, merge_splits_runs, None, True), (12, unknown_characters_become_id_0, None, True),
-    (13, load_skips_the_checksum, None, True), (13, save_rounds_to_float16, None, True),
-    (13, load_skips_the_shape_check, None, True),
+    (13, load_skips_the_checksum, None, True), (13, load_skips_the_meta_checksum, None, True),
+    (13, save_rounds_to_float16, None, True),
+    (13, load_skips_the_shape_check, None, False),   # unreachable: any edit that changes shapes fails a checksum first
     (14, no_kv_heads_check, None, True), (14, split_check_is_an_assert, None, True),
     (14, leaf_head_must_be_4, None, True),
 ]
@@ -439,7 +447,8 @@ def run_pytest(law, mutant=None, select=None):
     env.pop("TINYFRACTAL_MUTANT", None)
     if mutant:
         env["TINYFRACTAL_MUTANT"] = mutant
-    cmd = [sys.executable, "-m", "pytest", str(HERE / law.files), "-k", select or law.select,
+    cmd = [sys.executable, "-m", "pytest", *(str(HERE / f) for f in law.files.split()),
+           *(["-k", select or law.select] if select or law.select else []),
            "-p", "no:cacheprovider", "-q", "-x", "-W", "ignore", "--no-header", "-rN"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True)
@@ -465,12 +474,10 @@ def main(argv=None):
         print(f"no such mutant or law: {args.only or args.law}; see --list", file=sys.stderr)
         return 2
     if not args.no_baseline:
-        ok = True
-        for number in sorted({row[0] for row in plan}):
-            code, secs, last = run_pytest(laws[number])
-            print(f"unbroken  law {number:2d} {laws[number].name:40s} exit {code} {secs:5.1f}s  {last}", flush=True)
-            ok &= code == 0
-        if not ok:
+        everything = Law(0, "all laws", " ".join(sorted({law.files for law in LAWS})), "")
+        code, secs, last = run_pytest(everything)
+        print(f"unbroken engine, all law tests: exit {code} {secs:5.1f}s  {last}", flush=True)
+        if code != 0:
             print("some law fails on the unbroken engine; fix that first", file=sys.stderr)
             return 1
     rows = []
