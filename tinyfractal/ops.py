@@ -141,6 +141,12 @@ def batched_matmul(a, b):
     return out
 
 
+def _row_pieces(N, R, cost_per_row, target=1 << 16):
+    """(model, rows) pieces covering an (N, R, ...) array: about `target` work each, at least THREADS."""
+    per_model = min(R, max(1, -(-THREADS // N), -(-R * cost_per_row // target)))
+    return [(n, slice(R * i // per_model, R * (i + 1) // per_model)) for n in range(N) for i in range(per_model)]
+
+
 def _chunks(n, cost_each, target=1 << 18):
     """Split range(n) into slices of about `target` work units, at least THREADS of them."""
     count = max(min(n, THREADS), min(n, -(-n * cost_each // target)))
@@ -244,10 +250,20 @@ def _inverse_rms(x, eps):
 @primitive
 def rmsnorm(x, g, eps):
     """rmsnorm: x / sqrt(mean(x², last axis) + eps) · (1 + g). x (N,...,d), g (N,d) -> like x."""
+    N, d = g.shape
+    x3 = x.reshape(N, -1, d)
+    y, r = onp.empty(x3.shape, dtype=x.dtype), onp.empty(x3.shape[:2] + (1,), dtype=x.dtype)
+    gain = 1.0 + g
+
+    def piece(p):
+        n, rows = p
+        r[n, rows] = _inverse_rms(x3[n, rows], eps)
+        onp.multiply(x3[n, rows], r[n, rows], out=y[n, rows])
+        y[n, rows] *= gain[n]
+
     with _clock("norms"):
-        r = _inverse_rms(x, eps)
-        y = x * r
-        y *= (1.0 + g).reshape(_gain_shape(x, g))
+        parallel_map(piece, _row_pieces(N, x3.shape[1], d))
+    y = y.reshape(x.shape)
     _save(y, r)
     return y
 
@@ -259,21 +275,30 @@ def _rmsnorm_vjp(argnums, ans, args, kwargs):
     def vjp(dy):
         # with n = x·r, r = 1/sqrt(mean(x²)+eps):  dg = Σ_rows dy·n,  dn = dy·(1+g),
         # dx = r·(dn − n·mean(dn·n))
+        N, d = g.shape
+        x3, dy3, gain = x.reshape(N, -1, d), dy.reshape(N, -1, d), 1.0 + g
+        dx = onp.empty(x3.shape, dtype=dy.dtype)
+        pieces = _row_pieces(N, x3.shape[1], d)
+
+        def piece(p):
+            n, rows = p
+            normed = x3[n, rows] * r[n, rows]
+            if 0 in argnums:
+                dn = dy3[n, rows] * gain[n]
+                dot = onp.einsum("md,md->m", dn, normed)[:, None]
+                dot *= 1.0 / d
+                dn -= normed * dot
+                onp.multiply(dn, r[n, rows], out=dx[n, rows])
+            return onp.einsum("md,md->d", dy3[n, rows], normed) if 1 in argnums else None
+
         with _clock("norms"):
-            n = x * r
-            out = []
-            for i in argnums:
-                if i == 0:
-                    dn = dy * (1.0 + g).reshape(_gain_shape(x, g))
-                    dot = onp.einsum("...d,...d->...", dn, n)[..., None]
-                    dot *= 1.0 / x.shape[-1]
-                    dn -= n * dot
-                    dn *= r
-                    out.append(dn)
-                else:
-                    N, d = g.shape
-                    out.append(onp.einsum("nmd,nmd->nd", dy.reshape(N, -1, d), n.reshape(N, -1, d)))
-            return tuple(out)
+            parts = parallel_map(piece, pieces)
+            dg = onp.zeros(g.shape, dtype=dy.dtype)
+            for (n, _), part in zip(pieces, parts):
+                if part is not None:
+                    dg[n] += part
+        grads = {0: dx.reshape(x.shape), 1: dg}
+        return tuple(grads[i] for i in argnums)
     return vjp
 
 
@@ -408,18 +433,18 @@ def _rope_tables(T, h, heads, theta, start, dtype, scale=1.0):
     return C.astype(dtype), S.astype(dtype), perm
 
 
-def _rope(x, C, S, perm):
+def _rope(x, C, S, perm, out=None):
     """x (..., T, W) -> x·C + swap(x)·S."""
-    out = x * C
+    out = onp.multiply(x, C, out=out)
     out += onp.take(x, perm, axis=-1) * S
     return out
 
 
-def _rope_transposed(dy, C, S, perm):
+def _rope_transposed(dy, C, S, perm, out=None):
     """The VJP of _rope: dx = dy·C + swap(dy·S) (swap is its own transpose)."""
-    dx = dy * C
-    dx += onp.take(dy * S, perm, axis=-1)
-    return dx
+    out = onp.multiply(dy, C, out=out)
+    out += onp.take(dy * S, perm, axis=-1)
+    return out
 
 
 def _blocks(T, size):
@@ -432,6 +457,21 @@ def _check_heads(q, k, v):
             or q.shape[3] % k.shape[3] or q.shape[4] % 2:
         raise ValueError(f"causal_attention needs q (N,B,T,H,h) and k, v (N,B,T,K,h) with K dividing H and h even; "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
+
+
+def _group(x, K, h):
+    """(c,T,K·G·h) -> (c·K, T·G, h): the query heads that share a key head become rows of one matrix.
+
+    A copy with the K axis moved in front of time (for K = 1 only a reshape)."""
+    c, T, W = x.shape
+    return onp.ascontiguousarray(x.reshape(c, T, K, W // K).transpose(0, 2, 1, 3)).reshape(c * K, -1, h)
+
+
+def _ungroup(x, K, out):
+    """The inverse of _group, written into out (c,T,K·G·h)."""
+    c, T, W = out.shape
+    out.reshape(c, T, K, W // K)[...] = x.reshape(c, K, T, W // K).transpose(0, 2, 1, 3)
+    return out
 
 
 @primitive
@@ -449,28 +489,32 @@ def causal_attention(q, k, v, theta, start=0):
     - The forward keeps exp(scores − max) of each block and 1/rowsum for the backward; the
       normalisation is applied to the (narrow) outputs, not to the (wide) probabilities.
       The backward uses rowsum(dP·P) = rowsum(dO·O).
-    - Chunks of (model, batch, key head) run on worker threads (see parallel_map).
+    - Chunks of (model, batch) rows run on worker threads (see parallel_map), RoPE included.
     """
     _check_heads(q, k, v)
     N, B, T, H, h = q.shape
     K = k.shape[3]
-    G, Z, dtype = H // K, N * B * K, q.dtype
-    with _clock("rope"):
-        Cq, Sq, perm_q = _rope_tables(T, h, H, theta, start, dtype, scale=1.0 / onp.sqrt(h))
-        Ck, Sk, perm_k = _rope_tables(T, h, K, theta, start, dtype)
-        Q = _rope(q.reshape(N, B, T, H * h), Cq, Sq, perm_q)                   # (N,B,T,H·h)
-        Kr = _rope(k.reshape(N, B, T, K * h), Ck, Sk, perm_k)                  # (N,B,T,K·h)
-        Q = _to_groups(Q.reshape(N, B, T, K, G, h)).reshape(Z, T * G, h)
-        Kr = _to_groups(Kr.reshape(N, B, T, K, 1, h)).reshape(Z, T, h)
-        V = _to_groups(v.reshape(N, B, T, K, 1, h)).reshape(Z, T, h)
+    G, NB, dtype = H // K, N * B, q.dtype
+    Z = NB * K
+    rope_q = _rope_tables(T, h, H, theta, start, dtype, scale=1.0 / onp.sqrt(h))
+    rope_k = _rope_tables(T, h, K, theta, start, dtype)
+    qf, kf, vf = q.reshape(NB, T, H * h), k.reshape(NB, T, K * h), v.reshape(NB, T, K * h)
     blocks = _blocks(T, ATTENTION_BLOCK)
+    Q, O = onp.empty((Z, T * G, h), dtype=dtype), onp.empty((Z, T * G, h), dtype=dtype)
+    Kr, V = onp.empty((Z, T, h), dtype=dtype), onp.empty((Z, T, h), dtype=dtype)
     E = [onp.empty((Z, (t1 - t0) * G, t1), dtype=dtype) for t0, t1 in blocks]  # exp(scores − max)
     inv = onp.empty((Z, T * G, 1), dtype=dtype)                                # 1 / rowsum
-    O = onp.empty((Z, T * G, h), dtype=dtype)
+    out = onp.empty(q.shape, dtype=dtype)
     bias = onp.triu(onp.full((ATTENTION_BLOCK, ATTENTION_BLOCK), -onp.inf, dtype=dtype), 1)[:, None, :]
 
-    def piece(zs):
+    def piece(s):
         busy = defaultdict(float)
+        zs = slice(s.start * K, s.stop * K)
+        c0 = _now()
+        Q[zs] = _group(_rope(qf[s], *rope_q), K, h)
+        Kr[zs] = _group(_rope(kf[s], *rope_k), K, h)
+        V[zs] = _group(vf[s], K, h)
+        busy["rope"] += _now() - c0
         for (t0, t1), Eb in zip(blocks, E):
             rows = slice(t0 * G, t1 * G)
             S = Eb[zs]                                                           # (z, (t1-t0)·G, t1)
@@ -487,22 +531,12 @@ def causal_attention(q, k, v, theta, start=0):
             O[zs, rows] *= inv[zs, rows]
             busy["matmul: attention"] += (c1 - c0) + (c3 - c2)
             busy["attention softmax"] += c2 - c1
+        _ungroup(O[zs], K, out.reshape(NB, T, H * h)[s])
         return busy
 
-    _run_timed(piece, _chunks(Z, T * G * T))
-    out = _from_groups(O.reshape(N, B, K, T, G, h)).reshape(N, B, T, H, h)
-    _save(out, Q, Kr, V, O, E, inv, blocks, (Cq, Sq, perm_q), (Ck, Sk, perm_k))
+    _run_timed(piece, _chunks(NB, H * T * T))
+    _save(out, Q, Kr, V, O, E, inv, blocks, rope_q, rope_k)
     return out
-
-
-def _to_groups(x):
-    """(N,B,T,K,G,h) -> (N,B,K,T,G,h), contiguous; free when K = 1."""
-    return onp.ascontiguousarray(x.transpose(0, 1, 3, 2, 4, 5))
-
-
-def _from_groups(x):
-    """(N,B,K,T,G,h) -> (N,B,T,K,G,h), contiguous; free when K = 1."""
-    return onp.ascontiguousarray(x.transpose(0, 1, 3, 2, 4, 5))
 
 
 def _run_timed(piece, chunks):
@@ -523,40 +557,43 @@ def _attention_vjp(argnums, ans, args, kwargs):
     def vjp(g):
         N, B, T, H, h = q.shape
         K = k.shape[3]
-        G, Z = H // K, N * B * K
-        dO = _to_groups(g.reshape(N, B, T, K, G, h)).reshape(Z, T * G, h)
-        dQ, dK, dV = onp.empty_like(Q), onp.zeros_like(Kr), onp.zeros_like(V)
+        G, NB = H // K, N * B
+        gf = g.reshape(NB, T, H * h)
+        dq, dk, dv = onp.empty((NB, T, H * h), q.dtype), onp.empty((NB, T, K * h), q.dtype), onp.empty((NB, T, K * h), q.dtype)
 
-        def piece(zs):
+        def piece(s):
             # with P = E·inv:  dV += Pᵀ·dO,  dS = P·(dO·Vᵀ − rowsum(dO·O)),  dQ = dS·K,  dK += dSᵀ·Q
             busy = defaultdict(float)
+            zs = slice(s.start * K, s.stop * K)
+            dO = _group(gf[s], K, h)
+            dQ, dK, dV = onp.empty_like(dO), onp.zeros_like(Kr[zs]), onp.zeros_like(V[zs])
             for (t0, t1), Eb in zip(blocks, E):
                 rows = slice(t0 * G, t1 * G)
                 Ez = Eb[zs]
-                dOs = dO[zs, rows] * inv[zs, rows]                               # dO / rowsum
+                dOs = dO[:, rows] * inv[zs, rows]                                # dO / rowsum
                 dot = onp.sum(dOs * O[zs, rows], axis=-1, keepdims=True)
                 c0 = _now()
-                dV[zs, :t1] += onp.matmul(onp.swapaxes(Ez, 1, 2), dOs)
+                dV[:, :t1] += onp.matmul(onp.swapaxes(Ez, 1, 2), dOs)
                 dS = onp.matmul(dOs, onp.swapaxes(V[zs, :t1], 1, 2))
                 c1 = _now()
                 dS -= dot
                 dS *= Ez
                 c2 = _now()
-                onp.matmul(dS, Kr[zs, :t1], out=dQ[zs, rows])
-                dK[zs, :t1] += onp.matmul(onp.swapaxes(dS, 1, 2), Q[zs, rows])
+                onp.matmul(dS, Kr[zs, :t1], out=dQ[:, rows])
+                dK[:, :t1] += onp.matmul(onp.swapaxes(dS, 1, 2), Q[zs, rows])
                 c3 = _now()
                 busy["matmul: attention"] += (c1 - c0) + (c3 - c2)
                 busy["attention softmax"] += c2 - c1
+            c0 = _now()
+            _rope_transposed(_ungroup(dQ, K, onp.empty(gf[s].shape, g.dtype)), *rope_q, out=dq[s])
+            _rope_transposed(_ungroup(dK, K, onp.empty(dk[s].shape, g.dtype)), *rope_k, out=dk[s])
+            _ungroup(dV, K, dv[s])
+            busy["rope"] += _now() - c0
             return busy
 
-        _run_timed(piece, _chunks(Z, T * G * T))
-        with _clock("rope"):
-            grads = {0: lambda: _rope_transposed(_from_groups(dQ.reshape(N, B, K, T, G, h)).reshape(N, B, T, H * h),
-                                                 *rope_q).reshape(q.shape),
-                     1: lambda: _rope_transposed(_from_groups(dK.reshape(N, B, K, T, 1, h)).reshape(N, B, T, K * h),
-                                                 *rope_k).reshape(k.shape),
-                     2: lambda: _from_groups(dV.reshape(N, B, K, T, 1, h)).reshape(v.shape)}
-            return tuple(grads[i]() for i in argnums)
+        _run_timed(piece, _chunks(NB, H * T * T))
+        grads = {0: dq.reshape(q.shape), 1: dk.reshape(k.shape), 2: dv.reshape(v.shape)}
+        return tuple(grads[i] for i in argnums)
     return vjp
 
 
@@ -592,17 +629,30 @@ def cross_entropy(logits, targets):
 
     loss = mean over rows of logsumexp(logits) − logits[target].
     """
+    N, V = logits.shape[0], logits.shape[-1]
+    x = logits.reshape(N, -1, V)
+    t = onp.asarray(targets).reshape(-1)
+    if t.size != x.shape[1]:
+        raise ValueError(f"cross_entropy needs one target per row: logits {logits.shape}, targets {onp.shape(targets)}")
+    p = onp.empty_like(x)                                                      # softmax, for the backward
+    pieces = _row_pieces(N, t.size, V)
+
+    def piece(pc):
+        n, rows = pc
+        xs, ps = x[n, rows], p[n, rows]
+        m = xs.max(axis=-1, keepdims=True)
+        onp.subtract(xs, m, out=ps)
+        onp.exp(ps, out=ps)
+        z = ps.sum(axis=-1, keepdims=True)
+        ps /= z
+        lse = onp.log(z[:, 0]) + m[:, 0]
+        return (lse - xs[onp.arange(len(lse)), t[rows]]).sum()
+
     with _clock("cross-entropy"):
-        N, V = logits.shape[0], logits.shape[-1]
-        x = logits.reshape(N, -1, V)
-        t = onp.asarray(targets).reshape(-1)
-        m = x.max(axis=-1, keepdims=True)
-        p = x - m
-        onp.exp(p, out=p)
-        z = p.sum(axis=-1, keepdims=True)
-        p /= z                                                                 # softmax, for the backward
-        lse = onp.log(z[..., 0]) + m[..., 0]                                    # (N,M)
-        loss = (lse - x[:, onp.arange(t.size), t]).mean(axis=1)
+        loss = onp.zeros(N, dtype=logits.dtype)
+        for (n, _), part in zip(pieces, parallel_map(piece, pieces)):
+            loss[n] += part
+        loss /= t.size
     _save(loss, p)
     return loss
 
@@ -612,12 +662,20 @@ def _cross_entropy_vjp(ans, logits, targets):
 
     def vjp(g):
         # d loss[n] / d logits[n, i] = (softmax(logits[n, i]) − onehot(target_i)) / M
+        N, M, V = p.shape
+        t = onp.asarray(targets).reshape(-1)
+        scale = g / M
+        d = onp.empty_like(p)
+
+        def piece(pc):
+            n, rows = pc
+            ds = d[n, rows]
+            onp.multiply(p[n, rows], scale[n], out=ds)
+            ds[onp.arange(ds.shape[0]), t[rows]] -= scale[n]                  # each row once: no add.at
+
         with _clock("cross-entropy"):
-            t = onp.asarray(targets).reshape(-1)
-            scale = (g / t.size)[:, None]
-            d = p * scale[..., None]
-            d[:, onp.arange(t.size), t] -= scale                               # each row once: no add.at
-            return d.reshape(logits.shape)
+            parallel_map(piece, _row_pieces(N, M, V))
+        return d.reshape(logits.shape)
     return vjp
 
 
