@@ -32,7 +32,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m tinyfractal.lessons.bytes", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="lesson_output/bytes", help="folder for figures and metrics.json")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check that everything runs")
-    p.add_argument("--steps", type=int, default=None, help="training steps of each model (default 400, 4 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of each model (default 800, 4 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
@@ -120,9 +120,9 @@ def main(argv=None):
 
     # %% 4. Training the byte model
     section("4. Training the byte model: every node, loss in bits per byte")
-    steps = args.steps or (4 if args.quick else 400)
+    steps = args.steps or (4 if args.quick else 800)
     tc = TrainConfig(steps=steps, batch_size=4 if args.quick else 16, lr=3e-3, min_lr=3e-4,
-                     warmup=min(50, steps // 10), eval_interval=max(1, steps // 4),
+                     warmup=min(50, steps // 10), eval_interval=max(1, steps // 8),
                      eval_batches=1 if args.quick else 4, log_interval=max(1, steps // 10), seed=args.seed)
     final_batches = 1 if args.quick else 24
     text = CORPUS.read_text(encoding="utf-8")
