@@ -90,6 +90,8 @@ def test_bad_inputs_are_clear_value_errors():
         Config.preset("tiny").override(tokenizer="bytes")
     with pytest.raises(ValueError, match="tokenizer must be one of"):
         Config.preset("tiny").override(tokenizer="chars")
+    with pytest.raises(ValueError, match="coupling must be 'none'"):
+        Config.preset("tiny").override(tokenizer="bytes", vocab_size=256, coupling="upstream")
     cfg = Config.preset("micro").override(tokenizer="bytes", vocab_size=256)
     p = init_params(cfg)
     with pytest.raises(ValueError, match=r"\(B, T, 2\)"):

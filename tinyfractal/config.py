@@ -169,6 +169,9 @@ def validate(cfg):
     if cfg.tokenizer == "bytes" and cfg.vocab_size != 256:
         raise ValueError(f"tokenizer='bytes' reads the 256 byte values, so vocab_size must be 256, "
                          f"got {cfg.vocab_size}")
+    if cfg.tokenizer == "bytes" and cfg.coupling != "none":
+        raise ValueError(f"tokenizer='bytes' runs uncoupled models (concepts.py), so coupling must be 'none', "
+                         f"got {cfg.coupling!r}")
     if cfg.split < 2:
         raise ValueError(f"split must be an integer >= 2, got {cfg.split}")
     smallest = cfg.split ** (cfg.levels - 1)
