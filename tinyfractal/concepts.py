@@ -160,10 +160,11 @@ def forward_level(params, cfg, level, groups, rng=None):
 def level_batch(ids, targets, cfg, level):
     """The inputs and targets of one level: the last (T+1)*g_l bytes of each window. -> (B,T,g_l) each."""
     ids, targets = onp.asarray(ids), onp.asarray(targets)
-    B, T, g0 = ids.shape if ids.ndim == 3 else (None, None, None)
-    if ids.ndim != 3 or g0 != group_size(cfg, 0) or targets.shape != ids.shape:
-        raise ValueError(f"byte batches are (B, T, g_0={group_size(cfg, 0)}) rows of bytes (see "
-                         f"concepts.group_rows), ids and targets alike; got {ids.shape} and {targets.shape}")
+    g0 = group_size(cfg, 0)
+    if ids.ndim != 3 or ids.shape[2] != g0 or targets.shape != ids.shape:
+        raise ValueError(f"byte batches are (B, T, g_0={g0}) rows of bytes (see concepts.group_rows), "
+                         f"ids and targets alike; got {ids.shape} and {targets.shape}")
+    B, T, _ = ids.shape
     window = onp.concatenate([ids, targets[:, -1:]], axis=1).reshape(B, (T + 1) * g0)
     g = group_size(cfg, level)
     window = window[:, -(T + 1) * g:]
