@@ -22,16 +22,20 @@ from .model import rmsnorm, rope_tables
 from .tree import level_view
 
 
-def norm(x, gain, eps):
-    """rmsnorm with the gain already as (1 + g): x / sqrt(mean(x^2) + eps) * gain, in plain NumPy."""
-    ms = onp.add.reduce(x * x, axis=-1, keepdims=True) * onp.float32(1.0 / x.shape[-1])
-    return x * (gain / onp.sqrt(ms + onp.float32(eps)))
+def unit(x, eps):
+    """rmsnorm without its gain: x / sqrt(mean(x^2) + eps) over the last axis, in plain NumPy.
+
+    The gains (1 + g) are folded into the rows of the weight matrix that reads the result:
+    (x * gain) @ W = x @ (gain[:, None] * W), so decoding never multiplies by them.
+    """
+    ms = onp.add.reduce(x * x, axis=-1, keepdims=True)
+    return x / onp.sqrt(ms * x.dtype.type(1.0 / x.shape[-1]) + x.dtype.type(eps))
 
 
 def gelu(x):
     """tanh approximation of GELU (as model.gelu), in plain NumPy."""
-    return onp.float32(0.5) * x * (onp.float32(1.0) + onp.tanh(
-        onp.float32(0.7978845608028654) * (x + onp.float32(0.044715) * x * x * x)))
+    half = x * onp.float32(0.5)
+    return half + half * onp.tanh(x * (onp.float32(0.7978845608028654) + onp.float32(0.0356774081363001) * x * x))
 
 
 def rope_matrices(T, h, theta):
@@ -61,6 +65,9 @@ class Models:
     `tree.level_view` gives strided views; BLAS would copy a strided operand on every call, so the
     weights are copied once here. q, k and v share one matmul, and so do the gate and up halves of
     the MLP. `flops` counts every matmul's 2*M*K*N as it runs: a deterministic cost measure.
+    `calls` counts forward passes, and `latency_flops` adds, per pass, the FLOPs of ONE of its token
+    rows: the cost model of hardware that reads every weight once per pass, however many rows it
+    carries (memory-bound decoding), under which a batched check of k drafts costs one step.
     """
 
     def __init__(self, params, cfg, level, indices):
@@ -79,28 +86,29 @@ class Models:
         def take(a):
             return onp.ascontiguousarray(onp.asarray(a)[pick], dtype=onp.float32)
 
+        def fold(g, W):
+            """(1 + g) of a norm, multiplied into the rows of the matrix that reads it: (N,A,C)."""
+            return onp.ascontiguousarray((1 + take(g))[:, :, None] * W, dtype=onp.float32)
+
         N, d, H, K, h = len(indices), sub.hidden, sub.heads, sub.kv_heads, sub.head_dim
         self.N, self.d, self.H, self.K, self.h = N, d, H, K, h
-        self.E = take(P["E"])                                                     # (N,V,d)
-        self.emb_norm = 1 + take(P["emb_norm"])[:, None, None, :]                 # (N,1,1,d), as 1 + g
-        self.final_norm = 1 + take(P["final_norm"])[:, None, None, :]
-        out_emb = rmsnorm(self.E, take(P["out_norm"])[:, None, :], sub.eps)       # (N,V,d), tied output
-        self.out_T = onp.ascontiguousarray(onp.transpose(out_emb, (0, 2, 1)))    # (N,d,V)
+        E = take(P["E"])                                                          # (N,V,d)
+        self.embed_table = rmsnorm(E, take(P["emb_norm"])[:, None, :], sub.eps)   # (N,V,d): rows already normed
+        out_emb = rmsnorm(E, take(P["out_norm"])[:, None, :], sub.eps)            # (N,V,d), tied output
+        self.out_T = fold(P["final_norm"], onp.transpose(out_emb, (0, 2, 1)))    # (N,d,V)
         self.layers = []
         for p in P["layers"]:
             Wqkv = onp.concatenate([take(p["Wq"]).reshape(N, d, H * h), take(p["Wk"]).reshape(N, d, K * h),
                                     take(p["Wv"]).reshape(N, d, K * h)], axis=2)  # (N,d,(H+2K)h)
             self.layers.append({
-                "attn_norm": 1 + take(p["attn_norm"])[:, None, None, :],
-                "Wqkv": onp.ascontiguousarray(Wqkv),
+                "Wqkv": fold(p["attn_norm"], Wqkv),
                 "Wo": take(p["Wo"]).reshape(N, H * h, d),
-                "mlp_norm": 1 + take(p["mlp_norm"])[:, None, None, :],
-                "Wgu": onp.ascontiguousarray(onp.concatenate([take(p["Wgate"]), take(p["Wup"])], axis=2)),
+                "Wgu": fold(p["mlp_norm"], onp.concatenate([take(p["Wgate"]), take(p["Wup"])], axis=2)),
                 "bgu": onp.concatenate([take(p["bgate"]), take(p["bup"])], axis=1)[:, None, None, :],
                 "Wdown": take(p["Wdown"]), "bdown": take(p["bdown"])[:, None, None, :],
             })
         self.rope = rope_matrices(sub.context, h, sub.rope_theta)                # (context,h,h)
-        self.flops = 0
+        self.flops, self.calls, self.latency_flops = 0, 0, 0.0
 
     def matmul(self, a, b):
         """np.matmul that adds its multiply-adds (x2) to `flops`."""
@@ -164,10 +172,10 @@ class Cache:
 
 
 def embed(m, ids):
-    """Token rows of every model: ids (B,T) shared by all models, or (N,B,T) one set per model -> (N,B,T,d)."""
+    """Normed token rows of every model: ids (B,T) shared by all models, or (N,B,T) one per model -> (N,B,T,d)."""
     if ids.ndim == 2:
-        return m.E[:, ids]
-    return m.E[onp.arange(m.N)[:, None, None], ids]
+        return m.embed_table[:, ids]
+    return m.embed_table[onp.arange(m.N)[:, None, None], ids]
 
 
 def attend(m, q, cache, layer, L, Tn):
@@ -202,22 +210,26 @@ def extend(m, cache, ids):
         raise ValueError(f"{Tn} new tokens after {L} cached ones exceed the context of {m.sub.context}; "
                          f"slide the window first")
     sub, N, H, K, h = m.sub, m.N, m.H, m.K, m.h
-    x = norm(embed(m, ids), m.emb_norm, sub.eps)                                 # (N,B,Tn,d)
+    flops_before = m.flops
+    x = embed(m, ids)                                                           # (N,B,Tn,d)
     B = x.shape[1]
     if B != cache.batch:
         raise ValueError(f"the cache holds {cache.batch} rows but {B} were given")
     R = m.rope[L:L + Tn]                                                        # (Tn,h,h)
     for i, p in enumerate(m.layers):
-        qkv = m.linear(norm(x, p["attn_norm"], sub.eps), p["Wqkv"]).reshape(N, B, Tn, H + 2 * K, h)
+        qkv = m.linear(unit(x, sub.eps), p["Wqkv"]).reshape(N, B, Tn, H + 2 * K, h)
         qk = onp.matmul(qkv[:, :, :, :H + K], R)                                  # RoPE at positions L..L+Tn-1
         cache.k[i][:, :, :, L:L + Tn] = qk[:, :, :, H:].transpose(0, 1, 3, 2, 4)
         cache.v[i][:, :, :, L:L + Tn] = qkv[:, :, :, H + K:].transpose(0, 1, 3, 2, 4)
         x = x + m.linear(attend(m, qk[:, :, :, :H], cache, i, L, Tn), p["Wo"])
-        gu = m.linear(norm(x, p["mlp_norm"], sub.eps), p["Wgu"]) + p["bgu"]
+        gu = m.linear(unit(x, sub.eps), p["Wgu"]) + p["bgu"]
         f = gu.shape[-1] // 2
         x = x + m.linear(gelu(gu[..., :f]) * gu[..., f:], p["Wdown"]) + p["bdown"]
     cache.length = L + Tn
-    return m.linear(norm(x, m.final_norm, sub.eps), m.out_T)
+    logits = m.linear(unit(x, sub.eps), m.out_T)
+    m.calls += 1
+    m.latency_flops += (m.flops - flops_before) / (B * Tn)
+    return logits
 
 
 def prefill(m, ids, cache=None):

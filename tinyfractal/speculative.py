@@ -82,6 +82,7 @@ class SpecStats:
     drafter_calls: int = 0     # every batched drafter forward (a level's drafters count once)
     verifier_flops: int = 0
     drafter_flops: int = 0
+    latency_flops: float = 0.0  # sum over passes of one row's FLOPs (see infer.Models)
     accepted_by: dict = field(default_factory=dict)   # drafter node -> rounds its draft was chosen
 
     @property
@@ -194,13 +195,11 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
         pending = ids[-1]
         if k_eff < 1:                                           # nothing to check: one plain step
             logits = infer.extend(V, vcache, onp.asarray(ids[start + vcache.length:])[None])
-            stats.verifier_calls += 1
             stats.plain_steps += 1
             ids.append(draw(pick(logits[0, 0, -1])))
             continue
         if vcache.length < L:                                   # the verifier caches all but the pending token
             infer.extend(V, vcache, onp.asarray(ids[start + vcache.length:-1])[None])
-            stats.verifier_calls += 1
 
         rows, owners, q_rows = [], [], []
         for g in groups:
@@ -215,7 +214,6 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
                     drafts[:, i] = onp.argmax(out, axis=-1)
                 if i + 1 < k_eff:
                     out = infer.extend(g.models, g.cache, drafts[:, i:i + 1, None])[:, 0, -1]
-            stats.drafter_calls += k_eff
             g.drafts = drafts
             for r, node in enumerate(g.nodes):
                 rows.append(tuple(drafts[r]))
@@ -225,7 +223,6 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
         tokens = onp.concatenate([onp.full((len(distinct), 1), pending), draft_arr], axis=1)
         branch = vcache.expand(len(distinct))
         vlogits = infer.extend(V, branch, tokens)[0]                      # (R,k_eff+1,V)
-        stats.verifier_calls += 1
         stats.rounds += 1
         if sampled:
             p = onp.stack([pick(row) for row in vlogits[0]])
@@ -248,8 +245,10 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
                       "row": row, "accepted": a, "token": nxt, "window_start": start})
         ids.extend(new)
     stats.new_tokens = len(ids) - n_prompt
+    stats.verifier_calls, stats.drafter_calls = V.calls, sum(g.models.calls for g in groups)
     stats.verifier_flops = V.flops
     stats.drafter_flops = sum(g.models.flops for g in groups)
+    stats.latency_flops = V.latency_flops + sum(g.models.latency_flops for g in groups)
     return ids[n_prompt:], stats
 
 

@@ -1,0 +1,220 @@
+"""Benchmarks for inference: the KV cache against full recompute, and speculative decoding.
+
+  python -m tinyfractal.infer_bench cache [--preset original]        cache vs recompute, wall time
+  python -m tinyfractal.infer_bench spec --ckpt DIR                   the speculative table
+
+Timings run with one BLAS thread (set before NumPy loads, by re-running this command in a child
+process): on a shared CPU, multi-threaded BLAS stalls for milliseconds on the tiny matrices of
+decoding. Every ratio compares runs made back to back in the same process, in alternating order.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CHILD = "TINYFRACTAL_BENCH_CHILD"
+
+
+def corpus_prompts(tokenizer, n, length, stride=9973):
+    """n prompts of `length` tokens from the validation split, at fixed, spread-out offsets."""
+    from .data import load_tokens, train_val_split
+    _, val = train_val_split(load_tokens(tokenizer))
+    return [[int(t) for t in val[i * stride:i * stride + length]] for i in range(n)]
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def bench_cache(args, log=print):
+    """Greedy generation of `new` tokens from a corpus prompt: cached `generate` vs `generate_reference`."""
+    from .config import Config
+    from .model import init_params
+    from .sample import generate, generate_reference
+    from .tokenizer import Tokenizer
+    cfg = Config.preset(args.preset)
+    params = init_params(cfg, 0)
+    tok = Tokenizer.default()
+    ids = corpus_prompts(tok, 1, args.prompt_tokens)[0]
+    prompt = tok.decode(ids)
+    if tok.encode(prompt) != ids:
+        raise ValueError("the prompt does not re-encode to the same tokens; choose another --prompt-tokens")
+    log(f"preset {args.preset} (random init, context {cfg.context}): {args.new} new tokens after a "
+        f"{len(ids)}-token prompt, greedy, repeats {args.repeats}")
+    kw = dict(max_new_tokens=args.new, temperature=0)
+    cached, full = [], []
+    for r in range(args.repeats):
+        tc, a = timed(lambda: generate(params, cfg, tok, prompt, **kw))
+        tf, b = timed(lambda: generate_reference(params, cfg, tok, prompt, **kw))
+        if a != b:
+            raise AssertionError("cached and full-recompute generations differ")
+        cached.append(tc)
+        full.append(tf)
+        log(f"  repeat {r + 1}: cached {tc:7.3f} s   full recompute {tf:7.3f} s   ratio {tf / tc:6.1f}x")
+    best = min(full) / min(cached)
+    log(f"same text: yes.  best times: cached {min(cached):.3f} s ({args.new / min(cached):.0f} tok/s), "
+        f"full recompute {min(full):.3f} s ({args.new / min(full):.0f} tok/s)  ->  cache speed-up {best:.1f}x")
+    return {"preset": args.preset, "cached_s": cached, "full_s": full, "speedup": best}
+
+
+def parse_drafters(text):
+    """'2' -> level 2; '2.1' -> [(2,1)]; '1.0+2.3' -> [(1,0),(2,3)]; '1+2' -> levels 1 and 2."""
+    parts = text.split("+")
+    if len(parts) == 1 and "." not in text:
+        return int(text)
+    out = []
+    for p in parts:
+        if "." in p:
+            level, index = p.split(".")
+            out.append((int(level), int(index)))
+        else:
+            out.append(("level", int(p)))
+    return out
+
+
+def expand_drafters(cfg, verifier, spec):
+    """Turn parse_drafters output into what speculative_ids takes (levels inside '+' lists expanded)."""
+    from .speculative import resolve_drafters
+    if isinstance(spec, int):
+        return spec
+    nodes = []
+    for item in spec:
+        nodes += resolve_drafters(cfg, verifier, item[1]) if item[0] == "level" else [item]
+    return nodes
+
+
+def bench_spec(args, log=print):
+    """For each drafter choice and draft length: acceptance, calls, FLOP and wall-time speed-ups."""
+    import numpy as onp
+    from . import infer
+    from .checkpoint import load
+    from .speculative import speculative_ids
+    from .tokenizer import Tokenizer
+    params, cfg, _ = load(args.ckpt)
+    verifier = tuple(int(v) for v in args.verifier.split("."))
+    keep = args.keep if args.keep else cfg.context // 2
+    prompts = corpus_prompts(Tokenizer.default(), args.prompts, args.prompt_tokens)
+    ks = [int(k) for k in args.k.split(",")]
+    choices = args.drafters.split(",") if args.drafters else default_choices(cfg, verifier)
+    log(f"checkpoint {args.ckpt}: verifier {verifier}, {args.prompts} prompts x {args.new} new tokens, greedy, "
+        f"context {cfg.context}, window slides back to keep={keep} tokens")
+
+    def plain():
+        m = infer.node_models(params, cfg, *verifier)
+        outs = []
+        for p in prompts:
+            ids = list(p)
+            outs.append(infer.decode(m, ids, args.new, lambda lg: int(onp.argmax(lg)), keep))
+        return outs, m
+
+    def spec(drafters, k):
+        outs, total = [], None
+        for p in prompts:
+            new, st = speculative_ids(params, cfg, p, args.new, verifier, drafters, k, keep=keep)
+            outs.append(new)
+            total = st if total is None else add_stats(total, st)
+        return outs, total
+
+    base_outs, base = plain()
+    rows = []
+    header = (f"{'drafters':>10} {'k':>2} {'accept':>7} {'mean acc':>8} {'1st acc':>7} {'v calls/tok':>11} "
+              f"{'FLOP x':>7} {'latency x':>9} {'wall x':>7}")
+    log(header)
+    for choice in choices:
+        drafters = expand_drafters(cfg, verifier, parse_drafters(choice))
+        for k in ks:
+            outs, st = spec(drafters, k)
+            if outs != base_outs:
+                raise AssertionError(f"drafters {choice} k={k}: output differs from the verifier's greedy output")
+            walls = []
+            for r in range(args.repeats):
+                order = [plain, lambda: spec(drafters, k)] if r % 2 == 0 else [lambda: spec(drafters, k), plain]
+                times = [timed(f)[0] for f in order]
+                walls.append(times[0] / times[1] if r % 2 == 0 else times[1] / times[0])
+            row = {"drafters": choice, "k": k, "acceptance_rate": st.acceptance_rate,
+                   "mean_accepted": st.mean_accepted, "first_accept": st.first_accepted / max(1, st.rounds),
+                   "verifier_calls_per_token": st.verifier_calls_per_token,
+                   "flop_speedup": base.flops / st.flops, "latency_speedup": base.latency_flops / st.latency_flops,
+                   "wall_speedup": float(onp.median(walls)), "walls": walls}
+            rows.append(row)
+            log(f"{choice:>10} {k:2d} {row['acceptance_rate']:7.3f} {row['mean_accepted']:8.2f} "
+                f"{row['first_accept']:7.3f} {row['verifier_calls_per_token']:11.3f} {row['flop_speedup']:7.3f} "
+                f"{row['latency_speedup']:9.3f} {row['wall_speedup']:7.3f}")
+    best_flop = max(rows, key=lambda r: r["flop_speedup"])
+    best_wall = max(rows, key=lambda r: r["wall_speedup"])
+    log(f"plain cached decoding with the verifier: {base.flops / 1e6:.1f} MFLOP for "
+        f"{args.prompts * args.new} tokens, {base.calls} calls")
+    log(f"best FLOP speed-up {best_flop['flop_speedup']:.3f}x (drafters {best_flop['drafters']}, k={best_flop['k']}); "
+        f"best wall-time speed-up {best_wall['wall_speedup']:.3f}x (drafters {best_wall['drafters']}, k={best_wall['k']})")
+    return {"verifier": list(verifier), "keep": keep, "rows": rows}
+
+
+def default_choices(cfg, verifier):
+    """Each single drafter, each whole level, and every descendant at once."""
+    from .speculative import resolve_drafters
+    out = []
+    for level in range(verifier[0] + 1, cfg.levels):
+        out += [f"{l}.{j}" for l, j in resolve_drafters(cfg, verifier, level)] + [str(level)]
+    if cfg.levels - verifier[0] > 2:
+        out.append("+".join(str(level) for level in range(verifier[0] + 1, cfg.levels)))
+    return out
+
+
+def add_stats(a, b):
+    """Stats of two runs added up (the counts; the rates are recomputed from them)."""
+    from .speculative import SpecStats
+    out = SpecStats()
+    for name in ("new_tokens", "rounds", "plain_steps", "drafted", "accepted", "first_accepted", "verifier_calls",
+                 "drafter_calls", "verifier_flops", "drafter_flops", "latency_flops"):
+        setattr(out, name, getattr(a, name) + getattr(b, name))
+    return out
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m tinyfractal.infer_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads for the timings (default 1)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("cache", help="KV cache vs full recompute")
+    c.add_argument("--preset", default="original")
+    c.add_argument("--prompt-tokens", type=int, default=56)
+    c.add_argument("--new", type=int, default=200)
+    c.add_argument("--repeats", type=int, default=2)
+    s = sub.add_parser("spec", help="speculative decoding table for a checkpoint")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--verifier", default="0.0", help="LEVEL.INDEX (default 0.0, the whole model)")
+    s.add_argument("--drafters", default=None,
+                   help="comma-separated choices: '2' a level, '2.1' one node, '1.0+2.3' a set, '1+2' two levels")
+    s.add_argument("--k", default="1,2,3,4,6", help="draft lengths, comma-separated")
+    s.add_argument("--prompts", type=int, default=3)
+    s.add_argument("--prompt-tokens", type=int, default=24)
+    s.add_argument("--new", type=int, default=200)
+    s.add_argument("--keep", type=int, default=None, help="tokens kept when the window slides (default context/2)")
+    s.add_argument("--repeats", type=int, default=3)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if args.threads and os.environ.get(CHILD) is None:
+        env = dict(os.environ, **{CHILD: "1", "OPENBLAS_NUM_THREADS": str(args.threads),
+                                  "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)})
+        return subprocess.call([sys.executable, "-m", "tinyfractal.infer_bench", *argv], env=env)
+    try:
+        result = bench_cache(args) if args.command == "cache" else bench_spec(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        from .checkpoint import atomic_write_json
+        atomic_write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
