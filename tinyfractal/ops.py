@@ -87,6 +87,26 @@ def _openblas_thread_setter():
     return None
 
 
+def _keep_freed_memory():
+    """Ask glibc's malloc to reuse freed memory instead of handing it back to the OS (Linux only).
+
+    A training step allocates and frees the same few hundred MB of arrays every time. By default glibc
+    serves each large array with a fresh mmap, and the kernel zero-fills every page on first touch:
+    we measured ~110k page faults and ~0.5-0.7 s of system time per `original` step, a third of the
+    step's CPU time. With the mmap threshold at its maximum (32 MB) and no trimming of the heap, freed
+    arrays are reused and the faults disappear. Peak memory is unchanged; memory is just not returned
+    between steps. A no-op where there is no glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):
+        pass
+
+
+_keep_freed_memory()
 _blas = _openblas_thread_setter()
 THREADS = int(os.environ.get("TINYFRACTAL_THREADS", os.cpu_count() or 1)) if _blas else 1
 _pool = None
