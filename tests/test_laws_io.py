@@ -51,7 +51,7 @@ def texts_for(tok, max_size=60):
     return st.text(alphabet="".join(tok.chars), max_size=max_size) | pieces | runs
 
 
-@examples(60)
+@examples(120)
 @given(trained_tokenizers().flatmap(lambda t: st.tuples(st.just(t), texts_for(t))))
 def test_tokenizer_round_trip(args):
     """Tokenizer: decode(encode(s)) == s for every text s over the alphabet, for any trained tokenizer
@@ -65,7 +65,7 @@ def test_tokenizer_round_trip(args):
         assert tok.decode(ids) == s
 
 
-@examples(40)
+@examples(80)
 @given(trained_tokenizers().flatmap(lambda t: st.tuples(st.just(t), texts_for(t))))
 def test_tokenizer_encoding_is_deterministic(args):
     """Tokenizer: encoding the same text twice, or with the tokenizer reloaded from its JSON, gives the same ids."""
@@ -76,7 +76,7 @@ def test_tokenizer_encoding_is_deterministic(args):
     assert tok.encode_array(text).tolist() == first
 
 
-@examples(40)
+@examples(80)
 @given(trained_tokenizers().flatmap(lambda t: st.tuples(st.just(t), texts_for(t, 120))))
 def test_tokenizer_merging_never_increases_token_count(args):
     """Tokenizer: with the first k merges a text has no more tokens than with the first k-1, for every k,
@@ -87,7 +87,7 @@ def test_tokenizer_merging_never_increases_token_count(args):
     assert all(b <= a for a, b in zip(counts, counts[1:])), counts
 
 
-@examples(60)
+@examples(120)
 @given(trained_tokenizers().flatmap(lambda t: st.tuples(
     st.just(t), texts_for(t, 20), texts_for(t, 20), st.characters().filter(lambda c: c not in t.chars))))
 def test_tokenizer_rejects_every_character_outside_the_alphabet(args):
@@ -123,7 +123,7 @@ def checkpoints(draw):
     return cfg, params, meta, opt
 
 
-@examples(25)
+@examples(50)
 @given(checkpoints())
 def test_checkpoint_save_then_load_is_bit_exact(args):
     """Checkpoints: load(save(params, cfg, meta)) gives the same config, the same meta and every array
@@ -161,7 +161,7 @@ def assert_refused(folder):
 small_checkpoints = configs(max_nodes=13).flatmap(lambda c: st.tuples(st.just(c), params_for(c)))
 
 
-@examples(25)
+@examples(50)
 @given(small_checkpoints, st.data())
 def test_checkpoint_truncated_or_altered_params_are_rejected(args, data):
     """Checkpoints: params.npz cut short, or with any one byte changed, is refused with a ValueError."""
@@ -178,7 +178,7 @@ def test_checkpoint_truncated_or_altered_params_are_rejected(args, data):
         assert_refused(folder)
 
 
-@examples(15)
+@examples(30)
 @given(small_checkpoints, st.data())
 def test_checkpoint_params_from_another_save_are_rejected(args, data):
     """Checkpoints: a well-formed params.npz whose numbers differ from the ones saved (one entry changed,
@@ -194,7 +194,7 @@ def test_checkpoint_params_from_another_save_are_rejected(args, data):
         assert_refused(folder)
 
 
-@examples(25)
+@examples(50)
 @given(small_checkpoints, st.data())
 def test_checkpoint_truncated_or_corrupt_meta_is_rejected(args, data):
     """Checkpoints: meta.json cut short, or with its checksum, format, version or shape-giving config
@@ -246,7 +246,7 @@ def test_checkpoint_altered_meta_values_are_rejected(field):
 
 # Law 14: configs
 
-@examples(40)
+@examples(80)
 @given(config_dicts(), st.data())
 def test_every_valid_config_builds_and_runs(fields, data):
     """Configs: every valid config builds, survives to_dict/from_dict, has SPEC.md's parameter count, and
@@ -266,7 +266,7 @@ def test_every_valid_config_builds_and_runs(fields, data):
         assert np.all(np.isfinite(batched))
 
 
-@examples(150)
+@examples(300)
 @given(invalid_configs())
 def test_every_invalid_config_raises_a_value_error_naming_the_constraint(case):
     """Configs: every config that breaks a constraint raises a ValueError (not an AssertionError, not a
@@ -287,7 +287,7 @@ field_values = st.one_of(st.integers(-3, 12), st.floats(allow_nan=True, allow_in
                          st.booleans(), st.none(), st.text(max_size=3), st.lists(st.integers(0, 2), max_size=2))
 
 
-@examples(150)
+@examples(300)
 @given(config_dicts(max_nodes=15), st.dictionaries(st.sampled_from(sorted(Config.__dataclass_fields__)),
                                                    field_values, max_size=3))
 def test_any_config_either_runs_or_raises_a_value_error(fields, changes):

@@ -28,7 +28,7 @@ def node_logits(params, cfg, level, index, ids):
 
 # Law 5: a sub-model is a model
 
-@examples(30)
+@examples(60)
 @given(with_node(models(max_nodes=40, dtype=np.float64)))
 def test_a_sub_model_is_a_model(args):
     """A sub-model is a model: the logits of view(P, cfg, l, j) under cfg.sub(l) equal, bit for bit in
@@ -51,7 +51,7 @@ def masked_out(g, mask):
     return {path: float(np.max(np.abs(get(g, path)[~mask[path]]), initial=0.0)) for path in mask}
 
 
-@examples(20)
+@examples(40)
 @given(with_node(models(max_nodes=21, dtype=np.float64)))
 def test_locality_a_nodes_gradient_is_zero_outside_its_index_set(args):
     """Locality: the gradient of one node's loss with respect to the full arrays is exactly zero outside
@@ -67,7 +67,7 @@ def test_locality_a_nodes_gradient_is_zero_outside_its_index_set(args):
     assert any(np.any(get(g, path)[mask[path]] != 0) for path in mask)
 
 
-@examples(20)
+@examples(40)
 @given(with_node(models(max_nodes=21, dtype=np.float64)))
 def test_locality_holds_on_the_level_batched_path(args):
     """Locality, on the path training uses: the gradient of fast.node_losses(...)[l][j] is exactly zero
@@ -93,7 +93,7 @@ def perturbed(params, mask, seed, inside):
     return out
 
 
-@examples(25)
+@examples(50)
 @given(with_node(models(max_nodes=40)), st.integers(0, 2 ** 32 - 1))
 def test_isolation_changing_other_entries_leaves_a_nodes_logits_unchanged(args, seed):
     """Isolation: adding noise to every entry outside a node's index set leaves its logits exactly as
@@ -115,7 +115,7 @@ TOL = {np.float32: dict(rtol=2e-4, atol=2e-4), np.float64: dict(rtol=1e-10, atol
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@examples(20)
+@examples(40)
 @given(data=st.data())
 def test_level_batched_logits_equal_per_node_logits(dtype, data):
     """The level-batched path equals the per-node path: fast.forward_level(P, cfg, l, ids)[j] equals
@@ -132,7 +132,7 @@ def test_level_batched_logits_equal_per_node_logits(dtype, data):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@examples(12)
+@examples(24)
 @given(data=st.data())
 def test_level_batched_tree_loss_and_gradient_equal_the_reference(dtype, data):
     """The level-batched path equals the per-node path: fast.tree_loss and its gradient equal
@@ -153,7 +153,7 @@ def test_level_batched_tree_loss_and_gradient_equal_the_reference(dtype, data):
                                    atol=TOL[dtype]["atol"] * max(scale, 1.0), err_msg=str(path))
 
 
-@examples(20)
+@examples(40)
 @given(models(max_nodes=40))
 def test_level_batched_node_losses_equal_per_node_losses(args):
     """The level-batched path equals the per-node path: fast.node_losses(...)[l][j] is the
@@ -168,7 +168,7 @@ def test_level_batched_node_losses_equal_per_node_losses(args):
 
 # Law 9: causality
 
-@examples(25)
+@examples(50)
 @given(models(max_nodes=40, min_T=2), st.data())
 def test_causality_future_tokens_leave_earlier_logits_unchanged(args, data):
     """Causality: changing the tokens after position t leaves the logits at positions <= t unchanged,

@@ -40,7 +40,7 @@ def rows_and_scale(draw):
     return x, g, c
 
 
-@examples(100)
+@examples(200)
 @given(rows_and_scale())
 def test_rmsnorm_is_scale_invariant(args):
     """Operator law: rmsnorm(c*x) = rmsnorm(x) for every c > 0 (eps = 0), and with gain 0 every output row
@@ -64,7 +64,7 @@ def score_rows(draw):
     return np.where(masked, -1e30, x)
 
 
-@examples(100)
+@examples(200)
 @given(score_rows(), finite(-1e3, 1e3))
 def test_softmax_rows_sum_to_one(x, shift):
     """Operator law: every row of softmax(x) is in [0, 1] and sums to 1, masked entries get exactly 0,
@@ -88,7 +88,7 @@ head_dims = st.integers(1, 8).map(lambda n: 2 * n)
 thetas = st.sampled_from([10.0, 100.0, 10000.0]) | finite(2.0, 1e4)
 
 
-@examples(100)
+@examples(200)
 @given(head_dims.flatmap(lambda h: st.tuples(arrays(np.float64, h, elements=finite(-3, 3)),
                                              arrays(np.float64, h, elements=finite(-3, 3)))),
        st.integers(0, 64), st.integers(0, 64), st.integers(0, 64), thetas)
@@ -115,7 +115,7 @@ def rope_reference(x, start, theta):
     return out
 
 
-@examples(60)
+@examples(120)
 @given(st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 3), head_dims)
        .flatmap(lambda s: arrays(np.float64, s, elements=finite(-3, 3))),
        st.integers(0, 50), thetas)
@@ -172,7 +172,7 @@ def geglu_cases(draw):
     return rng.normal(0, 1, (B, T, D)), p, rng.normal(0, 1, (B, T, D))
 
 
-@examples(60)
+@examples(120)
 @given(geglu_cases())
 def test_geglu_value_and_gradient_match_a_plain_reference(case):
     """Operator law (GeGLU): mlp(x) = (gelu(x Wgate + bgate) * (x Wup + bup)) Wdown + bdown with the tanh
@@ -202,7 +202,7 @@ def add_scaled(params, direction, h):
             "layers": [{k: layer[k] + h * d[k] for k in layer} for layer, d in zip(params["layers"], direction["layers"])]}
 
 
-@examples(8)
+@examples(16)
 @given(models(max_nodes=7, dtype=np.float64), st.integers(0, 2 ** 32 - 1),
        st.sampled_from(["reference", "level-batched"]))
 def test_gradients_of_the_full_model_match_finite_differences(args, seed, path):
@@ -242,7 +242,7 @@ def stacked_block_cases(draw):
     return a, roles, n
 
 
-@examples(40)
+@examples(80)
 @given(stacked_block_cases())
 def test_gradients_of_stacked_blocks_land_on_the_diagonal_blocks(case):
     """Gradients: the gradient through tree.stacked_blocks (the primitive under level_view) is exactly
@@ -369,7 +369,7 @@ CUSTOM_VJPS = {
 
 
 @pytest.mark.parametrize("name", custom_vjps())
-@examples(8)
+@examples(16)
 @given(data=st.data())
 def test_gradients_every_custom_vjp_passes_check_grads(name, data):
     """Gradients: every custom VJP (autograd primitive) in the tinyfractal package passes autograd's

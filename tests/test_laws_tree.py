@@ -44,7 +44,7 @@ def owned_by_view(full, cfg, level, index):
 
 # Law 1: tree shape
 
-@examples(60)
+@examples(120)
 @given(configs())
 def test_tree_shape_level_l_has_split_to_the_l_nodes(cfg):
     """Tree shape: level l has split^l nodes, indexed 0..split^l - 1, and the tree has (s^L - 1)/(s - 1)."""
@@ -58,7 +58,7 @@ def test_tree_shape_level_l_has_split_to_the_l_nodes(cfg):
     assert all_nodes == sorted(all_nodes)
 
 
-@examples(60)
+@examples(120)
 @given(configs())
 def test_tree_shape_parents_and_children_are_consistent(cfg):
     """Tree shape: the children of (l, j) are (l+1, s*j + r) for r < s, each child's parent is (l, j),
@@ -81,7 +81,7 @@ def test_tree_shape_parents_and_children_are_consistent(cfg):
     assert sorted(met) == sorted(nodes(cfg)) and len(met) == len(set(met))
 
 
-@examples(30)
+@examples(60)
 @given(configs(), st.data())
 def test_tree_shape_nodes_outside_the_tree_are_rejected(cfg, data):
     """Tree shape: asking for a level or index outside the tree is a ValueError, not an IndexError or a wrong view."""
@@ -101,7 +101,7 @@ def test_tree_shape_nodes_outside_the_tree_are_rejected(cfg, data):
 
 # Law 2: views are views
 
-@examples(40)
+@examples(80)
 @given(configs().flatmap(lambda c: st.tuples(st.just(c), params_for(c), node_of(c))))
 def test_views_are_views_every_array_shares_memory(args):
     """Views are views: every array of view(params, cfg, l, j) shares memory with the full array,
@@ -115,7 +115,7 @@ def test_views_are_views_every_array_shares_memory(args):
         assert same_memory(part, full[spec_slices(full.shape, roles, cfg.split, level, index)])
 
 
-@examples(40)
+@examples(80)
 @given(configs().flatmap(lambda c: st.tuples(st.just(c), params_for(c), node_of(c))))
 def test_views_are_views_writing_through_a_view_changes_the_full_model(args):
     """Views are views: writing through a view changes exactly those entries of the full arrays, and
@@ -139,7 +139,7 @@ def test_views_are_views_writing_through_a_view_changes_the_full_model(args):
     assert not np.array_equal(forward(params, cfg, ids), logits_before)
 
 
-@examples(40)
+@examples(80)
 @given(configs().flatmap(lambda c: st.tuples(st.just(c), params_for(c), st.integers(0, c.levels - 1))))
 def test_views_are_views_level_view_entry_j_is_view_j(args):
     """Views are views: level_view(P, cfg, l)[key][j] is the same memory (pointer, shape, strides) as
@@ -160,7 +160,7 @@ def test_views_are_views_level_view_entry_j_is_view_j(args):
 
 # Law 3: siblings are disjoint, children tile their parent
 
-@examples(40)
+@examples(80)
 @given(configs())
 def test_siblings_are_disjoint(cfg):
     """Siblings are disjoint: at every level, no entry of any array is reached by the views of two models."""
@@ -186,7 +186,7 @@ def parent_diagonal_block(full_shape, roles, cfg, level, index, r):
     return m
 
 
-@examples(40)
+@examples(80)
 @given(configs(min_levels=2), st.data())
 def test_children_tile_their_parent(cfg, data):
     """Children tile their parent: the union of the children's index sets lies inside the parent's, and
@@ -205,7 +205,7 @@ def test_children_tile_their_parent(cfg, data):
         assert not np.any(union[path] & ~parent_owned[path])
 
 
-@examples(40)
+@examples(80)
 @given(configs().flatmap(lambda c: st.tuples(st.just(c), node_of(c))))
 def test_index_mask_is_the_index_set_of_the_view(args):
     """index_mask(l, j) is exactly the set of entries view(l, j) reaches, which is SPEC.md's block,
@@ -234,7 +234,7 @@ def node_and_descendant(draw):
     return cfg, level, j, m, k
 
 
-@examples(60)
+@examples(120)
 @given(node_and_descendant(), st.data())
 def test_a_child_of_a_child_is_a_grandchild(args, data):
     """A child of a child is a grandchild: view(view(P, cfg, l, j), cfg.sub(l), m, k) is the same memory
@@ -247,7 +247,7 @@ def test_a_child_of_a_child_is_a_grandchild(args, data):
         assert same_memory(get(nested, path), get(direct, path)), path
 
 
-@examples(60)
+@examples(120)
 @given(node_and_descendant())
 def test_a_sub_config_of_a_sub_config_is_a_sub_config(args):
     """A child of a child is a grandchild, for configs: cfg.sub(l).sub(m) == cfg.sub(l + m), whose width,
@@ -262,7 +262,7 @@ def test_a_sub_config_of_a_sub_config_is_a_sub_config(args):
     assert deep.levels == cfg.levels - level - m and deep.heads == cfg.heads and deep.kv_heads == cfg.kv_heads
 
 
-@examples(40)
+@examples(80)
 @given(node_and_descendant(), st.data())
 def test_a_level_of_a_view_is_a_level_of_the_tree(args, data):
     """A child of a child is a grandchild, stacked: level_view(view(P, cfg, l, j), cfg.sub(l), m)[key][k]
