@@ -60,11 +60,21 @@ def both_paths(cfg, params, ids, targets, block, level_weights):
 
 
 @settings(max_examples=12, deadline=None)
-@given(cases(), st.sampled_from([None, "random"]))
-def test_level_batched_loss_and_every_gradient_equal_the_per_node_path_in_float64(case, weights):
+@given(cases(), st.sampled_from([None, "random"]), st.booleans())
+def test_level_batched_loss_and_every_gradient_equal_the_per_node_path_in_float64(case, weights, split):
     """Same-program law: the level-batched tree loss and its gradient with respect to every array equal the
-    per-node reference (model.tree_loss_reference) to float64 rounding, with or without level weights."""
+    per-node reference (model.tree_loss_reference) to float64 rounding, with or without level weights,
+    with the ops running in one thread or forced to split their work over two."""
     cfg, params, ids, targets, block = case
+    saved = ops.THREADS, ops.MIN_WORK
+    ops.THREADS, ops.MIN_WORK = (2, 0) if split else (1, saved[1])
+    try:
+        check_same_as_reference(cfg, params, ids, targets, block, weights)
+    finally:
+        ops.THREADS, ops.MIN_WORK = saved
+
+
+def check_same_as_reference(cfg, params, ids, targets, block, weights):
     level_weights = None if weights is None else list(np.random.default_rng(0).uniform(0.1, 2.0, cfg.levels))
     (loss, g), (ref_loss, ref_g) = both_paths(cfg, params, ids, targets, block, level_weights)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-11)

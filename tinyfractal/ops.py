@@ -140,15 +140,46 @@ def parallel_map(fn, pieces):
             setter(before)
 
 
+MIN_WORK = 1 << 16   # below ~this many element-ops per piece, handing work to a thread costs more than it saves
+
+
+def _count(n, cost_each, target):
+    """How many pieces to cut n items of cost_each into: about `target` work each, at least THREADS
+    of them, and just one (run in the calling thread) when the whole job is small."""
+    total = n * cost_each
+    if THREADS <= 1 or total < 2 * MIN_WORK:
+        return 1
+    return min(n, max(THREADS, -(-total // target)))
+
+
+def _chunks(n, cost_each, target=1 << 18):
+    """range(n) cut into _count(...) slices."""
+    count = _count(n, cost_each, target)
+    edges = [n * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _row_pieces(N, R, cost_per_row, target=1 << 16):
+    """(models, rows) slices covering an (N, R, ...) array, about `target` work each."""
+    count = _count(N * R, cost_per_row, target)
+    if count == 1:
+        return [(slice(None), slice(None))]
+    per_model = min(R, -(-count // N))
+    return [(slice(n, n + 1), slice(R * i // per_model, R * (i + 1) // per_model))
+            for n in range(N) for i in range(per_model)]
+
+
 def batched_matmul(a, b):
     """(N,m,k) @ (N,k,n) -> (N,m,n), split over THREADS threads (see parallel_map).
 
     The split runs along models when there are enough of them, else along the rows of each model,
-    so every thread gets one large single-threaded matmul.
+    so every thread gets one large single-threaded matmul. Small products stay in the calling thread.
     """
-    N, m, n = a.shape[0], a.shape[1], b.shape[2]
+    N, m, k, n = a.shape[0], a.shape[1], a.shape[2], b.shape[2]
     out = onp.empty((N, m, n), dtype=onp.result_type(a, b))
-    if N >= THREADS:
+    if THREADS <= 1 or N * m * k * n < 32 * MIN_WORK:
+        pieces = [(slice(None), slice(None))]
+    elif N >= THREADS:
         pieces = [(slice(N * i // THREADS, N * (i + 1) // THREADS), slice(None)) for i in range(THREADS)]
     else:
         pieces = [(slice(j, j + 1), slice(m * i // THREADS, m * (i + 1) // THREADS))
@@ -157,21 +188,8 @@ def batched_matmul(a, b):
     def piece(p):
         models, rows = p
         onp.matmul(a[models, rows], b[models], out=out[models, rows])
-    parallel_map(piece, [p for p in pieces if p[0].stop > p[0].start])
+    parallel_map(piece, pieces)
     return out
-
-
-def _row_pieces(N, R, cost_per_row, target=1 << 16):
-    """(model, rows) pieces covering an (N, R, ...) array: about `target` work each, at least THREADS."""
-    per_model = min(R, max(1, -(-THREADS // N), -(-R * cost_per_row // target)))
-    return [(n, slice(R * i // per_model, R * (i + 1) // per_model)) for n in range(N) for i in range(per_model)]
-
-
-def _chunks(n, cost_each, target=1 << 18):
-    """Split range(n) into slices of about `target` work units, at least THREADS of them."""
-    count = max(min(n, THREADS), min(n, -(-n * cost_each // target)))
-    edges = [n * i // count for i in range(count + 1)]
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 _profile = None
@@ -279,7 +297,7 @@ def rmsnorm(x, g, eps):
         n, rows = p
         r[n, rows] = _inverse_rms(x3[n, rows], eps)
         onp.multiply(x3[n, rows], r[n, rows], out=y[n, rows])
-        y[n, rows] *= gain[n]
+        y[n, rows] *= gain[n, None, :]
 
     with _clock("norms"):
         parallel_map(piece, _row_pieces(N, x3.shape[1], d))
@@ -304,12 +322,12 @@ def _rmsnorm_vjp(argnums, ans, args, kwargs):
             n, rows = p
             normed = x3[n, rows] * r[n, rows]
             if 0 in argnums:
-                dn = dy3[n, rows] * gain[n]
-                dot = onp.einsum("md,md->m", dn, normed)[:, None]
+                dn = dy3[n, rows] * gain[n, None, :]
+                dot = onp.einsum("nmd,nmd->nm", dn, normed)[..., None]
                 dot *= 1.0 / d
                 dn -= normed * dot
                 onp.multiply(dn, r[n, rows], out=dx[n, rows])
-            return onp.einsum("md,md->d", dy3[n, rows], normed) if 1 in argnums else None
+            return onp.einsum("nmd,nmd->nd", dy3[n, rows], normed) if 1 in argnums else None
 
         with _clock("norms"):
             parts = parallel_map(piece, pieces)
@@ -659,14 +677,14 @@ def cross_entropy(logits, targets):
 
     def piece(pc):
         n, rows = pc
-        xs, ps = x[n, rows], p[n, rows]
+        xs, ps, ts = x[n, rows], p[n, rows], t[rows]
         m = xs.max(axis=-1, keepdims=True)
         onp.subtract(xs, m, out=ps)
         onp.exp(ps, out=ps)
         z = ps.sum(axis=-1, keepdims=True)
         ps /= z
-        lse = onp.log(z[:, 0]) + m[:, 0]
-        return (lse - xs[onp.arange(len(lse)), t[rows]]).sum()
+        lse = onp.log(z[..., 0]) + m[..., 0]                                   # (n, rows)
+        return (lse - xs[:, onp.arange(ts.size), ts]).sum(axis=1)
 
     with _clock("cross-entropy"):
         loss = onp.zeros(N, dtype=logits.dtype)
@@ -689,9 +707,9 @@ def _cross_entropy_vjp(ans, logits, targets):
 
         def piece(pc):
             n, rows = pc
-            ds = d[n, rows]
-            onp.multiply(p[n, rows], scale[n], out=ds)
-            ds[onp.arange(ds.shape[0]), t[rows]] -= scale[n]                  # each row once: no add.at
+            ds, ts = d[n, rows], t[rows]
+            onp.multiply(p[n, rows], scale[n, None, None], out=ds)
+            ds[:, onp.arange(ts.size), ts] -= scale[n, None]                  # each row once: no add.at
 
         with _clock("cross-entropy"):
             parallel_map(piece, _row_pieces(N, M, V))
