@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from tinyfractal import Config, Tokenizer, forward, init_params, speculative_generate, view
 from tinyfractal import infer, speculative
 from tinyfractal.sample import filtered_probs
-from tinyfractal.speculative import accept_sampled, resolve_drafters, speculative_ids
+from tinyfractal.speculative import accept_sampled, accept_sampled_multi, resolve_drafters, speculative_ids
 
 CFG = Config.preset("tiny").override(context=16, hidden=48, head_dim=8)
 
@@ -73,11 +73,14 @@ def test_speculative_generate_text_matches_plain_greedy_text():
 @given(st.lists(st.integers(0, 127), min_size=1, max_size=10), st.integers(1, 5), st.sampled_from([1, 2]))
 def test_speculation_never_saves_verifier_flops(prompt, k, level):
     """Law: the verifier checks every kept token once plus the refused ones, so its matmul FLOPs are
-    at least those of plain cached decoding, and the drafters only add more."""
-    plain = infer.node_models(PARAMS, CFG, 0, 0)
+    at least those of plain cached decoding, and the drafters only add more. (Within one window: a
+    slide's prefill also multiplies the masked half of its attention square, which depends on how
+    the window is split into calls.)"""
+    cfg = CFG.override(context=32)
+    plain = infer.node_models(PARAMS, cfg, 0, 0)
     ids = list(prompt)
     infer.decode(plain, ids, 20, lambda lg: int(onp.argmax(lg)))
-    _, stats = speculative_ids(PARAMS, CFG, prompt, 20, (0, 0), level, k)
+    _, stats = speculative_ids(PARAMS, cfg, prompt, 20, (0, 0), level, k)
     assert stats.verifier_flops >= plain.flops
     assert stats.flops > plain.flops
 
@@ -135,6 +138,39 @@ def test_chi_square_catches_a_broken_accept_rule(broken):
     assert stat > CHI2_999[dof], stat
 
 
+Q3 = onp.array([[0.10, 0.40, 0.20, 0.10, 0.20], [0.60, 0.10, 0.10, 0.10, 0.10], [0.05, 0.05, 0.05, 0.05, 0.80]])
+
+
+def sampled_first_tokens_multi(draws, rule, seed=0):
+    """Counts of the first emitted token when three drafters each propose one token from their own q."""
+    rng = onp.random.default_rng(seed)
+    p = onp.repeat(P1[None], 3, axis=0)
+    counts = onp.zeros(5)
+    for _ in range(draws):
+        drafts = onp.asarray([[rng.choice(5, p=q)] for q in Q3])
+        row, a, t = rule(p, Q3[:, None, :], drafts, rng)
+        counts[drafts[row, 0] if a >= 1 else t] += 1
+    return counts
+
+
+def no_residual_update(p, q, drafts, rng):
+    """A mistake: test every draft against the verifier's p itself, never against the residual."""
+    for r in range(len(drafts)):
+        t = drafts[r, 0]
+        if rng.random() * q[r, 0, t] < p[0, 0, t]:
+            return r, 1, int(rng.choice(p.shape[2], p=p[r, 1]))
+    return 0, 0, int(rng.choice(p.shape[2], p=p[0, 0]))
+
+
+def test_recursive_rule_for_several_drafters_keeps_the_verifier_distribution():
+    """Law: with several independent drafts, trying them in turn against P, and replacing P by
+    normalize(max(0, P - q_r)) after each refusal, emits a token distributed as p. 12000 draws, 0.1%."""
+    stat, dof = chi_square(sampled_first_tokens_multi(12000, accept_sampled_multi), P1[0])
+    assert stat < CHI2_999[dof], stat
+    stat, dof = chi_square(sampled_first_tokens_multi(12000, no_residual_update), P1[0])
+    assert stat > CHI2_999[dof], f"the test must reject the rule without residuals; statistic {stat}"
+
+
 TINYV = Config.preset("micro").override(vocab_size=4)
 TINYV_PARAMS = lively(TINYV, 1)
 PROMPT = [1, 2, 3, 0, 1]
@@ -149,12 +185,13 @@ def exact_pair_distribution():
     return onp.concatenate([p1[a] * probs(PROMPT + [a]) for a in range(4)])
 
 
-def speculative_pairs(draws, monkeypatch=None, rule=None):
+def speculative_pairs(draws, monkeypatch=None, rule=None, drafters=((1, 0),)):
     if rule is not None:
-        monkeypatch.setattr(speculative, "accept_sampled", rule)
+        monkeypatch.setattr(speculative, rule[0], rule[1])
     counts = onp.zeros(16)
     for seed in range(draws):
-        new, _ = speculative_ids(TINYV_PARAMS, TINYV, PROMPT, 2, (0, 0), [(1, 0)], k=3, temperature=TEMP, seed=seed)
+        new, _ = speculative_ids(TINYV_PARAMS, TINYV, PROMPT, 2, (0, 0), list(drafters), k=3, temperature=TEMP,
+                                 seed=seed)
         counts[4 * new[0] + new[1]] += 1
     return counts
 
@@ -169,9 +206,20 @@ def test_sampled_speculative_decoding_keeps_the_verifiers_joint_distribution():
     assert stat < CHI2_999[dof], stat
 
 
-def test_end_to_end_chi_square_catches_always_accept(monkeypatch):
-    """With the rule replaced by always-accept, the same end-to-end test fails (400 draws suffice)."""
-    stat, dof = chi_square(speculative_pairs(400, monkeypatch, always_accept), exact_pair_distribution())
+def test_sampled_multi_draft_decoding_keeps_the_verifiers_joint_distribution():
+    """The same end-to-end test with both level-1 models drafting (the recursive rule): 1500 draws."""
+    stat, dof = chi_square(speculative_pairs(1500, drafters=((1, 0), (1, 1))), exact_pair_distribution())
+    assert stat < CHI2_999[dof], stat
+
+
+@pytest.mark.parametrize("name, broken, drafters", [
+    ("accept_sampled", always_accept, ((1, 0),)),
+    ("accept_sampled_multi", no_residual_update, ((1, 0), (1, 1))),
+])
+def test_end_to_end_chi_square_catches_a_broken_rule(monkeypatch, name, broken, drafters):
+    """With the rule replaced by always-accept (one drafter) or by the recursive rule without residuals
+    (two drafters), the same end-to-end test fails; 600 draws suffice."""
+    stat, dof = chi_square(speculative_pairs(600, monkeypatch, (name, broken), drafters), exact_pair_distribution())
     assert stat > CHI2_999[dof], stat
 
 
@@ -196,7 +244,6 @@ def test_drafter_choices_resolve_to_descendants():
     (dict(drafters=[2]), "pair"),
     (dict(k=0), "k must be"),
     (dict(k=2.0), "k must be"),
-    (dict(temperature=0.8, drafters=2), "exactly one drafter"),
     (dict(temperature=-1), "temperature"),
     (dict(keep=0), "keep"),
     (dict(max_new_tokens=-1), "max_new_tokens"),

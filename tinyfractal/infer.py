@@ -19,7 +19,7 @@ reproduces the full-recompute reference exactly; a smaller `keep` amortises the 
 import numpy as onp
 
 from .model import rmsnorm, rope_tables
-from .tree import level_view
+from .tree import level_view, map_roles, view
 
 
 def unit(x, eps):
@@ -80,8 +80,10 @@ class Models:
             raise ValueError("a model set needs at least one model index")
         self.cfg, self.sub, self.level, self.indices = cfg, cfg.sub(level), level, indices
         sub = self.sub
-        pick = onp.asarray(indices)
-        P = level_view(params, cfg, level)
+        if len(indices) == 1:                         # one node: its plain views, with a leading axis of 1
+            P, pick = map_roles(lambda a, roles: a[None], view(params, cfg, level, indices[0])), onp.zeros(1, int)
+        else:
+            P, pick = level_view(params, cfg, level), onp.asarray(indices)
 
         def take(a):
             return onp.ascontiguousarray(onp.asarray(a)[pick], dtype=onp.float32)

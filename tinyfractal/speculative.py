@@ -138,6 +138,28 @@ def accept_sampled(p, q, draft, rng):
     return len(draft), int(rng.choice(p.shape[1], p=p[len(draft)]))
 
 
+def accept_sampled_multi(p, q, drafts, rng):
+    """Several drafters, sampled: recursive rejection at the first position (SpecInfer, Miao et al. 2024).
+
+    p (R,k+1,V) the verifier along each draft, q (R,k,V) each drafter's own distributions, drafts (R,k),
+    drawn independently. Draft r's first token is kept with probability min(1, P(t)/q_r(t)), where P
+    starts as the verifier's p and, after each refusal, becomes normalize(max(0, P - q_r)); if every
+    draft is refused, the token is drawn from the last P. A kept draft continues with the standard
+    rule. Every draft's first position has the same context, so p[r, 0] is the same for every r.
+    Returns (row, accepted count, next token).
+    """
+    P = p[0, 0]
+    for r in range(len(drafts)):
+        t = drafts[r, 0]
+        if rng.random() * q[r, 0, t] < P[t]:
+            a, nxt = accept_sampled(p[r, 1:], q[r, 1:], drafts[r, 1:], rng)
+            return r, 1 + a, nxt
+        residual = onp.maximum(P - q[r, 0], 0.0)
+        total = residual.sum()
+        P = residual / total if total > 0 else P
+    return 0, 0, int(rng.choice(len(P), p=P))
+
+
 class Group:
     """The drafters of one level, batched: one Models, one cache, one catch-up pointer."""
 
@@ -151,8 +173,8 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
                     temperature=0.0, top_k=None, top_p=None, seed=0, keep=None, on_round=None):
     """Continue the token list `ids` by speculative decoding. Returns (new token ids, SpecStats).
 
-    temperature 0 is greedy verification and allows any number of drafters; temperature > 0 uses
-    the accept/reject rule and needs exactly one drafter. `on_round(info)` sees every round.
+    temperature 0 is greedy verification; temperature > 0 uses the accept/reject rule (one drafter)
+    or its recursive form (several drafters). `on_round(info)` sees every round.
     """
     infer.check_base(cfg)
     check_k(k)
@@ -160,9 +182,6 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
     verifier = check_node_pair(cfg, verifier, "verifier")
     nodes = resolve_drafters(cfg, verifier, drafters)
     sampled = temperature > 0
-    if sampled and len(nodes) != 1:
-        raise ValueError(f"sampling (temperature > 0) needs exactly one drafter, got {len(nodes)}; "
-                         f"use temperature 0 (greedy) for several drafters")
     context = cfg.context
     keep = infer.check_keep(keep, context)
     rng = onp.random.default_rng(seed)
@@ -201,37 +220,44 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
         if vcache.length < L:                                   # the verifier caches all but the pending token
             infer.extend(V, vcache, onp.asarray(ids[start + vcache.length:-1])[None])
 
-        rows, owners, q_rows = [], [], []
+        rows, owners, qs = [], [], []
         for g in groups:
             chunk = onp.asarray(ids[start + g.cache.length:])[None]       # catch up to the pending token
             out = infer.extend(g.models, g.cache, chunk)[:, 0, -1]       # (N,V)
             drafts = onp.zeros((g.models.N, k_eff), dtype=onp.int64)
+            q = onp.zeros((g.models.N, k_eff, out.shape[-1]))
             for i in range(k_eff):
-                if sampled:
-                    q_rows.append(pick(out[0]))
-                    drafts[0, i] = draw(q_rows[-1])
+                if sampled:                                              # each drafter draws from its own q
+                    q[:, i] = [pick(row) for row in out]
+                    drafts[:, i] = [draw(row) for row in q[:, i]]
                 else:
                     drafts[:, i] = onp.argmax(out, axis=-1)
                 if i + 1 < k_eff:
                     out = infer.extend(g.models, g.cache, drafts[:, i:i + 1, None])[:, 0, -1]
             g.drafts = drafts
-            for r, node in enumerate(g.nodes):
-                rows.append(tuple(drafts[r]))
-                owners.append(node)
-        distinct = list(dict.fromkeys(rows))                            # same draft from two drafters: check once
-        draft_arr = onp.asarray(distinct, dtype=onp.int64).reshape(len(distinct), k_eff)
-        tokens = onp.concatenate([onp.full((len(distinct), 1), pending), draft_arr], axis=1)
-        branch = vcache.expand(len(distinct))
+            rows += [tuple(row) for row in drafts]
+            owners += g.nodes
+            qs.append(q)
+        # Greedy checks each distinct draft once; sampling needs every draw, repeats included.
+        check = rows if sampled else list(dict.fromkeys(rows))
+        draft_arr = onp.asarray(check, dtype=onp.int64).reshape(len(check), k_eff)
+        tokens = onp.concatenate([onp.full((len(check), 1), pending), draft_arr], axis=1)
+        branch = vcache.expand(len(check))
         vlogits = infer.extend(V, branch, tokens)[0]                      # (R,k_eff+1,V)
         stats.rounds += 1
         if sampled:
-            p = onp.stack([pick(row) for row in vlogits[0]])
-            row, a, nxt = 0, *accept_sampled(p, onp.stack(q_rows), draft_arr[0], rng)
+            p = onp.asarray([[pick(pos) for pos in row] for row in vlogits])  # (R,k_eff+1,V)
+            q = onp.concatenate(qs)                                           # (R,k_eff,V)
+            if len(check) == 1:
+                row, (a, nxt) = 0, accept_sampled(p[0], q[0], draft_arr[0], rng)
+            else:
+                row, a, nxt = accept_sampled_multi(p, q, draft_arr, rng)
+            chosen = owners[row]
         else:
             row, a, nxt = accept_greedy(onp.argmax(vlogits, axis=-1), draft_arr)
+            chosen = owners[rows.index(check[row])]
         vcache.adopt(branch, row, L + a + 1)
         new = [int(t) for t in draft_arr[row, :a]] + [nxt]
-        chosen = owners[rows.index(distinct[row])]
         stats.accepted_by[chosen] += 1
         stats.drafted += k_eff
         stats.accepted += a
@@ -241,7 +267,7 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
             agree = onp.cumprod(fed[:, :len(new)] == onp.asarray(new[:fed.shape[1]]), axis=1).sum(axis=1)
             g.cache.rollback(L + 1 + int(agree.min()))
         if on_round:
-            on_round({"drafts": draft_arr, "owners": [[o for o, r in zip(owners, rows) if r == d] for d in distinct],
+            on_round({"drafts": draft_arr, "owners": [[o for o, r in zip(owners, rows) if r == d] for d in check],
                       "row": row, "accepted": a, "token": nxt, "window_start": start})
         ids.extend(new)
     stats.new_tokens = len(ids) - n_prompt
