@@ -69,23 +69,30 @@ def matmul_shapes(cfg, batch):
 
 
 def measure_peak(cfg, batch, budget=0.05):
-    """Best float32 GFLOP/s of np.matmul over the model's shapes (each timed for about `budget` s)."""
+    """Best float32 GFLOP/s over the model's matmul shapes: (GFLOP/s, shape, how).
+
+    Each shape is timed for about `budget` seconds two ways, as plain np.matmul (BLAS's own threads)
+    and as ops.batched_matmul (our threads, single-threaded BLAS); the fastest run counts.
+    """
     rng = onp.random.default_rng(0)
-    best_rate, best_shape = 0.0, None
+    best = (0.0, None, None)
     for (Bm, m, k, n) in matmul_shapes(cfg, batch):
         a = rng.standard_normal((Bm, m, k), dtype=onp.float32)
         b = rng.standard_normal((Bm, k, n), dtype=onp.float32)
-        out = onp.matmul(a, b)
-        flops, reps, fastest = 2.0 * Bm * m * k * n, 0, float("inf")
-        start = time.perf_counter()
-        while reps < 3 or time.perf_counter() - start < budget:
-            t0 = time.perf_counter()
-            onp.matmul(a, b, out=out)
-            fastest = min(fastest, time.perf_counter() - t0)
-            reps += 1
-        if flops / fastest > best_rate:
-            best_rate, best_shape = flops / fastest, (Bm, m, k, n)
-    return best_rate / 1e9, best_shape
+        out = onp.empty((Bm, m, n), dtype=onp.float32)
+        flops = 2.0 * Bm * m * k * n
+        for how, run in (("np.matmul", lambda: onp.matmul(a, b, out=out)),
+                         ("ops.batched_matmul", lambda: ops.batched_matmul(a, b))):
+            run()
+            reps, fastest, start = 0, float("inf"), time.perf_counter()
+            while reps < 3 or time.perf_counter() - start < budget:
+                t0 = time.perf_counter()
+                run()
+                fastest = min(fastest, time.perf_counter() - t0)
+                reps += 1
+            if flops / fastest / 1e9 > best[0]:
+                best = (flops / fastest / 1e9, (Bm, m, k, n), how)
+    return best
 
 
 def training_step(path, cfg, tc, seed=0):
@@ -118,16 +125,21 @@ def batches(cfg, batch, count, seed=0):
 
 
 def time_steps(cfg, tc, steps, warmup, paths):
-    """Median wall seconds per training step of each path, one step of each in turn."""
+    """Wall and CPU seconds of every timed training step of each path, one step of each in turn.
+
+    CPU seconds (all threads of this process) tell what the step costs when the machine is shared:
+    on an idle machine with c cores the wall time could approach CPU / c.
+    """
     runners = {path: training_step(path, cfg, tc) for path in paths}
-    times = {path: [] for path in paths}
+    wall, cpu = {path: [] for path in paths}, {path: [] for path in paths}
     for i, (ids, targets) in enumerate(batches(cfg, tc.batch_size, warmup + steps)):
         for path, run in runners.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run(ids, targets)
             if i >= warmup:
-                times[path].append(time.perf_counter() - t0)
-    return {path: statistics.median(t) for path, t in times.items()}, times
+                wall[path].append(time.perf_counter() - t0)
+                cpu[path].append(time.process_time() - c0)
+    return wall, cpu
 
 
 def profile_fast_step(cfg, tc, steps=3):
@@ -171,18 +183,21 @@ def run_bench(preset, steps, warmup, batch=None, paths=PATHS, memory=True, profi
     if batch is not None:
         tc = tc.override(batch_size=batch)
     flops = step_flops(cfg, tc.batch_size)
-    peak, peak_shape = measure_peak(cfg, tc.batch_size)
-    medians, all_times = time_steps(cfg, tc, steps, warmup, paths)
+    peak, peak_shape, peak_how = measure_peak(cfg, tc.batch_size)
+    wall, cpu = time_steps(cfg, tc, steps, warmup, paths)
+    medians = {path: statistics.median(t) for path, t in wall.items()}
     tokens = tc.batch_size * cfg.context
     result = {"preset": preset, "batch": tc.batch_size, "context": cfg.context, "tokens_per_step": tokens,
               "models": cfg.n_nodes, "steps": steps, "warmup": warmup, "threads": ops.THREADS,
               "load_average_1min": os.getloadavg()[0], "flops_per_step": flops,
-              "matmul_peak_gflops": peak, "matmul_peak_shape": list(peak_shape), "paths": {}}
+              "matmul_peak_gflops": peak, "matmul_peak_shape": list(peak_shape), "matmul_peak_by": peak_how,
+              "paths": {}}
     for path in paths:
         t = medians[path]
         achieved = flops["total"] / t / 1e9
         result["paths"][path] = {
-            "step_seconds": t, "step_seconds_all": all_times[path], "tokens_per_second": tokens / t,
+            "step_seconds": t, "step_seconds_all": wall[path], "cpu_seconds": statistics.median(cpu[path]),
+            "tokens_per_second": tokens / t,
             "gflops": achieved, "mfu": achieved / peak,
             "mfu_causal_half": flops["total (attention causal half)"] / t / 1e9 / peak}
         if memory:
@@ -191,7 +206,7 @@ def run_bench(preset, steps, warmup, batch=None, paths=PATHS, memory=True, profi
         result["speedup"] = medians["reference"] / medians["fast"]
     if profile_steps:
         step, table = profile_fast_step(cfg, tc, profile_steps)
-        result["profile"] = {"step_seconds": step, "seconds": table}
+        result["profile"] = {"step_seconds": step, "steps": profile_steps, "seconds": table}
     return result
 
 
@@ -203,18 +218,18 @@ def report(r):
              f"matmul FLOPs/step {f['total'] / 1e9:.2f} G (causal half only: {f['total (attention causal half)'] / 1e9:.2f} G): "
              + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in f.items() if not k.startswith("total")),
              f"float32 matmul peak on the model's shapes: {r['matmul_peak_gflops']:.1f} GFLOP/s "
-             f"(best shape {tuple(r['matmul_peak_shape'])} as batch, m, k, n)",
+             f"(best: shape {tuple(r['matmul_peak_shape'])} as batch, m, k, n, by {r['matmul_peak_by']})",
              "",
-             f"{'path':10} {'step s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'MFU causal':>10} {'peak RSS':>9}"]
+             f"{'path':10} {'step s':>8} {'CPU s':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'MFU causal':>10} {'peak RSS':>9}"]
     for path, p in r["paths"].items():
         rss = f"{p['peak_rss_bytes'] / 2 ** 30:.2f} GB" if "peak_rss_bytes" in p else "-"
-        lines.append(f"{path:10} {p['step_seconds']:8.3f} {p['tokens_per_second']:9.0f} {p['gflops']:8.1f} "
+        lines.append(f"{path:10} {p['step_seconds']:8.3f} {p['cpu_seconds']:7.3f} {p['tokens_per_second']:9.0f} {p['gflops']:8.1f} "
                      f"{p['mfu']:6.1%} {p['mfu_causal_half']:10.1%} {rss:>9}")
     if "speedup" in r:
         lines.append(f"speed-up of the fast path over the reference: {r['speedup']:.2f}x")
     if "profile" in r:
         step = r["profile"]["step_seconds"]
-        lines += ["", f"profile of a fast step ({step:.3f} s, wall time, median-free mean of a few steps):"]
+        lines += ["", f"profile of a fast step ({step:.3f} s wall, mean of {r['profile']['steps']} steps):"]
         for k, v in r["profile"]["seconds"].items():
             lines.append(f"  {k:42} {v * 1e3:8.1f} ms {v / step:6.1%}")
     return "\n".join(lines)
