@@ -252,3 +252,37 @@ def test_bad_speculative_inputs_are_clear_errors(kwargs, match):
     """Each bad choice is a ValueError that names it."""
     with pytest.raises(ValueError, match=match):
         speculative_ids(PARAMS, CFG, [1, 2, 3], **{"max_new_tokens": 5, **kwargs})
+
+
+def test_parse_drafters_reads_levels_nodes_and_sets():
+    """'2' is a level, '2.1' a node, '+' joins parts; anything else is a ValueError."""
+    from tinyfractal.speculative import parse_drafters
+    assert parse_drafters(CFG, (0, 0), "2") == [(2, 0), (2, 1), (2, 2), (2, 3)]
+    assert parse_drafters(CFG, (0, 0), "2.3+1.0") == [(1, 0), (2, 3)]
+    assert parse_drafters(CFG, (1, 1), "2") == [(2, 2), (2, 3)]
+    assert parse_drafters(CFG, (0, 0), "1+2") == [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2), (2, 3)]
+    for bad in ("", "x", "2.1.0", "2.", "1+1"):
+        with pytest.raises(ValueError):
+            parse_drafters(CFG, (0, 0), bad)
+
+
+def test_sample_command_speculative(tmp_path, capsys):
+    """`sample --speculative` prints the verifier's greedy text and a stats line; bad choices exit 2
+    with one line on stderr."""
+    from tinyfractal import save
+    from tinyfractal.cli import main
+    ckpt = tmp_path / "ckpt"
+    save(ckpt, PARAMS, CFG, {})
+    base = ["sample", "--ckpt", str(ckpt), "--prompt", "KING:", "--max-new-tokens", "20", "--temperature", "0"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--speculative", "--drafters", "2", "--draft-k", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain and "acceptance" in out.err
+    for extra, message in ((["--speculative", "--drafters", "2.9"], "out of range"),
+                           (["--speculative", "--level", "1", "--drafters", "2.3"], "not a descendant"),
+                           (["--speculative", "--draft-k", "0"], "k must be"),
+                           (["--drafters", "2"], "only apply with --speculative")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

@@ -125,6 +125,12 @@ def add_sample(sub):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", action="store_true",
+                   help="speculative decoding: sub-models of --level/--index draft, it verifies (stats on stderr)")
+    p.add_argument("--drafters", default=None,
+                   help="with --speculative: a level ('2'), a node ('2.1') or a '+' set ('2.0+2.3', '1+2'); "
+                        "default: the verifier's children")
+    p.add_argument("--draft-k", type=int, default=4, help="with --speculative: tokens per draft (default 4)")
     p.set_defaults(run=run_sample)
 
 
@@ -133,6 +139,21 @@ def run_sample(args, extra):
     from .sample import generate
     from .tokenizer import Tokenizer
     params, cfg, _ = load(args.ckpt)
+    if args.speculative:
+        from .speculative import parse_drafters, speculative_generate
+        verifier = (args.level, args.index)
+        cfg.check_node(*verifier)
+        drafters = None if args.drafters is None else parse_drafters(cfg, verifier, args.drafters)
+        text, stats = speculative_generate(params, cfg, Tokenizer.default(), args.prompt, verifier, drafters,
+                                           args.draft_k, args.max_new_tokens, args.temperature, args.top_k,
+                                           args.top_p, args.seed)
+        print(text)
+        print(f"speculative: {stats.new_tokens} tokens, acceptance {stats.acceptance_rate:.3f}, "
+              f"{stats.mean_accepted:.2f} drafted tokens kept per round, "
+              f"{stats.verifier_calls_per_token:.3f} verifier calls per token", file=sys.stderr)
+        return 0
+    if args.drafters is not None or args.draft_k != 4:
+        raise ValueError("--drafters and --draft-k only apply with --speculative")
     print(generate(params, cfg, Tokenizer.default(), args.prompt, level=args.level, index=args.index,
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed))

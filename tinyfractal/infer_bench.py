@@ -61,38 +61,12 @@ def bench_cache(args, log=print):
     return {"preset": args.preset, "cached_s": cached, "full_s": full, "speedup": best}
 
 
-def parse_drafters(text):
-    """'2' -> level 2; '2.1' -> [(2,1)]; '1.0+2.3' -> [(1,0),(2,3)]; '1+2' -> levels 1 and 2."""
-    parts = text.split("+")
-    if len(parts) == 1 and "." not in text:
-        return int(text)
-    out = []
-    for p in parts:
-        if "." in p:
-            level, index = p.split(".")
-            out.append((int(level), int(index)))
-        else:
-            out.append(("level", int(p)))
-    return out
-
-
-def expand_drafters(cfg, verifier, spec):
-    """Turn parse_drafters output into what speculative_ids takes (levels inside '+' lists expanded)."""
-    from .speculative import resolve_drafters
-    if isinstance(spec, int):
-        return spec
-    nodes = []
-    for item in spec:
-        nodes += resolve_drafters(cfg, verifier, item[1]) if item[0] == "level" else [item]
-    return nodes
-
-
 def bench_spec(args, log=print):
     """For each drafter choice and draft length: acceptance, calls, FLOP and wall-time speed-ups."""
     import numpy as onp
     from . import infer
     from .checkpoint import load
-    from .speculative import speculative_ids
+    from .speculative import parse_drafters, speculative_ids
     from .tokenizer import Tokenizer
     params, cfg, _ = load(args.ckpt)
     verifier = tuple(int(v) for v in args.verifier.split("."))
@@ -125,7 +99,7 @@ def bench_spec(args, log=print):
               f"{'FLOP x':>7} {'latency x':>9} {'wall x':>7}")
     log(header)
     for choice in choices:
-        drafters = expand_drafters(cfg, verifier, parse_drafters(choice))
+        drafters = parse_drafters(cfg, verifier, choice)
         for k in ks:
             outs, st = spec(drafters, k)
             if outs != base_outs:

@@ -37,7 +37,7 @@ def resolve_drafters(cfg, verifier, drafters):
         drafters = vlevel + 1
     if isinstance(drafters, int) and not isinstance(drafters, bool):
         if not vlevel < drafters < cfg.levels:
-            raise ValueError(f"drafter level {drafters} must be below the verifier's level {vlevel}: "
+            raise ValueError(f"drafter level {drafters} must be deeper than the verifier's level {vlevel}: "
                              f"one of {list(range(vlevel + 1, cfg.levels))}")
         span = cfg.split ** (drafters - vlevel)
         return [(drafters, vindex * span + r) for r in range(span)]
@@ -54,6 +54,26 @@ def resolve_drafters(cfg, verifier, drafters):
             raise ValueError(f"drafter {node} is listed twice")
         out.append(node)
     return sorted(out)
+
+
+def parse_drafters(cfg, verifier, text):
+    """Drafters written for the command line: parts joined by '+', each a level ('2': every descendant
+    of the verifier there) or a node ('2.1'). '2' -> level 2; '2.0+2.3' -> two nodes; '1+2' -> two levels."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"drafters must be written like '2', '2.1', '2.0+2.3' or '1+2'; got {text!r}")
+    nodes = []
+    for part in text.split("+"):
+        try:
+            numbers = [int(v) for v in part.strip().split(".")]
+        except ValueError:
+            numbers = []
+        if len(numbers) == 1:
+            nodes += resolve_drafters(cfg, verifier, numbers[0])
+        elif len(numbers) == 2:
+            nodes.append(tuple(numbers))
+        else:
+            raise ValueError(f"drafter {part!r} is neither a level (like '2') nor a node (like '2.1')")
+    return resolve_drafters(cfg, verifier, nodes)
 
 
 def check_node_pair(cfg, node, what):
