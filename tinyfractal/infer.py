@@ -29,13 +29,16 @@ def unit(x, eps):
     (x * gain) @ W = x @ (gain[:, None] * W), so decoding never multiplies by them.
     """
     ms = onp.add.reduce(x * x, axis=-1, keepdims=True)
-    return x / onp.sqrt(ms * x.dtype.type(1.0 / x.shape[-1]) + x.dtype.type(eps))
+    return x / onp.sqrt(ms * onp.float32(1.0 / x.shape[-1]) + eps)
+
+
+HALF, GELU_A, GELU_B = onp.float32(0.5), onp.float32(0.7978845608028654), onp.float32(0.7978845608028654 * 0.044715)
 
 
 def gelu(x):
-    """tanh approximation of GELU (as model.gelu), in plain NumPy."""
-    half = x * onp.float32(0.5)
-    return half + half * onp.tanh(x * (onp.float32(0.7978845608028654) + onp.float32(0.0356774081363001) * x * x))
+    """tanh approximation of GELU (as model.gelu): x/2 (1 + tanh(a x + b x^3)), in plain NumPy."""
+    half = x * HALF
+    return half + half * onp.tanh(x * (GELU_A + GELU_B * x * x))
 
 
 def rope_matrices(T, h, theta):
@@ -79,6 +82,7 @@ class Models:
         if not indices:
             raise ValueError("a model set needs at least one model index")
         self.cfg, self.sub, self.level, self.indices = cfg, cfg.sub(level), level, indices
+        self.eps = onp.float32(cfg.eps)
         sub = self.sub
         if len(indices) == 1:                         # one node: its plain views, with a leading axis of 1
             P, pick = map_roles(lambda a, roles: a[None], view(params, cfg, level, indices[0])), onp.zeros(1, int)
@@ -100,8 +104,10 @@ class Models:
         self.out_T = fold(P["final_norm"], onp.transpose(out_emb, (0, 2, 1)))    # (N,d,V)
         self.layers = []
         for p in P["layers"]:
-            Wqkv = onp.concatenate([take(p["Wq"]).reshape(N, d, H * h), take(p["Wk"]).reshape(N, d, K * h),
-                                    take(p["Wv"]).reshape(N, d, K * h)], axis=2)  # (N,d,(H+2K)h)
+            # q carries the 1/sqrt(h) of the attention scores (RoPE is linear, so it may come first)
+            Wq = take(p["Wq"]).reshape(N, d, H * h) / onp.float32(onp.sqrt(h))
+            Wqkv = onp.concatenate([Wq, take(p["Wk"]).reshape(N, d, K * h), take(p["Wv"]).reshape(N, d, K * h)],
+                                   axis=2)                                        # (N,d,(H+2K)h)
             self.layers.append({
                 "Wqkv": fold(p["attn_norm"], Wqkv),
                 "Wo": take(p["Wo"]).reshape(N, H * h, d),
@@ -121,6 +127,8 @@ class Models:
     def linear(self, x, W):
         """(N,B,T,A) @ (N,A,C) -> (N,B,T,C), as one batched 2-D matmul per model."""
         N, B, T, A = x.shape
+        if 1 < B * T <= 3:      # measured: BLAS sgemm on 2-3 rows is slower than 2-3 vector products
+            return self.matmul(x.reshape(N, B * T, 1, A), W[:, None]).reshape(N, B, T, W.shape[-1])
         return self.matmul(x.reshape(N, B * T, A), W).reshape(N, B, T, W.shape[-1])
 
     def new_cache(self, batch=1):
@@ -191,7 +199,7 @@ def attend(m, q, cache, layer, L, Tn):
     q = q.reshape(N, B, Tn, K, G, h).transpose(0, 1, 3, 4, 2, 5).reshape(N, B, K, G * Tn, h)
     k = cache.k[layer][:, :, :, :L + Tn]                                        # (N,B,K,L+Tn,h)
     v = cache.v[layer][:, :, :, :L + Tn]
-    scores = m.matmul(q, k.transpose(0, 1, 2, 4, 3)) * onp.float32(1.0 / onp.sqrt(h))  # (N,B,K,G*Tn,L+Tn)
+    scores = m.matmul(q, k.transpose(0, 1, 2, 4, 3))                            # (N,B,K,G*Tn,L+Tn), q pre-scaled
     if Tn > 1:
         visible = onp.arange(L + Tn)[None, :] <= L + onp.arange(Tn)[:, None]    # (Tn, L+Tn) causal
         scores = onp.where(onp.tile(visible, (G, 1)), scores, onp.float32(-1e30))
@@ -219,16 +227,16 @@ def extend(m, cache, ids):
         raise ValueError(f"the cache holds {cache.batch} rows but {B} were given")
     R = m.rope[L:L + Tn]                                                        # (Tn,h,h)
     for i, p in enumerate(m.layers):
-        qkv = m.linear(unit(x, sub.eps), p["Wqkv"]).reshape(N, B, Tn, H + 2 * K, h)
+        qkv = m.linear(unit(x, m.eps), p["Wqkv"]).reshape(N, B, Tn, H + 2 * K, h)
         qk = onp.matmul(qkv[:, :, :, :H + K], R)                                  # RoPE at positions L..L+Tn-1
         cache.k[i][:, :, :, L:L + Tn] = qk[:, :, :, H:].transpose(0, 1, 3, 2, 4)
         cache.v[i][:, :, :, L:L + Tn] = qkv[:, :, :, H + K:].transpose(0, 1, 3, 2, 4)
         x = x + m.linear(attend(m, qk[:, :, :, :H], cache, i, L, Tn), p["Wo"])
-        gu = m.linear(unit(x, sub.eps), p["Wgu"]) + p["bgu"]
+        gu = m.linear(unit(x, m.eps), p["Wgu"]) + p["bgu"]
         f = gu.shape[-1] // 2
         x = x + m.linear(gelu(gu[..., :f]) * gu[..., f:], p["Wdown"]) + p["bdown"]
     cache.length = L + Tn
-    logits = m.linear(unit(x, sub.eps), m.out_T)
+    logits = m.linear(unit(x, m.eps), m.out_T)
     m.calls += 1
     m.latency_flops += (m.flops - flops_before) / (B * Tn)
     return logits

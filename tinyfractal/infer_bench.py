@@ -30,11 +30,30 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
+def cache_vs_recompute(params, cfg, tokenizer, prompt, new, repeats=1, log=print):
+    """Greedy generation of `new` tokens from the root: cached `generate` against `generate_reference`,
+    timed back to back; the texts must be equal. Returns {'cached_s', 'full_s', 'speedup'}."""
+    from .sample import generate, generate_reference
+    kw = dict(max_new_tokens=new, temperature=0)
+    cached, full = [], []
+    for r in range(repeats):
+        tc, a = timed(lambda: generate(params, cfg, tokenizer, prompt, **kw))
+        tf, b = timed(lambda: generate_reference(params, cfg, tokenizer, prompt, **kw))
+        if a != b:
+            raise AssertionError("cached and full-recompute generations differ")
+        cached.append(tc)
+        full.append(tf)
+        log(f"  repeat {r + 1}: cached {tc:7.3f} s   full recompute {tf:7.3f} s   ratio {tf / tc:6.1f}x")
+    best = min(full) / min(cached)
+    log(f"same text: yes.  best times: cached {min(cached):.3f} s ({new / min(cached):.0f} tok/s), "
+        f"full recompute {min(full):.3f} s ({new / min(full):.0f} tok/s)  ->  cache speed-up {best:.1f}x")
+    return {"cached_s": cached, "full_s": full, "speedup": best}
+
+
 def bench_cache(args, log=print):
-    """Greedy generation of `new` tokens from a corpus prompt: cached `generate` vs `generate_reference`."""
+    """The cache target: `original` preset (random init), a corpus prompt, `new` greedy tokens."""
     from .config import Config
     from .model import init_params
-    from .sample import generate, generate_reference
     from .tokenizer import Tokenizer
     cfg = Config.preset(args.preset)
     params = init_params(cfg, 0)
@@ -45,59 +64,42 @@ def bench_cache(args, log=print):
         raise ValueError("the prompt does not re-encode to the same tokens; choose another --prompt-tokens")
     log(f"preset {args.preset} (random init, context {cfg.context}): {args.new} new tokens after a "
         f"{len(ids)}-token prompt, greedy, repeats {args.repeats}")
-    kw = dict(max_new_tokens=args.new, temperature=0)
-    cached, full = [], []
-    for r in range(args.repeats):
-        tc, a = timed(lambda: generate(params, cfg, tok, prompt, **kw))
-        tf, b = timed(lambda: generate_reference(params, cfg, tok, prompt, **kw))
-        if a != b:
-            raise AssertionError("cached and full-recompute generations differ")
-        cached.append(tc)
-        full.append(tf)
-        log(f"  repeat {r + 1}: cached {tc:7.3f} s   full recompute {tf:7.3f} s   ratio {tf / tc:6.1f}x")
-    best = min(full) / min(cached)
-    log(f"same text: yes.  best times: cached {min(cached):.3f} s ({args.new / min(cached):.0f} tok/s), "
-        f"full recompute {min(full):.3f} s ({args.new / min(full):.0f} tok/s)  ->  cache speed-up {best:.1f}x")
-    return {"preset": args.preset, "cached_s": cached, "full_s": full, "speedup": best}
+    return {"preset": args.preset, **cache_vs_recompute(params, cfg, tok, prompt, args.new, args.repeats, log)}
 
 
-def bench_spec(args, log=print):
-    """For each drafter choice and draft length: acceptance, calls, FLOP and wall-time speed-ups."""
+HEADER = (f"{'drafters':>10} {'k':>2} {'accept':>7} {'mean acc':>8} {'1st acc':>7} {'v calls/tok':>11} "
+          f"{'FLOP x':>7} {'latency x':>9} {'wall x':>7}")
+
+
+def format_row(row):
+    return (f"{row['drafters']:>10} {row['k']:2d} {row['acceptance_rate']:7.3f} {row['mean_accepted']:8.2f} "
+            f"{row['first_accept']:7.3f} {row['verifier_calls_per_token']:11.3f} {row['flop_speedup']:7.3f} "
+            f"{row['latency_speedup']:9.3f} {row['wall_speedup']:7.3f}")
+
+
+def spec_table(params, cfg, prompts, choices, ks, new, keep, repeats=3, verifier=(0, 0), log=print):
+    """Greedy speculative decoding for each drafter choice and draft length, against plain cached
+    decoding with the verifier on the same prompts (outputs must be equal). Wall-time ratios come from
+    back-to-back runs in alternating order (the median of `repeats`). Returns (rows, plain Models)."""
     import numpy as onp
     from . import infer
-    from .checkpoint import load
     from .speculative import parse_drafters, speculative_ids
-    from .tokenizer import Tokenizer
-    params, cfg, _ = load(args.ckpt)
-    verifier = tuple(int(v) for v in args.verifier.split("."))
-    keep = args.keep if args.keep else cfg.context // 2
-    prompts = corpus_prompts(Tokenizer.default(), args.prompts, args.prompt_tokens)
-    ks = [int(k) for k in args.k.split(",")]
-    choices = args.drafters.split(",") if args.drafters else default_choices(cfg, verifier)
-    log(f"checkpoint {args.ckpt}: verifier {verifier}, {args.prompts} prompts x {args.new} new tokens, greedy, "
-        f"context {cfg.context}, window slides back to keep={keep} tokens")
 
     def plain():
         m = infer.node_models(params, cfg, *verifier)
-        outs = []
-        for p in prompts:
-            ids = list(p)
-            outs.append(infer.decode(m, ids, args.new, lambda lg: int(onp.argmax(lg)), keep))
-        return outs, m
+        return [infer.decode(m, list(p), new, lambda lg: int(onp.argmax(lg)), keep) for p in prompts], m
 
     def spec(drafters, k):
         outs, total = [], None
         for p in prompts:
-            new, st = speculative_ids(params, cfg, p, args.new, verifier, drafters, k, keep=keep)
-            outs.append(new)
+            out, st = speculative_ids(params, cfg, p, new, verifier, drafters, k, keep=keep)
+            outs.append(out)
             total = st if total is None else add_stats(total, st)
         return outs, total
 
     base_outs, base = plain()
     rows = []
-    header = (f"{'drafters':>10} {'k':>2} {'accept':>7} {'mean acc':>8} {'1st acc':>7} {'v calls/tok':>11} "
-              f"{'FLOP x':>7} {'latency x':>9} {'wall x':>7}")
-    log(header)
+    log(HEADER)
     for choice in choices:
         drafters = parse_drafters(cfg, verifier, choice)
         for k in ks:
@@ -105,26 +107,77 @@ def bench_spec(args, log=print):
             if outs != base_outs:
                 raise AssertionError(f"drafters {choice} k={k}: output differs from the verifier's greedy output")
             walls = []
-            for r in range(args.repeats):
-                order = [plain, lambda: spec(drafters, k)] if r % 2 == 0 else [lambda: spec(drafters, k), plain]
-                times = [timed(f)[0] for f in order]
-                walls.append(times[0] / times[1] if r % 2 == 0 else times[1] / times[0])
+            for r in range(repeats):
+                pair = (plain, lambda: spec(drafters, k))
+                first, second = pair if r % 2 == 0 else pair[::-1]
+                t1, t2 = timed(first)[0], timed(second)[0]
+                walls.append(t1 / t2 if r % 2 == 0 else t2 / t1)
             row = {"drafters": choice, "k": k, "acceptance_rate": st.acceptance_rate,
                    "mean_accepted": st.mean_accepted, "first_accept": st.first_accepted / max(1, st.rounds),
                    "verifier_calls_per_token": st.verifier_calls_per_token,
                    "flop_speedup": base.flops / st.flops, "latency_speedup": base.latency_flops / st.latency_flops,
-                   "wall_speedup": float(onp.median(walls)), "walls": walls}
+                   "wall_speedup": float(onp.median(walls)) if walls else float("nan"), "walls": walls}
             rows.append(row)
-            log(f"{choice:>10} {k:2d} {row['acceptance_rate']:7.3f} {row['mean_accepted']:8.2f} "
-                f"{row['first_accept']:7.3f} {row['verifier_calls_per_token']:11.3f} {row['flop_speedup']:7.3f} "
-                f"{row['latency_speedup']:9.3f} {row['wall_speedup']:7.3f}")
+            log(format_row(row))
+    return rows, base
+
+
+def call_times(params, cfg, verifier=(0, 0), k=4, calls=200):
+    """Mean wall time (us) of one cached forward call: the verifier on 1 token and on R drafts x (k+1)
+    tokens, and each level's drafters (one, and all at once) on 1 token. Explains the wall-time column."""
+    import numpy as onp
+    from . import infer
+    from .speculative import resolve_drafters
+    out = {}
+
+    def per_call(m, ids, length=24):
+        _, cache = infer.prefill(m, onp.zeros((1, length), int))
+        if ids.shape[-2] > 1:
+            cache = cache.expand(ids.shape[-2])
+        t = time.perf_counter()
+        for _ in range(calls):
+            cache.length = length
+            infer.extend(m, cache, ids)
+        return (time.perf_counter() - t) / calls * 1e6
+
+    V = infer.node_models(params, cfg, *verifier)
+    out["verifier, 1 token"] = per_call(V, onp.ones((1, 1), int))
+    for R in (1, 4):
+        out[f"verifier, {R} x {k + 1} tokens"] = per_call(V, onp.ones((R, k + 1), int))
+    for level in range(verifier[0] + 1, cfg.levels):
+        nodes = resolve_drafters(cfg, verifier, level)
+        out[f"one level-{level} drafter"] = per_call(infer.Models(params, cfg, level, [nodes[0][1]]),
+                                                     onp.ones((1, 1), int))
+        out[f"all {len(nodes)} level-{level} drafters"] = per_call(
+            infer.Models(params, cfg, level, [j for _, j in nodes]), onp.ones((len(nodes), 1, 1), int))
+    return out
+
+
+def bench_spec(args, log=print):
+    """The speculative table for a checkpoint, plus the per-call times behind the wall-time column."""
+    from .checkpoint import load
+    from .tokenizer import Tokenizer
+    params, cfg, _ = load(args.ckpt)
+    verifier = tuple(int(v) for v in args.verifier.split("."))
+    cfg.check_node(*verifier)
+    keep = args.keep if args.keep else cfg.context // 2
+    prompts = corpus_prompts(Tokenizer.default(), args.prompts, args.prompt_tokens)
+    ks = [int(k) for k in args.k.split(",")]
+    choices = args.drafters.split(",") if args.drafters else default_choices(cfg, verifier)
+    log(f"checkpoint {args.ckpt}: verifier {verifier}, {args.prompts} prompts x {args.new} new tokens, greedy, "
+        f"context {cfg.context}, window slides back to keep={keep} tokens")
+    rows, base = spec_table(params, cfg, prompts, choices, ks, args.new, keep, args.repeats, verifier, log)
     best_flop = max(rows, key=lambda r: r["flop_speedup"])
     best_wall = max(rows, key=lambda r: r["wall_speedup"])
+    best_latency = max(rows, key=lambda r: r["latency_speedup"])
     log(f"plain cached decoding with the verifier: {base.flops / 1e6:.1f} MFLOP for "
-        f"{args.prompts * args.new} tokens, {base.calls} calls")
-    log(f"best FLOP speed-up {best_flop['flop_speedup']:.3f}x (drafters {best_flop['drafters']}, k={best_flop['k']}); "
-        f"best wall-time speed-up {best_wall['wall_speedup']:.3f}x (drafters {best_wall['drafters']}, k={best_wall['k']})")
-    return {"verifier": list(verifier), "keep": keep, "rows": rows}
+        f"{len(prompts) * args.new} tokens in {base.calls} calls")
+    for name, best in (("FLOP", best_flop), ("latency-model", best_latency), ("wall-time", best_wall)):
+        key = {"FLOP": "flop_speedup", "latency-model": "latency_speedup", "wall-time": "wall_speedup"}[name]
+        log(f"best {name} speed-up {best[key]:.3f}x (drafters {best['drafters']}, k={best['k']})")
+    times = call_times(params, cfg, verifier, max(ks))
+    log("time of one cached call (us): " + ", ".join(f"{name} {t:.0f}" for name, t in times.items()))
+    return {"verifier": list(verifier), "keep": keep, "rows": rows, "call_us": times}
 
 
 def default_choices(cfg, verifier):
