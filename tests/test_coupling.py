@@ -483,5 +483,9 @@ def test_lesson_runs_quick(tmp_path, capsys):
     assert lesson.main(["--quick", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "upstream" in text and "downstream" in text and "(0,0)" in text
-    for name in ("loss_curves.png", "summary.json"):
+    for name in ("loss_curves.png", "node_val_loss.png", "node_run_flops.png", "summary.json"):
         assert (tmp_path / name).exists(), name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["val"]) == {"base", "upstream", "downstream"}
+    assert all(len(table) == 7 for table in summary["val"].values())        # every node of tiny
+    assert set(summary["step_seconds_median"]) == {"base", "upstream", "downstream"}
