@@ -254,6 +254,13 @@ def test_bad_speculative_inputs_are_clear_errors(kwargs, match):
         speculative_ids(PARAMS, CFG, [1, 2, 3], **{"max_new_tokens": 5, **kwargs})
 
 
+@pytest.mark.parametrize("prompt", [[], [1, 128], [-1]])
+def test_bad_prompts_are_clear_errors(prompt):
+    """An empty prompt or token ids outside the vocabulary: ValueError."""
+    with pytest.raises(ValueError, match="prompt"):
+        speculative_ids(PARAMS, CFG, prompt, 5)
+
+
 def test_parse_drafters_reads_levels_nodes_and_sets():
     """'2' is a level, '2.1' a node, '+' joins parts; anything else is a ValueError."""
     from tinyfractal.speculative import parse_drafters

@@ -2,6 +2,7 @@
 
   python -m tinyfractal.infer_bench cache [--preset original]        cache vs recompute, wall time
   python -m tinyfractal.infer_bench spec --ckpt DIR                   the speculative table
+  python -m tinyfractal.infer_bench calls [--preset tiny --set hidden=384]   per-call times, break-even
 
 Timings run with one BLAS thread (set before NumPy loads, by re-running this command in a child
 process): on a shared CPU, multi-threaded BLAS stalls for milliseconds on the tiny matrices of
@@ -123,7 +124,7 @@ def spec_table(params, cfg, prompts, choices, ks, new, keep, repeats=3, verifier
 
 
 def call_times(params, cfg, verifier=(0, 0), k=4, calls=200):
-    """Mean wall time (us) of one cached forward call: the verifier on 1 token and on R drafts x (k+1)
+    """Median wall time (us) of one cached forward call: the verifier on 1 token and on R drafts x (k+1)
     tokens, and each level's drafters (one, and all at once) on 1 token. Explains the wall-time column."""
     import numpy as onp
     from . import infer
@@ -134,16 +135,18 @@ def call_times(params, cfg, verifier=(0, 0), k=4, calls=200):
         _, cache = infer.prefill(m, onp.zeros((1, length), int))
         if ids.shape[-2] > 1:
             cache = cache.expand(ids.shape[-2])
-        t = time.perf_counter()
+        times = []
         for _ in range(calls):
             cache.length = length
+            t = time.perf_counter()
             infer.extend(m, cache, ids)
-        return (time.perf_counter() - t) / calls * 1e6
+            times.append(time.perf_counter() - t)
+        return float(onp.median(times)) * 1e6         # the median: a shared machine has long stalls
 
     V = infer.node_models(params, cfg, *verifier)
     out["verifier, 1 token"] = per_call(V, onp.ones((1, 1), int))
-    for R in (1, 4):
-        out[f"verifier, {R} x {k + 1} tokens"] = per_call(V, onp.ones((R, k + 1), int))
+    for R, T in sorted({(1, 2), (1, k + 1), (4, k + 1)}):
+        out[f"verifier, {R} x {T} tokens"] = per_call(V, onp.ones((R, T), int))
     for level in range(verifier[0] + 1, cfg.levels):
         nodes = resolve_drafters(cfg, verifier, level)
         out[f"one level-{level} drafter"] = per_call(infer.Models(params, cfg, level, [nodes[0][1]]),
@@ -151,6 +154,38 @@ def call_times(params, cfg, verifier=(0, 0), k=4, calls=200):
         out[f"all {len(nodes)} level-{level} drafters"] = per_call(
             infer.Models(params, cfg, level, [j for _, j in nodes]), onp.ones((len(nodes), 1, 1), int))
     return out
+
+
+def break_even(times):
+    """Per drafter set: the first-token acceptance a k=1 round needs to pay for itself on this machine.
+
+    A k=1 round costs one drafter call and one verifier call on 2 tokens per draft, and yields 1 + a
+    tokens where plain decoding pays one verifier call per token: break-even at a = cost / t_v - 1.
+    Above 1 means no acceptance can make it pay.
+    """
+    t_v = times["verifier, 1 token"]
+    verify = {1: times["verifier, 1 x 2 tokens"]}
+    out = {}
+    for name, t in times.items():
+        if "drafter" in name:
+            out[name] = (t + verify[1]) / t_v - 1
+    return out
+
+
+def bench_calls(args, log=print):
+    """Per-call times for a config (random init: no acceptance is measured) and the break-even acceptance."""
+    from .config import Config
+    from .model import init_params
+    cfg = Config.preset(args.preset).override(**dict(item.split("=", 1) for item in args.set))
+    params = init_params(cfg, 0)
+    log(f"{cfg}\nmedian time of one cached call, {args.calls} calls each, one BLAS thread:")
+    times = call_times(params, cfg, (0, 0), args.k, args.calls)
+    for name, t in times.items():
+        log(f"  {name:<28} {t:8.0f} us")
+    for name, a in break_even(times).items():
+        log(f"  k=1 with {name}: pays off above first-token acceptance {a:.2f}"
+            + ("  (impossible: > 1)" if a > 1 else ""))
+    return {"config": cfg.to_dict(), "call_us": times, "break_even": break_even(times)}
 
 
 def bench_spec(args, log=print):
@@ -176,8 +211,10 @@ def bench_spec(args, log=print):
         key = {"FLOP": "flop_speedup", "latency-model": "latency_speedup", "wall-time": "wall_speedup"}[name]
         log(f"best {name} speed-up {best[key]:.3f}x (drafters {best['drafters']}, k={best['k']})")
     times = call_times(params, cfg, verifier, max(ks))
-    log("time of one cached call (us): " + ", ".join(f"{name} {t:.0f}" for name, t in times.items()))
-    return {"verifier": list(verifier), "keep": keep, "rows": rows, "call_us": times}
+    log("median time of one cached call (us): " + ", ".join(f"{name} {t:.0f}" for name, t in times.items()))
+    log("k=1 break-even first-token acceptance: "
+        + ", ".join(f"{name} {a:.2f}" for name, a in break_even(times).items()))
+    return {"verifier": list(verifier), "keep": keep, "rows": rows, "call_us": times, "break_even": break_even(times)}
 
 
 def default_choices(cfg, verifier):
@@ -222,6 +259,11 @@ def build_parser():
     s.add_argument("--new", type=int, default=200)
     s.add_argument("--keep", type=int, default=None, help="tokens kept when the window slides (default context/2)")
     s.add_argument("--repeats", type=int, default=3)
+    t = sub.add_parser("calls", help="per-call times and break-even acceptance for a config (random init)")
+    t.add_argument("--preset", default="tiny")
+    t.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE, e.g. hidden=384 head_dim=64")
+    t.add_argument("--k", type=int, default=4)
+    t.add_argument("--calls", type=int, default=300)
     return parser
 
 
@@ -233,7 +275,7 @@ def main(argv=None):
                                   "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)})
         return subprocess.call([sys.executable, "-m", "tinyfractal.infer_bench", *argv], env=env)
     try:
-        result = bench_cache(args) if args.command == "cache" else bench_spec(args)
+        result = {"cache": bench_cache, "spec": bench_spec, "calls": bench_calls}[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,11 @@ Greedy verification keeps a drafted token only if it is the verifier's argmax, s
 verifier's own greedy output, token for token. With sampling (one drafter) a drafted token t is kept
 with probability min(1, p(t)/q(t)); on rejection the token is drawn from normalize(max(0, p - q)).
 This leaves the verifier's distribution p exactly as it was (Leviathan et al. 2023; Chen et al. 2023).
+Several drafters under sampling take turns at the first position, each against what the previous
+refusals left of p (the recursive rule of SpecInfer, Miao et al. 2024).
+
+Speculation saves sequential verifier passes, not arithmetic: the verifier still scores every token
+it keeps (and the refused ones), so its matmul FLOPs never fall below plain decoding's.
 """
 from dataclasses import dataclass, field
 
@@ -181,7 +186,7 @@ def accept_sampled_multi(p, q, drafts, rng):
 
 
 class Group:
-    """The drafters of one level, batched: one Models, one cache, one catch-up pointer."""
+    """The drafters of one level, batched: one Models and one cache (its length says how far they have read)."""
 
     def __init__(self, params, cfg, level, indices):
         self.nodes = [(level, j) for j in indices]
@@ -212,6 +217,8 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
     ids = [int(t) for t in ids]
     if not ids:
         raise ValueError("speculative decoding needs at least one prompt token")
+    if min(ids) < 0 or max(ids) >= cfg.vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}); got {min(ids)}..{max(ids)}")
     n_prompt = len(ids)
 
     def pick(logits):
