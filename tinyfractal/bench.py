@@ -174,7 +174,23 @@ def memory_probe(cfg, tc, path, steps):
     run = training_step(path, cfg, tc)
     for ids, targets in batches(cfg, tc.batch_size, steps):
         run(ids, targets)
-    return {"path": path, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"path": path, "peak_rss_bytes": peak_rss()}
+
+
+def peak_rss():
+    """Peak resident memory of this process in bytes.
+
+    Linux's VmHWM belongs to this program alone; getrusage's ru_maxrss (the fallback) would also count
+    what the parent process held when it started us.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_bench(preset, steps, warmup, batch=None, paths=PATHS, memory=True, profile_steps=3):
@@ -183,6 +199,7 @@ def run_bench(preset, steps, warmup, batch=None, paths=PATHS, memory=True, profi
     if batch is not None:
         tc = tc.override(batch_size=batch)
     flops = step_flops(cfg, tc.batch_size)
+    memory = {path: peak_memory(preset, path, tc.batch_size) for path in paths} if memory else {}
     peak, peak_shape, peak_how = measure_peak(cfg, tc.batch_size)
     wall, cpu = time_steps(cfg, tc, steps, warmup, paths)
     medians = {path: statistics.median(t) for path, t in wall.items()}
@@ -200,8 +217,8 @@ def run_bench(preset, steps, warmup, batch=None, paths=PATHS, memory=True, profi
             "tokens_per_second": tokens / t,
             "gflops": achieved, "mfu": achieved / peak,
             "mfu_causal_half": flops["total (attention causal half)"] / t / 1e9 / peak}
-        if memory:
-            result["paths"][path]["peak_rss_bytes"] = peak_memory(preset, path, tc.batch_size)
+        if path in memory:
+            result["paths"][path]["peak_rss_bytes"] = memory[path]
     if "fast" in medians and "reference" in medians:
         result["speedup"] = medians["reference"] / medians["fast"]
     if profile_steps:
