@@ -60,6 +60,38 @@ def test_greedy_equality_runs_through_accepts_and_rejects():
     assert len(chosen) > 1
 
 
+WIDE = CFG.override(context=64)
+
+
+@settings(max_examples=10)
+@given(st.lists(st.integers(0, 127), min_size=1, max_size=12), st.sampled_from([1, 2, [(1, 1), (2, 0)]]),
+       st.integers(1, 5))
+def test_each_drafter_proposes_its_own_greedy_continuation(prompt, drafters, k):
+    """Law: after any history of accepted and refused drafts (and cache rollbacks), every drafter's
+    draft is exactly what that sub-model alone would generate greedily from the text so far, and the
+    round keeps the longest prefix, over all drafts, that the verifier would have written itself."""
+    rounds = []
+    new, _ = speculative_ids(PARAMS, WIDE, prompt, 30, (0, 0), drafters, k, on_round=rounds.append)
+    text = list(prompt) + new
+    assert rounds
+    for r in rounds:
+        known = text[:r["known"]]
+        for draft, owners in zip(r["drafts"], r["owners"]):
+            for level, j in owners:
+                assert list(draft) == infer.greedy_ids(PARAMS, WIDE, known, len(draft), level, j)
+        own = infer.greedy_ids(PARAMS, WIDE, known, r["drafts"].shape[1])
+        longest = max(next((i for i, (a, b) in enumerate(zip(d, own)) if a != b), len(own)) for d in r["drafts"])
+        assert r["accepted"] == longest
+
+
+@given(st.lists(st.integers(0, 127), min_size=2, max_size=12), st.integers(1, 5))
+def test_each_round_costs_the_verifier_one_pass(prompt, k):
+    """Within one window, the verifier makes one pass for the prompt, then exactly one per round (a
+    batched check of every draft) or per plain step: nothing is recomputed."""
+    _, stats = speculative_ids(PARAMS, WIDE, prompt, 30, (0, 0), 2, k)
+    assert stats.verifier_calls == 1 + stats.rounds + stats.plain_steps
+
+
 def test_speculative_generate_text_matches_plain_greedy_text():
     """The text API: prompt + the verifier's own greedy continuation."""
     tok = Tokenizer.default()

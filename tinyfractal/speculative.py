@@ -295,7 +295,7 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
             g.cache.rollback(L + 1 + int(agree.min()))
         if on_round:
             on_round({"drafts": draft_arr, "owners": [[o for o, r in zip(owners, rows) if r == d] for d in check],
-                      "row": row, "accepted": a, "token": nxt, "window_start": start})
+                      "row": row, "accepted": a, "token": nxt, "window_start": start, "known": len(ids)})
         ids.extend(new)
     stats.new_tokens = len(ids) - n_prompt
     stats.verifier_calls, stats.drafter_calls = V.calls, sum(g.models.calls for g in groups)
