@@ -51,13 +51,21 @@ def test_cached_logits_equal_full_recompute_at_every_step(small, keep):
             onp.testing.assert_allclose(logits, forward(p, sub, onp.asarray([window]))[0, -1], **TOL)
 
 
-def test_default_window_is_the_reference_window(small):
-    """With the default keep, the window for each token is exactly the last `context` tokens."""
+@pytest.mark.parametrize("keep", [None, 5, 1])
+def test_window_slides_back_to_keep_tokens_when_full(small, keep):
+    """The window for each token grows until it holds `context` tokens; the next token starts a window
+    of its last `keep` tokens (default keep = context: always the last `context` tokens)."""
     cfg, params = small
-    ids, starts = list(range(5)), []
-    infer.decode(infer.node_models(params, cfg, 0, 0), ids, 15, lambda lg: int(onp.argmax(lg)),
+    P, C = 5, cfg.context
+    ids, starts = list(range(P)), []
+    infer.decode(infer.node_models(params, cfg, 0, 0), ids, 30, lambda lg: int(onp.argmax(lg)), keep,
                  on_logits=lambda start, logits: starts.append(start))
-    assert starts == [max(0, 5 + n - cfg.context) for n in range(15)]
+    want, s = [], max(0, P - C)
+    for n in range(30):
+        if P + n - s > C:
+            s = P + n - (keep or C)
+        want.append(s)
+    assert starts == want
 
 
 def test_greedy_output_identical_with_and_without_cache_for_every_node(small):
