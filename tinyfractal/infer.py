@@ -267,6 +267,8 @@ def decode(m, ids, max_new_tokens, choose, keep=None, on_logits=None):
     """
     if m.N != 1:
         raise ValueError(f"decode runs one model; this set has {m.N}")
+    if not ids:
+        raise ValueError("decoding needs at least one prompt token")
     context = m.sub.context
     keep = check_keep(keep, context)
     start = max(0, len(ids) - context)
