@@ -1,6 +1,7 @@
 """Lesson 4, merging: grow a FractalFormer from small models trained apart, and train only what is new.
 
 Run: python -m tinyfractal.lessons.merging [--quick] [--out DIR] [--steps-per-stage A,B,C] [--joint-steps N]
+     [--off-diagonal zero|random]
 """
 import argparse
 import re
@@ -35,6 +36,8 @@ def parse_args(argv):
     p.add_argument("--steps-per-stage", default=None, help=f"leaves first (default {FULL_STEPS})")
     p.add_argument("--joint-steps", type=int, default=None, help=f"steps of the jointly trained model "
                                                                  f"(default {FULL_JOINT})")
+    p.add_argument("--off-diagonal", choices=["zero", "random"], default="zero",
+                   help="how the new blocks start (random: 0.1 of the usual init)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.joint_steps is not None and args.joint_steps < 1:
@@ -117,8 +120,8 @@ def main(argv=None):
         """Training progress, without the first-step lines (the stage headers say what starts)."""
         if not args.quick and "step" in msg and not re.search(r"step\s+1/", msg):
             print("    " + msg)
-    grown, stages = grow(cfg, tc, steps, tokens=tokens, out=out / "grown", log=progress, on_stage=trained,
-                         on_merge=merged)
+    grown, stages = grow(cfg, tc, steps, tokens=tokens, off_diagonal=args.off_diagonal, out=out / "grown",
+                         log=progress, on_stage=trained, on_merge=merged)
     budgets = {"grown": {"optimizer steps": sum(r["steps"] for st in stages for r in st),
                          "parallel steps": sum(steps),
                          "flops": sum(r["train_flops"] for st in stages for r in st),
