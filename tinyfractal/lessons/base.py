@@ -25,7 +25,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m tinyfractal.lessons.base", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="lesson_output/base", help="folder for figures, metrics and the checkpoint")
     p.add_argument("--quick", action="store_true", help="a few steps only, to check that everything runs")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 1500, or 4 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 1000, or 4 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
@@ -87,7 +87,7 @@ def main(argv=None):
 
     # %% 4. Training every node at once
     section("4. Training: one optimizer, one set of arrays, every node's loss")
-    steps = args.steps or (4 if args.quick else 1500)
+    steps = args.steps or (4 if args.quick else 1000)
     tc = TrainConfig(steps=steps, batch_size=4 if args.quick else 16, lr=3e-3, min_lr=3e-4, warmup=min(50, steps // 10),
                      eval_interval=max(1, steps // 10), eval_batches=1 if args.quick else 8,
                      log_interval=max(1, steps // 30), seed=args.seed)
@@ -124,6 +124,9 @@ def main(argv=None):
                         max_new_tokens=6 if args.quick else 60, temperature=0.8, top_k=40, seed=args.seed)
         samples[node_key((level, j))] = text
         print(f"--- model ({level},{j}), width {cfg.width(level)} ---\n{text}\n")
+    stuck = [key for key, text in samples.items() if len(set(text[len(PROMPT):])) <= 1]
+    print("The prototype's untrained models printed 'RRRR...'. Here, models whose sample is one repeated "
+          f"character: {stuck if stuck else 'none'}.")
 
     # %% 7. Figures
     section("7. Figures")
