@@ -64,6 +64,7 @@ def add_train(sub):
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", required=True, help="checkpoint folder")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--level-weights", default=None, help="weight of each level's loss, e.g. 1,0,0 (default: all 1)")
     p.set_defaults(run=run_train, overrides=True)
 
 
@@ -76,7 +77,13 @@ def run_train(args, extra):
     if args.steps is not None:
         tc = tc.override(steps=args.steps)
     print(f"training {cfg}\nwith {tc}")
-    _, _, metrics, _ = fit(cfg, tc, out=args.out, resume=args.resume)
+    weights = None
+    if args.level_weights is not None:
+        try:
+            weights = [float(w) for w in args.level_weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--level-weights must be comma-separated numbers, got {args.level_weights!r}") from None
+    _, _, metrics, _ = fit(cfg, tc, out=args.out, resume=args.resume, level_weights=weights)
     print("\n".join(loss_table(metrics, cfg)))
     print(f"saved checkpoint and metrics.json to {args.out}")
     return 0
