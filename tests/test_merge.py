@@ -283,3 +283,33 @@ def test_merge_other_mismatches_are_errors():
         merge(children, cfg, 2, off_diagonal="ones")
     with pytest.raises(ValueError, match=r"split must be an integer >= 2"):
         parent_config(cfg, 1)
+
+
+def byte_child(cfg, seed):
+    """float64 byte-model params with random slot gains and norm gains (zero at init would hide slips)."""
+    from tinyfractal.model import init_params
+    from tinyfractal.tree import map_roles
+    rng = np.random.default_rng(seed)
+    params = map_roles(lambda a, roles: a.astype(np.float64), init_params(cfg, seed))
+    for name in ("P", "Q", "emb_norm", "out_norm"):
+        if name in params:
+            params[name] = rng.normal(size=params[name].shape)
+    return params
+
+
+@pytest.mark.parametrize("child_levels", [1, 2])
+def test_merge_keeps_byte_model_children(child_levels):
+    """Byte models (concepts.py) merge too: each child reads its own slot gains (rows of P and Q) in
+    the parent and gives its standalone logits bit for bit; the parent's own slot rows are new."""
+    from tinyfractal import concepts
+    cfg = Config.preset("micro").override(tokenizer="bytes", vocab_size=256, levels=child_levels, hidden=8,
+                                          head_dim=4, context=4)
+    children = [byte_child(cfg, seed) for seed in range(2)]
+    merged, pcfg = merge(children, cfg, 2)
+    groups = np.random.default_rng(0).integers(0, 256, size=(2, 3, 2 ** (cfg.levels - 1)))
+    for r, child in enumerate(children):
+        np.testing.assert_array_equal(concepts.forward(view(merged, pcfg, 1, r), cfg, groups),
+                                      concepts.forward(child, cfg, groups))
+    mask = trainable_mask(merged, pcfg)
+    own_rows = 2 ** cfg.levels      # g_0 of the parent: the slots of its own level
+    assert mask["P"][:own_rows].all() and not mask["P"][own_rows:].any()

@@ -8,7 +8,7 @@ The original's plan (SPEC.md section 4, "infinite fusion"):
                    with the loss of the new parent alone (the children's losses cannot move).
 Stage L-1 leaves one model: a whole FractalFormer whose every node was trained.
 
-    python -m tinyfractal grow --preset tiny --out runs/grown --steps-per-stage 400,300,300
+    python -m tinyfractal grow --preset tiny --out runs/grown --steps-per-stage 600,500,1000
 """
 import dataclasses
 import time
