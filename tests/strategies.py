@@ -5,8 +5,8 @@
 - `params_for(cfg)`: random float32 parameters for a config. Unlike `init_params`, every norm gain and
   bias is nonzero, so a model that reads the wrong gain slice gives different numbers.
 - `token_batches(cfg)`: (B, T) token ids with 1 <= B <= 3 and 1 <= T <= context.
-- `invalid_configs()`: (kwargs, keywords): config fields that break exactly one constraint, and words
-  the ValueError must contain to name that constraint.
+- `invalid_configs()`: (kwargs, keywords, kind): config fields that break exactly one constraint, and
+  words the ValueError must contain to name that constraint.
 - `SPEC_ROLES` and `spec_slices`: which block of each array a model owns, written from SPEC.md's table
   by hand (not imported from tinyfractal.tree), so tests can compare the code against the spec.
 
@@ -201,7 +201,7 @@ def invalid_configs(draw):
     d = draw(config_dicts(max_nodes=21))
     kind = draw(st.sampled_from(["positive", "integer", "positive_float", "dropout", "split", "hidden",
                                  "head_dim", "rope_even", "kv_heads", "coupling", "coupling_flag",
-                                 "coupling_scale_init"]))
+                                 "coupling_scale_init", "tokenizer", "bytes_vocab", "bytes_coupling"]))
     leaves = d["split"] ** (d["levels"] - 1)
     if kind == "positive":
         field = draw(st.sampled_from(INT_FIELDS))
@@ -241,6 +241,15 @@ def invalid_configs(draw):
     if kind == "coupling_scale_init":
         d["coupling_scale_init"] = draw(st.sampled_from([float("inf"), float("-inf"), float("nan"), True, "x"]))
         return d, ("coupling_scale_init",), kind
+    if kind == "tokenizer":
+        d["tokenizer"] = draw(st.sampled_from(["chars", "BPE", "", None, 1]))
+        return d, ("tokenizer",), kind
+    if kind == "bytes_vocab":
+        d["tokenizer"] = "bytes"
+        return d, ("vocab_size", "256"), kind          # the drawn vocab is 8..20, never 256
+    if kind == "bytes_coupling":
+        d.update(tokenizer="bytes", vocab_size=256, coupling=draw(st.sampled_from(["upstream", "downstream"])))
+        return d, ("coupling", "bytes"), kind
     if kind == "rope_even":
         d["head_dim"] = leaves * draw(st.sampled_from([1, 3, 5]))
         return d, ("even",), kind

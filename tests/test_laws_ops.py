@@ -127,7 +127,7 @@ def test_rope_rotates_the_spec_pairs(x, start, theta):
     assert cos.shape == sin.shape == (T, h // 2)
     y = model.rope(x, cos, sin)
     np.testing.assert_allclose(y, rope_reference(x, start, theta), atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5, atol=1e-12)
 
 
 C = math.sqrt(2.0 / math.pi)
@@ -213,7 +213,7 @@ def test_gradients_of_the_full_model_match_finite_differences(args, seed, path):
     f = lambda P: loss(P, cfg, ids, targets)
     g = grad(f)(params)
     rng = np.random.default_rng(seed)
-    h = 1e-4
+    h = 1e-6          # small: a width-1 rmsnorm bends on the scale sqrt(eps) = 1e-3
     directions = [{**{k: rng.normal(size=v.shape) for k, v in params.items() if k != "layers"},
                    "layers": [{k: rng.normal(size=v.shape) for k, v in layer.items()} for layer in params["layers"]]}]
     all_arrays = arrays_with_roles(params)
