@@ -327,3 +327,28 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, words):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("changes, module", [
+    (dict(), "fast"), (dict(coupling="upstream"), "coupling"),
+    (dict(tokenizer="bytes", vocab_size=256), "concepts")])
+def test_public_tree_loss_follows_the_variant(changes, module):
+    """tinyfractal.tree_loss computes the loss of the config's own variant, never silently the base model."""
+    import importlib
+    cfg = micro(**changes)
+    p = tf.init_params(cfg, 0)
+    shape = (2, cfg.context) + ((cfg.split ** (cfg.levels - 1),) if module == "concepts" else ())
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, shape)   # byte batches hold rows of g_0 bytes
+    expected = importlib.import_module(f"tinyfractal.{module}").tree_loss(p, cfg, ids, ids)
+    assert float(tf.tree_loss(p, cfg, ids, ids)) == float(expected)
+
+
+def test_dropout_acts_in_training_only():
+    """With dropout > 0, a training pass (rng given) differs from evaluation; evaluation is deterministic."""
+    cfg = micro(dropout=0.5)
+    p = tf.init_params(cfg, 0)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.context))
+    plain = float(fast.tree_loss(p, cfg, ids, ids))
+    assert plain == float(fast.tree_loss(p, cfg, ids, ids))
+    assert float(fast.tree_loss(p, cfg, ids, ids, rng=np.random.default_rng(1))) != plain
+    assert not np.array_equal(tf.forward(p, cfg, ids, rng=np.random.default_rng(1)), tf.forward(p, cfg, ids))

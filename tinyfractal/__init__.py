@@ -2,7 +2,8 @@
 from .config import Config
 from .tree import nodes, parent, children, view, level_view, index_mask
 from .model import init_params, forward, count_params, tree_loss_reference
-from .fast import forward_level, tree_loss
+from .fast import forward_level
+from .train import tree_loss, node_losses
 from .sample import generate
 from .checkpoint import save, load
 from .tokenizer import Tokenizer
@@ -13,6 +14,6 @@ from .speculative import speculative_generate
 from .ensemble import ensemble_logits
 
 __all__ = ["Config", "nodes", "parent", "children", "view", "level_view", "index_mask", "init_params",
-           "forward", "count_params", "tree_loss_reference", "forward_level", "tree_loss", "generate",
+           "forward", "count_params", "tree_loss_reference", "forward_level", "tree_loss", "node_losses", "generate",
            "save", "load", "Tokenizer", "merge", "extract", "grow", "trace_node",
            "speculative_generate", "ensemble_logits"]

@@ -124,10 +124,27 @@ def adamw_step(params, grads, state, lr, tc, trainable=None):
             p[mask] -= f32(lr) * update
 
 
+def variant(cfg):
+    """The module that computes this config's losses: coupled trees (coupling.py), byte models
+    (concepts.py), or the base model's level-batched fast path (fast.py)."""
+    if cfg.coupling != "none":
+        return coupling
+    return concepts if cfg.tokenizer == "bytes" else fast
+
+
+def tree_loss(params, cfg, ids, targets, level_weights=None, rng=None):
+    """Mean next-token loss over every node of the tree, for any config (base, coupled or bytes)."""
+    return variant(cfg).tree_loss(params, cfg, ids, targets, level_weights, rng)
+
+
+def node_losses(params, cfg, ids, targets, rng=None):
+    """Per-level arrays of per-node losses, for any config."""
+    return variant(cfg).node_losses(params, cfg, ids, targets, rng)
+
+
 def evaluate(params, cfg, tokens, batch_size, batches, seed=1234, level_losses=None):
     """Per-node mean loss over fixed batches of a split: {(level, index): loss}."""
-    level_losses = level_losses or (coupling.node_losses if cfg.coupling != "none" else
-                                    concepts.node_losses if cfg.tokenizer == "bytes" else fast.node_losses)
+    level_losses = level_losses or node_losses
     sums = {node: 0.0 for node in nodes(cfg)}
     for b in range(batches):
         ids, targets = batch_at(tokens, batch_size, cfg.context, seed, b)
@@ -153,8 +170,6 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     Returns (state, metrics). metrics holds the per-node train/val loss history at every eval.
     `loss_fn(params, cfg, ids, targets, rng)` and `level_losses` let variants swap the model.
     """
-    tree_loss = (coupling.tree_loss if cfg.coupling != "none" else          # coupled trees: coupling.py
-                 concepts.tree_loss if cfg.tokenizer == "bytes" else fast.tree_loss)   # byte models: concepts.py
     loss_fn = loss_fn or (lambda p, c, i, t, rng: tree_loss(p, c, i, t, level_weights, rng))
     value_grad = value_and_grad(loss_fn)
     state = state or adamw_init(params)
@@ -167,6 +182,9 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
         rng = onp.random.default_rng([tc.seed, step, 1]) if cfg.dropout > 0 else None
         loss, grads = value_grad(params, cfg, ids, targets, rng)
         flat_g = flatten(grads)
+        if trainable is not None:   # frozen entries must not count towards the clipping norm
+            for name, mask in trainable.items():
+                flat_g[name] = onp.where(mask, flat_g[name], onp.float32(0))
         gnorm = clip_by_global_norm(flat_g, tc.grad_clip)
         adamw_step(params, unflatten(flat_g), state, lr_at(tc, step), tc, trainable)
         done += 1
