@@ -164,6 +164,8 @@ def peak_memory(preset, path, batch, steps=2):
     """Peak resident memory (bytes) of a fresh process running `steps` training steps of `path`."""
     cmd = [sys.executable, "-m", "tinyfractal.bench", "--preset", preset, "--batch", str(batch),
            "--steps", str(steps), "--memory-of", path]
+    if ops._blas:
+        cmd += ["--blas-threads", str(ops._blas[1]())]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the memory probe for {path} failed: {done.stderr.strip()[-500:]}")
@@ -231,7 +233,8 @@ def report(r):
     """The result as the text table the command prints."""
     f = r["flops_per_step"]
     lines = [f"preset {r['preset']}: {r['models']} models, batch {r['batch']} x context {r['context']} = "
-             f"{r['tokens_per_step']} tokens/step; {r['threads']} threads; load average {r['load_average_1min']:.1f}",
+             f"{r['tokens_per_step']} tokens/step; fast path on {r['threads']} threads, OpenBLAS threads "
+             f"{r.get('blas_threads')}; load average {r['load_average_1min']:.1f}",
              f"matmul FLOPs/step {f['total'] / 1e9:.2f} G (causal half only: {f['total (attention causal half)'] / 1e9:.2f} G): "
              + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in f.items() if not k.startswith("total")),
              f"float32 matmul peak on the model's shapes: {r['matmul_peak_gflops']:.1f} GFLOP/s "
@@ -269,6 +272,8 @@ def main(argv=None):
     parser.add_argument("--paths", default="fast,reference", help="comma-separated: fast, reference")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--profile-steps", type=int, default=3, help="fast steps to profile (0: none)")
+    parser.add_argument("--blas-threads", type=int, default=None,
+                        help="set OpenBLAS's own thread count for the whole run (the reference path uses it)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     parser.add_argument("--memory-of", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -281,6 +286,10 @@ def main(argv=None):
             parser.error(f"--{name} must be a positive integer, got {value}")
     if args.warmup < 0 or args.profile_steps < 0:
         parser.error("--warmup and --profile-steps must be >= 0")
+    if args.blas_threads is not None:
+        if args.blas_threads < 1 or ops._blas is None:
+            parser.error("--blas-threads needs a positive count and numpy's bundled OpenBLAS")
+        ops._blas[0](args.blas_threads)
     if args.memory_of:
         cfg, tc = Config.preset(args.preset), TrainConfig.preset(args.preset)
         tc = tc.override(batch_size=args.batch) if args.batch else tc
@@ -288,6 +297,7 @@ def main(argv=None):
         return 0
     result = run_bench(args.preset, args.steps, args.warmup, args.batch, paths, not args.no_memory,
                        args.profile_steps)
+    result["blas_threads"] = ops._blas[1]() if ops._blas else None
     print(json.dumps(result, indent=1) if args.json else report(result))
     return 0
 

@@ -18,6 +18,11 @@ tests/test_ops.py compares against (STYLE.md section 6).
 
 Shapes use the letters of the model: N models of one level, B batch, T time, M = B·T rows,
 H query heads, K key/value heads, G = H/K query heads per key head, h head dim, V vocabulary.
+
+Two process-wide settings come with importing this module, both explained where they are made:
+the heavy ops run on THREADS worker threads of our own with single-threaded BLAS (`parallel_map`;
+TINYFRACTAL_THREADS=1 turns this off), and glibc's malloc keeps freed memory for reuse
+(`_keep_freed_memory`).
 """
 import contextlib
 import ctypes
@@ -129,15 +134,16 @@ def parallel_map(fn, pieces):
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="tinyfractal")
-        setter, getter = _blas
-        before = getter()
-        setter(1)
+        before = _blas[1]() if _blas else None
+        if _blas:
+            _blas[0](1)
         try:
             if len(pieces) == 1:
                 return [fn(pieces[0])]
             return list(_pool.map(fn, pieces))
         finally:
-            setter(before)
+            if _blas:
+                _blas[0](before)
 
 
 MIN_WORK = 1 << 16   # below ~this many element-ops per piece, handing work to a thread costs more than it saves
