@@ -26,6 +26,7 @@ TINYFRACTAL_THREADS=1 turns this off), and glibc's malloc keeps freed memory for
 """
 import contextlib
 import ctypes
+import itertools
 import os
 import threading
 import time
@@ -119,31 +120,43 @@ _pool_lock = threading.Lock()
 
 
 def parallel_map(fn, pieces):
-    """[fn(p) for p in pieces], on THREADS worker threads while BLAS runs one thread per call.
+    """[fn(p) for p in pieces], shared among the calling thread and THREADS - 1 helper threads, with
+    BLAS running one thread per call meanwhile.
 
     Why: OpenBLAS wakes its own threads for every matmul and makes them spin at a barrier. For the
     hundreds of small matmuls of attention that handoff costs more than the math, and on a machine
     shared with other processes a descheduled BLAS thread stalls the others: we measured 5-50x
     slowdowns against one thread. NumPy releases the GIL inside its loops and BLAS calls, so our own
-    THREADS Python threads, each running whole chunks with single-threaded BLAS, keep every core
-    busy, degrade gracefully when the machine is busy, and keep each chunk's tiles in cache.
+    threads, each running whole pieces with single-threaded BLAS, keep every core busy, degrade
+    gracefully when the machine is busy, and keep each piece's tiles in cache. The calling thread
+    takes pieces too, from the same counter, so a two-piece job costs one handoff.
     """
     global _pool
     if THREADS <= 1:
         return [fn(p) for p in pieces]
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="tinyfractal")
+            _pool = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="tinyfractal")
         before = _blas[1]() if _blas else None
         if _blas:
             _blas[0](1)
+        results, counter = [None] * len(pieces), itertools.count()
+
+        def drain():
+            for i in iter(counter.__next__, None):
+                if i >= len(pieces):
+                    return
+                results[i] = fn(pieces[i])
+
+        helpers = [_pool.submit(drain) for _ in range(min(THREADS, len(pieces)) - 1)]
         try:
-            if len(pieces) == 1:
-                return [fn(pieces[0])]
-            return list(_pool.map(fn, pieces))
+            drain()
         finally:
+            for helper in helpers:
+                helper.result()
             if _blas:
                 _blas[0](before)
+        return results
 
 
 MIN_WORK = 1 << 16   # below ~this many element-ops per piece, handing work to a thread costs more than it saves
