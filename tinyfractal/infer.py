@@ -117,6 +117,7 @@ class Models:
             })
         self.rope = rope_matrices(sub.context, h, sub.rope_theta)                # (context,h,h)
         self.flops, self.calls, self.latency_flops = 0, 0, 0.0
+        self._bias = {}
 
     def matmul(self, a, b):
         """np.matmul that adds its multiply-adds (x2) to `flops`."""
@@ -133,6 +134,14 @@ class Models:
 
     def new_cache(self, batch=1):
         return Cache(self, batch)
+
+    def causal_bias(self, Tn):
+        """(G*Tn, Tn): 0 where new query t (row g*Tn + t) may see new key u <= t, else -1e30. Kept per Tn."""
+        if Tn not in self._bias:
+            G = self.H // self.K
+            hidden = onp.arange(Tn)[None, :] > onp.arange(Tn)[:, None]
+            self._bias[Tn] = onp.tile(onp.where(hidden, onp.float32(-1e30), onp.float32(0)), (G, 1))
+        return self._bias[Tn]
 
 
 class Cache:
@@ -200,9 +209,8 @@ def attend(m, q, cache, layer, L, Tn):
     k = cache.k[layer][:, :, :, :L + Tn]                                        # (N,B,K,L+Tn,h)
     v = cache.v[layer][:, :, :, :L + Tn]
     scores = m.matmul(q, k.transpose(0, 1, 2, 4, 3))                            # (N,B,K,G*Tn,L+Tn), q pre-scaled
-    if Tn > 1:
-        visible = onp.arange(L + Tn)[None, :] <= L + onp.arange(Tn)[:, None]    # (Tn, L+Tn) causal
-        scores = onp.where(onp.tile(visible, (G, 1)), scores, onp.float32(-1e30))
+    if Tn > 1:                                   # the cached slots are all visible; the new ones causally
+        scores[..., L:] += m.causal_bias(Tn)
     scores = onp.exp(scores - scores.max(axis=-1, keepdims=True))
     weights = scores / scores.sum(axis=-1, keepdims=True)
     out = m.matmul(weights, v)                                                   # (N,B,K,G*Tn,h)
