@@ -78,22 +78,29 @@ def format_row(row):
             f"{row['latency_speedup']:9.3f} {row['wall_speedup']:7.3f}")
 
 
-def spec_table(params, cfg, prompts, choices, ks, new, keep, repeats=3, verifier=(0, 0), log=print):
-    """Greedy speculative decoding for each drafter choice and draft length, against plain cached
-    decoding with the verifier on the same prompts (outputs must be equal). Wall-time ratios come from
-    back-to-back runs in alternating order (the median of `repeats`). Returns (rows, plain Models)."""
+def spec_table(params, cfg, prompts, choices, ks, new, keep, repeats=3, verifier=(0, 0), log=print, temperature=0.0):
+    """Speculative decoding for each drafter choice and draft length, against plain cached decoding with
+    the verifier on the same prompts. Greedy (temperature 0): the outputs must be equal. Sampling: the
+    same temperature for both, seeded per prompt (the texts differ; their distribution does not).
+    Wall-time ratios come from back-to-back runs in alternating order (the median of `repeats`).
+    Returns (rows, plain Models)."""
     import numpy as onp
     from . import infer
+    from .sample import sample_token
     from .speculative import parse_drafters, speculative_ids
 
     def plain():
         m = infer.node_models(params, cfg, *verifier)
-        return [infer.decode(m, list(p), new, lambda lg: int(onp.argmax(lg)), keep) for p in prompts], m
+        outs = []
+        for i, p in enumerate(prompts):
+            rng = onp.random.default_rng(i)
+            outs.append(infer.decode(m, list(p), new, lambda lg: sample_token(lg, rng, temperature), keep))
+        return outs, m
 
     def spec(drafters, k):
         outs, total = [], None
-        for p in prompts:
-            out, st = speculative_ids(params, cfg, p, new, verifier, drafters, k, keep=keep)
+        for i, p in enumerate(prompts):
+            out, st = speculative_ids(params, cfg, p, new, verifier, drafters, k, temperature, seed=i, keep=keep)
             outs.append(out)
             total = st if total is None else add_stats(total, st)
         return outs, total
@@ -105,7 +112,7 @@ def spec_table(params, cfg, prompts, choices, ks, new, keep, repeats=3, verifier
         drafters = parse_drafters(cfg, verifier, choice)
         for k in ks:
             outs, st = spec(drafters, k)
-            if outs != base_outs:
+            if temperature == 0 and outs != base_outs:
                 raise AssertionError(f"drafters {choice} k={k}: output differs from the verifier's greedy output")
             walls = []
             for r in range(repeats):
@@ -199,9 +206,11 @@ def bench_spec(args, log=print):
     prompts = corpus_prompts(Tokenizer.default(), args.prompts, args.prompt_tokens)
     ks = [int(k) for k in args.k.split(",")]
     choices = args.drafters.split(",") if args.drafters else default_choices(cfg, verifier)
-    log(f"checkpoint {args.ckpt}: verifier {verifier}, {args.prompts} prompts x {args.new} new tokens, greedy, "
+    mode = "greedy" if args.temperature == 0 else f"sampled at temperature {args.temperature}"
+    log(f"checkpoint {args.ckpt}: verifier {verifier}, {args.prompts} prompts x {args.new} new tokens, {mode}, "
         f"context {cfg.context}, window slides back to keep={keep} tokens")
-    rows, base = spec_table(params, cfg, prompts, choices, ks, args.new, keep, args.repeats, verifier, log)
+    rows, base = spec_table(params, cfg, prompts, choices, ks, args.new, keep, args.repeats, verifier, log,
+                            args.temperature)
     best_flop = max(rows, key=lambda r: r["flop_speedup"])
     best_wall = max(rows, key=lambda r: r["wall_speedup"])
     best_latency = max(rows, key=lambda r: r["latency_speedup"])
@@ -259,6 +268,7 @@ def build_parser():
     s.add_argument("--new", type=int, default=200)
     s.add_argument("--keep", type=int, default=None, help="tokens kept when the window slides (default context/2)")
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     t = sub.add_parser("calls", help="per-call times and break-even acceptance for a config (random init)")
     t.add_argument("--preset", default="tiny")
     t.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE, e.g. hidden=384 head_dim=64")
