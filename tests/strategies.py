@@ -192,16 +192,19 @@ INT_FIELDS = ("vocab_size", "context", "layers", "heads", "kv_heads", "head_dim"
               "levels", "split")
 
 
-@st.composite
-def invalid_configs(draw):
-    """(kwargs, keywords, constraint): fields breaking exactly one constraint of a config.
+INVALID_KINDS = ["positive", "integer", "positive_float", "dropout", "split", "hidden", "head_dim", "rope_even",
+                 "kv_heads", "coupling", "coupling_flag", "coupling_scale_init", "tokenizer", "bytes_vocab",
+                 "bytes_coupling"]
 
-    keywords are lower-case words the ValueError message must contain, naming the broken constraint.
+
+@st.composite
+def invalid_configs(draw, kind=None):
+    """(kwargs, keywords, kind): fields breaking exactly one constraint of a config (of the given kind,
+    one of INVALID_KINDS, or any). keywords are words the ValueError message must contain, naming the
+    broken constraint.
     """
     d = draw(config_dicts(max_nodes=21))
-    kind = draw(st.sampled_from(["positive", "integer", "positive_float", "dropout", "split", "hidden",
-                                 "head_dim", "rope_even", "kv_heads", "coupling", "coupling_flag",
-                                 "coupling_scale_init", "tokenizer", "bytes_vocab", "bytes_coupling"]))
+    kind = kind or draw(st.sampled_from(INVALID_KINDS))
     leaves = d["split"] ** (d["levels"] - 1)
     if kind == "positive":
         field = draw(st.sampled_from(INT_FIELDS))

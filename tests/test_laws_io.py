@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from strategies import (arrays_with_roles, config_dicts, configs, examples, get, invalid_configs, params_for,
-                        random_params, spec_param_count, token_batches)
+from strategies import (INVALID_KINDS, arrays_with_roles, config_dicts, configs, examples, get, invalid_configs,
+                        params_for, random_params, spec_param_count, token_batches)
 from tinyfractal import checkpoint, fast
 from tinyfractal.config import Config
 from tinyfractal.model import count_params, forward, init_params
@@ -266,12 +266,13 @@ def test_every_valid_config_builds_and_runs(fields, data):
         assert np.all(np.isfinite(batched))
 
 
-@examples(300)
-@given(invalid_configs())
-def test_every_invalid_config_raises_a_value_error_naming_the_constraint(case):
+@pytest.mark.parametrize("kind", INVALID_KINDS)
+@examples(20)
+@given(data=st.data())
+def test_every_invalid_config_raises_a_value_error_naming_the_constraint(kind, data):
     """Configs: every config that breaks a constraint raises a ValueError (not an AssertionError, not a
     NumPy error) whose message names the broken constraint, built directly or from a dict."""
-    fields, keywords, kind = case
+    fields, keywords, kind = data.draw(invalid_configs(kind))
     makers = [lambda: Config(**fields)]
     if kind not in ("integer", "positive_float", "dropout", "coupling_flag", "coupling_scale_init"):
         makers.append(lambda: Config.from_dict(fields))      # from_dict parses strings, so only plain values
