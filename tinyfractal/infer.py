@@ -205,7 +205,10 @@ def attend(m, q, cache, layer, L, Tn):
     """
     N, B, _, H, h = q.shape
     K, G = m.K, m.H // m.K
-    q = q.reshape(N, B, Tn, K, G, h).transpose(0, 1, 3, 4, 2, 5).reshape(N, B, K, G * Tn, h)
+    if Tn == 1:                                  # one token: grouping heads is a plain reshape
+        q = q.reshape(N, B, K, G, h)
+    else:
+        q = q.reshape(N, B, Tn, K, G, h).transpose(0, 1, 3, 4, 2, 5).reshape(N, B, K, G * Tn, h)
     k = cache.k[layer][:, :, :, :L + Tn]                                        # (N,B,K,L+Tn,h)
     v = cache.v[layer][:, :, :, :L + Tn]
     scores = m.matmul(q, k.transpose(0, 1, 2, 4, 3))                            # (N,B,K,G*Tn,L+Tn), q pre-scaled
@@ -214,6 +217,8 @@ def attend(m, q, cache, layer, L, Tn):
     scores = onp.exp(scores - scores.max(axis=-1, keepdims=True))
     weights = scores / scores.sum(axis=-1, keepdims=True)
     out = m.matmul(weights, v)                                                   # (N,B,K,G*Tn,h)
+    if Tn == 1:
+        return out.reshape(N, B, 1, H * h)
     return out.reshape(N, B, K, G, Tn, h).transpose(0, 1, 4, 2, 3, 5).reshape(N, B, Tn, H * h)
 
 

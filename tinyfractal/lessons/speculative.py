@@ -16,7 +16,8 @@ from tinyfractal import infer
 from tinyfractal.checkpoint import atomic_write_json, load
 from tinyfractal.data import load_tokens, train_val_split
 from tinyfractal.ensemble import ensemble_losses, ensemble_table
-from tinyfractal.infer_bench import call_times, cache_vs_recompute, default_choices, spec_table
+from tinyfractal.infer_bench import call_times, cache_vs_recompute, default_choices, spec_table, timed
+from tinyfractal.sample import generate, generate_reference
 from tinyfractal.speculative import parse_drafters, speculative_ids
 from tinyfractal.train import TrainConfig, evaluate, format_duration, save_run, train
 
@@ -63,8 +64,8 @@ def get_model(args, out, tokenizer):
 
 
 def shown(tokenizer, ids):
-    """Tokens as text, with newlines made visible."""
-    return tokenizer.decode([int(t) for t in ids]).replace("\n", "⏎")
+    """Tokens as text, one '·' between tokens, newlines made visible."""
+    return "·".join(tokenizer.decode([int(t)]) for t in ids).replace("\n", "⏎")
 
 
 def main(argv=None):
@@ -102,10 +103,24 @@ def main(argv=None):
     print("RoPE rotates q and k by the token's position in the window, exactly as the full forward does.\n"
           f"When the window ({cfg.context} tokens) is full, decoding slides: the cache is rebuilt from the\n"
           "last `keep` tokens (default: all of them, which reproduces the full-recompute reference).")
-    new = 8 if quick else 150
-    print(f"\nGreedy, {new} new tokens from the root, cached `generate` vs `generate_reference`:")
-    cache_result = cache_vs_recompute(params, cfg, tokenizer, PROMPT, new, 1)
-    results["cache"] = cache_result
+    prompt_len = len(tokenizer.encode(PROMPT))
+    new = 8 if quick else cfg.context - prompt_len
+    print(f"\nWithin one window: greedy, {new} new tokens after the {prompt_len}-token prompt, from the root,\n"
+          "cached `generate` vs `generate_reference` (which re-runs the window for every token):")
+    results["cache"] = cache_vs_recompute(params, cfg, tokenizer, PROMPT, new, 1 if quick else 3)
+    longer = 16 if quick else 4 * cfg.context
+    print(f"\nPast the window: {longer} new tokens. With keep = context every step after the window fills\n"
+          "is a full recompute (exactly the reference, and about as slow); keep = context/2 recomputes\n"
+          "once every context/2 tokens, so the text can differ from the reference after the first slide:")
+    for keep_rule in (None, cfg.context // 2):
+        seconds, text = timed(lambda: generate(params, cfg, tokenizer, PROMPT, max_new_tokens=longer,
+                                               temperature=0, keep=keep_rule))
+        print(f"  keep={keep_rule or cfg.context:3d}: cached {seconds:6.3f} s ({longer / seconds:5.0f} tok/s)")
+        results[f"cache_keep_{keep_rule or cfg.context}_s"] = seconds
+    seconds, reference = timed(lambda: generate_reference(params, cfg, tokenizer, PROMPT, max_new_tokens=longer,
+                                                          temperature=0))
+    print(f"  full recompute: {seconds:6.3f} s ({longer / seconds:5.0f} tok/s); keep=context/2 text equals it: "
+          f"{text == reference}")
 
     # %% 3. One speculative run, round by round
     section("3. Self-speculative decoding: the small models draft, the root checks")
@@ -113,7 +128,8 @@ def main(argv=None):
     print(f"Verifier: the root (0,0). Drafters: every level-2 model ({drafters!r}), each proposing k={k}\n"
           "tokens greedily from its own cache, all four in one batched computation. The root checks every\n"
           "distinct draft in ONE batched pass over k+1 positions, keeps the longest prefix that equals its\n"
-          "own greedy choice, and adds its own next token. [kept] tokens are in brackets; after | refused.")
+          "own greedy choice, and adds its own next token. [kept] tokens are in brackets; after | refused;\n"
+          "a dot separates tokens.")
     ids = tokenizer.encode(PROMPT)
     keep = cfg.context // 2
     rounds = []
@@ -157,24 +173,30 @@ def main(argv=None):
     times = call_times(params, cfg, (0, 0), max(ks), calls=20 if quick else 200)
     for name, t in times.items():
         print(f"    one cached call, {name:<28} {t:8.0f} us")
-    singles = [r for r in rows if "." in r["drafters"]]
-    wholes = [r for r in rows if "." not in r["drafters"]]
-    if singles and wholes:
-        print(f"\nBest-of-N: mean first-token acceptance with ONE drafter {np.mean([r['first_accept'] for r in singles]):.3f}, "
-              f"with a whole level (or more) {np.mean([r['first_accept'] for r in wholes]):.3f}.")
+    best_of_n(rows)
+    print("\nGreedy text from a small model soon loops ('the some the some ...'), and in a loop every model\n"
+          "agrees, which flatters the acceptance above. Sampling does not loop. At temperature 0.8 the\n"
+          "root's distribution is kept exactly (one drafter: accept with min(1, p/q); several: each in\n"
+          "turn against what the refusals left of p):")
+    sampled, _ = spec_table(params, cfg, prompts, ["1.0"] if quick else ["1.0", "1", "2.0", "2", "1+2"],
+                            [1] if quick else [1, 2], n_new, keep, repeats=1, temperature=0.8)
+    results["table_sampled"] = sampled
+    best_of_n(sampled)
 
     # %% 5. Acceptance against draft length
     section("5. Acceptance against the draft length k")
     curve_choices = ["1.0", "2"] if quick else ["1.0", "1", "2.0", "2", "1+2"]
     curve_ks = [1, 2] if quick else [1, 2, 3, 4, 6, 8]
+    seeds = 1 if quick else 3
+    print(f"Sampled at temperature 0.8 (no greedy loops), {len(prompts)} prompt(s) x {seeds} seed(s) x {n_new} tokens:")
     curves = {}
     for choice in curve_choices:
         curves[choice] = []
         for kk in curve_ks:
             total = [0, 0, 0, 0]
-            for p in prompts:
+            for p, seed in [(p, seed) for p in prompts for seed in range(seeds)]:
                 _, st = speculative_ids(params, cfg, p, n_new, (0, 0), parse_drafters(cfg, (0, 0), choice), kk,
-                                        keep=keep)
+                                        temperature=0.8, seed=seed, keep=keep)
                 total = [total[0] + st.accepted, total[1] + st.drafted, total[2] + st.new_tokens,
                          total[3] + st.verifier_calls]
             curves[choice].append((total[0] / max(1, total[1]), total[2] / max(1, total[3])))
@@ -206,6 +228,15 @@ def main(argv=None):
     print(f"saved {figure}\nsaved {out / 'results.json'}")
     print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
     return 0
+
+
+def best_of_n(rows):
+    """Print the mean first-token acceptance of single drafters against that of drafter sets."""
+    singles = [r["first_accept"] for r in rows if "." in r["drafters"]]
+    sets = [r["first_accept"] for r in rows if "." not in r["drafters"]]
+    if singles and sets:
+        print(f"Best-of-N: mean first-token acceptance with ONE drafter {np.mean(singles):.3f}, "
+              f"with a whole level (or more) {np.mean(sets):.3f}.")
 
 
 def save_figure(ks, curves, path):
