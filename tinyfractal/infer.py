@@ -112,8 +112,8 @@ class Models:
                 "Wqkv": fold(p["attn_norm"], Wqkv),
                 "Wo": take(p["Wo"]).reshape(N, H * h, d),
                 "Wgu": fold(p["mlp_norm"], onp.concatenate([take(p["Wgate"]), take(p["Wup"])], axis=2)),
-                "bgu": onp.concatenate([take(p["bgate"]), take(p["bup"])], axis=1)[:, None, None, :],
-                "Wdown": take(p["Wdown"]), "bdown": take(p["bdown"])[:, None, None, :],
+                "bgu": onp.concatenate([take(p["bgate"]), take(p["bup"])], axis=1)[:, None, :],
+                "Wdown": take(p["Wdown"]), "bdown": take(p["bdown"])[:, None, :],
             })
         self.rope = rope_matrices(sub.context, h, sub.rope_theta)                # (context,h,h)
         self.flops, self.calls, self.latency_flops = 0, 0, 0.0
@@ -126,11 +126,10 @@ class Models:
         return out
 
     def linear(self, x, W):
-        """(N,B,T,A) @ (N,A,C) -> (N,B,T,C), as one batched 2-D matmul per model."""
-        N, B, T, A = x.shape
-        if 1 < B * T <= 3:      # measured: BLAS sgemm on 2-3 rows is slower than 2-3 vector products
-            return self.matmul(x.reshape(N, B * T, 1, A), W[:, None]).reshape(N, B, T, W.shape[-1])
-        return self.matmul(x.reshape(N, B * T, A), W).reshape(N, B, T, W.shape[-1])
+        """(N,M,A) @ (N,A,C) -> (N,M,C): the M token rows of each model through its weight."""
+        if 1 < x.shape[1] <= 3:  # measured: BLAS sgemm on 2-3 rows is slower than 2-3 vector products
+            return self.matmul(x[:, :, None, :], W[:, None])[:, :, 0]
+        return self.matmul(x, W)
 
     def new_cache(self, batch=1):
         return Cache(self, batch)
@@ -198,7 +197,7 @@ def embed(m, ids):
 
 
 def attend(m, q, cache, layer, L, Tn):
-    """Queries of Tn new tokens against cache slots [0, L + Tn). q (N,B,Tn,H,h) -> (N,B,Tn,H*h).
+    """Queries of Tn new tokens against cache slots [0, L + Tn). q (N,B,Tn,H,h) -> rows (N,B*Tn,H*h).
 
     Multi-query attention without repeating k: the G = H/K query heads that share a kv head are
     stacked along the query axis, so one matmul per kv head serves them all.
@@ -218,8 +217,8 @@ def attend(m, q, cache, layer, L, Tn):
     weights = scores / scores.sum(axis=-1, keepdims=True)
     out = m.matmul(weights, v)                                                   # (N,B,K,G*Tn,h)
     if Tn == 1:
-        return out.reshape(N, B, 1, H * h)
-    return out.reshape(N, B, K, G, Tn, h).transpose(0, 1, 4, 2, 3, 5).reshape(N, B, Tn, H * h)
+        return out.reshape(N, B, H * h)
+    return out.reshape(N, B, K, G, Tn, h).transpose(0, 1, 4, 2, 3, 5).reshape(N, B * Tn, H * h)
 
 
 def extend(m, cache, ids):
@@ -238,6 +237,7 @@ def extend(m, cache, ids):
     B = x.shape[1]
     if B != cache.batch:
         raise ValueError(f"the cache holds {cache.batch} rows but {B} were given")
+    x = x.reshape(N, B * Tn, x.shape[-1])                                       # token rows (N,M,d)
     R = m.rope[L:L + Tn]                                                        # (Tn,h,h)
     for i, p in enumerate(m.layers):
         qkv = m.linear(unit(x, m.eps), p["Wqkv"]).reshape(N, B, Tn, H + 2 * K, h)
@@ -252,7 +252,7 @@ def extend(m, cache, ids):
     logits = m.linear(unit(x, m.eps), m.out_T)
     m.calls += 1
     m.latency_flops += (m.flops - flops_before) / (B * Tn)
-    return logits
+    return logits.reshape(N, B, Tn, logits.shape[-1])
 
 
 def prefill(m, ids, cache=None):
