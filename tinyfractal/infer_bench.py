@@ -36,6 +36,8 @@ def cache_vs_recompute(params, cfg, tokenizer, prompt, new, repeats=1, log=print
     timed back to back; the texts must be equal. Returns {'cached_s', 'full_s', 'speedup'}."""
     from .sample import generate, generate_reference
     kw = dict(max_new_tokens=new, temperature=0)
+    generate(params, cfg, tokenizer, prompt, max_new_tokens=4, temperature=0)             # warm-up, untimed
+    generate_reference(params, cfg, tokenizer, prompt, max_new_tokens=4, temperature=0)
     cached, full = [], []
     for r in range(repeats):
         tc, a = timed(lambda: generate(params, cfg, tokenizer, prompt, **kw))
@@ -256,7 +258,7 @@ def build_parser():
     c.add_argument("--preset", default="original")
     c.add_argument("--prompt-tokens", type=int, default=56)
     c.add_argument("--new", type=int, default=200)
-    c.add_argument("--repeats", type=int, default=2)
+    c.add_argument("--repeats", type=int, default=5)
     s = sub.add_parser("spec", help="speculative decoding table for a checkpoint")
     s.add_argument("--ckpt", required=True)
     s.add_argument("--verifier", default="0.0", help="LEVEL.INDEX (default 0.0, the whole model)")
