@@ -7,6 +7,8 @@ included.
 """
 import contextlib
 import gc
+import os
+import time
 import warnings
 
 import numpy as np
@@ -101,12 +103,13 @@ MODES = ["inline", "split"]
 def threading_mode(mode):
     """'inline': everything in the calling thread; 'split': every op forced to split its work over two
     worker threads (even these tiny shapes), so the chunking code is checked too."""
-    saved = ops.THREADS, ops.MIN_WORK
+    saved = ops.THREADS, ops.MIN_WORK, ops._free_cores
     ops.THREADS, ops.MIN_WORK = (2, 0) if mode == "split" else (1, saved[1])
+    ops._free_cores = lambda: 2.0          # use both threads even if the machine is busy right now
     try:
         yield
     finally:
-        ops.THREADS, ops.MIN_WORK = saved
+        ops.THREADS, ops.MIN_WORK, ops._free_cores = saved
 
 
 def weighted_sum(f, weights):
@@ -182,14 +185,10 @@ def test_splitting_work_over_threads_changes_no_number_beyond_rounding(name, dat
     args = tuple(a.astype(np.float32) for a in args)
     weights = np.random.default_rng(1).normal(size=np.shape(fast(*args))).astype(np.float32)
     argnum = tuple(range(len(args)))
-    saved = ops.THREADS, ops.MIN_WORK
     results = []
-    try:
-        for threads, min_work in ((1, saved[1]), (2, 0)):
-            ops.THREADS, ops.MIN_WORK = threads, min_work
+    for mode in MODES:
+        with threading_mode(mode):
             results.append((fast(*args), grad(weighted_sum(fast, weights), argnum)(*args)))
-    finally:
-        ops.THREADS, ops.MIN_WORK = saved
     (out1, g1), (out2, g2) = results
     np.testing.assert_allclose(out1, out2, rtol=1e-6, atol=1e-6)
     for a, b in zip(g1, g2):
@@ -237,3 +236,15 @@ def test_bad_attention_shapes_are_refused_with_a_clear_error():
         ops.causal_attention(q, k, k, 100.0)
     with pytest.raises(ValueError, match="one shape"):
         ops.geglu(np.zeros(3), np.zeros(4))
+
+
+def test_free_core_estimate_stays_within_the_machine():
+    """Threads law: the estimate of cores that other processes leave free is a number no larger than the
+    machine's core count (our own busy loop in between is not taken for another process's load)."""
+    meter = ops._FreeCores(every=0.05)
+    meter()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:
+        pass
+    free = meter()
+    assert isinstance(free, float) and free <= (os.cpu_count() or 1) + 1e-9
