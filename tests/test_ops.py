@@ -28,10 +28,17 @@ def seeds():
 
 @st.composite
 def linear_args(draw):
-    N, M, A, O = (draw(st.integers(1, 4)) for _ in range(4))
+    """x (N, lead..., A...) and W (N, A..., out...): `axes` contracted axes, any lead and out shapes."""
+    N, axes = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    lead, contracted, out = (tuple(draw(st.lists(st.integers(1, 3), min_size=lo, max_size=2)))
+                             for lo in (1, axes, 1))
+    contracted = contracted[:axes]
     rng = np.random.default_rng(draw(seeds()))
-    x, W, b = rng.normal(size=(N, M, A)), rng.normal(size=(N, A, O)), rng.normal(size=(N, O))
-    return (ops.linear, ops.linear_reference), (x, W, b) if draw(st.booleans()) else (x, W)
+    x, W = rng.normal(size=(N,) + lead + contracted), rng.normal(size=(N,) + contracted + out)
+    if draw(st.booleans()):
+        return ((lambda x, W: ops.linear(x, W, axes=axes)), (lambda x, W: ops.linear_reference(x, W, axes=axes))), (x, W)
+    b = rng.normal(size=(N,) + out)
+    return ((lambda x, W, b: ops.linear(x, W, b, axes)), (lambda x, W, b: ops.linear_reference(x, W, b, axes))), (x, W, b)
 
 
 @st.composite

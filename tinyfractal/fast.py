@@ -6,10 +6,10 @@ instead of N small ones. The heavy ops are the fused primitives of `ops.py`, who
 written by hand. This is the path training uses; `model.py` is the readable reference, and
 tests/test_fast.py proves the two give the same loss and gradients.
 
-Activations go through every weight matmul as (N, B·T, features): one 2-D matmul per model
-(STYLE.md section 9). q, k, v and the MLP's gate and up projections get a matmul each rather than
-one fused [Wq | Wk | Wv] matmul, because the ops after them run 2-4x faster on whole contiguous
-arrays than on column slices of a wider one.
+`ops.linear` flattens activations to (N, B·T, features) inside, so every weight matmul is one 2-D
+matmul per model (STYLE.md section 9) without reshapes recorded by autograd. q, k, v and the MLP's
+gate and up projections get a matmul each rather than one fused [Wq | Wk | Wv] matmul, because the
+ops after them run 2-4x faster on whole contiguous arrays than on column slices of a wider one.
 """
 import numpy as onp
 import autograd.numpy as np
@@ -20,11 +20,8 @@ from .tree import level_view
 
 
 def matmul_rows(x, W):
-    """(N, ..., A) @ (N, A, ...) -> (N, ..., rest): flatten to one batched 2-D matmul per model."""
-    N, A = x.shape[0], x.shape[-1]
-    lead, rest = x.shape[1:-1], W.shape[2:]
-    out = ops.linear(np.reshape(x, (N, -1, A)), np.reshape(W, (N, A, -1)))
-    return np.reshape(out, (N,) + lead + rest)
+    """(N, ..., A) @ (N, A, ...) -> (N, ..., rest): one batched 2-D matmul per model."""
+    return ops.linear(x, W)
 
 
 def embed(P, ids):
@@ -37,22 +34,16 @@ def attention(x, p, cfg, start=0):
 
     `start` is the position of the first token (RoPE angles start there).
     """
-    N, B, T, d = x.shape
-    H, K, h = p["Wq"].shape[2], p["Wk"].shape[2], p["Wq"].shape[3]
-    x2 = np.reshape(x, (N, B * T, d))
-    q, k, v = (np.reshape(ops.linear(x2, np.reshape(p[name], (N, d, -1))), (N, B, T, -1, h))
-               for name in ("Wq", "Wk", "Wv"))                                   # (N,B,T,H|K,h)
+    q = ops.linear(x, p["Wq"])                                                   # (N,B,T,H,h)
+    k, v = ops.linear(x, p["Wk"]), ops.linear(x, p["Wv"])                         # (N,B,T,K,h)
     out = ops.causal_attention(q, k, v, cfg.rope_theta, start)                    # (N,B,T,H,h)
-    out = ops.linear(np.reshape(out, (N, B * T, H * h)), np.reshape(p["Wo"], (N, H * h, d)))
-    return np.reshape(out, (N, B, T, d))
+    return ops.linear(out, p["Wo"], axes=2)                                       # (N,B,T,d)
 
 
 def mlp(x, p):
     """GeGLU MLP for N models: (gelu(x Wgate + bgate) * (x Wup + bup)) Wdown + bdown. (N,B,T,d) -> same."""
-    N, B, T, d = x.shape
-    x2 = np.reshape(x, (N, B * T, d))
-    hidden = ops.geglu(ops.linear(x2, p["Wgate"], p["bgate"]), ops.linear(x2, p["Wup"], p["bup"]))  # (N,BT,f)
-    return np.reshape(ops.linear(hidden, p["Wdown"], p["bdown"]), (N, B, T, d))
+    hidden = ops.geglu(ops.linear(x, p["Wgate"], p["bgate"]), ops.linear(x, p["Wup"], p["bup"]))  # (N,B,T,f)
+    return ops.linear(hidden, p["Wdown"], p["bdown"])
 
 
 def norm(x, g, eps):
@@ -68,10 +59,8 @@ def block(x, p, cfg, rng=None, start=0):
 
 def output_logits(x, P, cfg):
     """Tied output: rmsnorm(x, final_norm) against the row-normalised embedding. (N,B,T,d) -> (N,B,T,V)."""
-    N, B, T, d = x.shape
     out_emb = norm(P["E"], P["out_norm"], cfg.eps)                              # (N,V,d)
-    xn = np.reshape(norm(x, P["final_norm"], cfg.eps), (N, B * T, d))
-    return np.reshape(ops.linear(xn, np.swapaxes(out_emb, 1, 2)), (N, B, T, -1))
+    return ops.linear(norm(x, P["final_norm"], cfg.eps), np.swapaxes(out_emb, 1, 2))
 
 
 def forward_stacked(P, cfg, ids, rng=None):

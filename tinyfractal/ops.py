@@ -6,7 +6,7 @@ a transformer works hardest. Indexing and broadcasting gradients go through `np.
 rules (mean, max, where) hand back float64. Each op here is one `@primitive` whose VJP is written
 out by hand, in float32, with the math in its docstring:
 
-  linear(x, W, b)                        x·W + b, batched over the N models of a level
+  linear(x, W, b, axes)                  x·W + b, batched over the N models of a level
   rmsnorm(x, g, eps)                     x / sqrt(mean(x²) + eps) · (1 + g)
   embedding(E, ids)                      E[:, ids]; its gradient is a one-hot matmul, not np.add.at
   geglu(a, u)                            gelu(a) · u
@@ -295,26 +295,44 @@ def _record_split(wall, busy):
 
 # linear
 
+def _as_matrices(x, W, axes):
+    """x (N, ..., A...) and W (N, A..., O...) as (N, M, A) and (N, A, O), with A the `axes` contracted axes."""
+    N, lead, rest = x.shape[0], x.shape[1:x.ndim - axes], W.shape[1 + axes:]
+    if x.shape[x.ndim - axes:] != W.shape[1:1 + axes] or W.shape[0] != N:
+        raise ValueError(f"linear cannot contract the last {axes} axes of x {x.shape} with W {W.shape}")
+    A = int(onp.prod(W.shape[1:1 + axes], dtype=int))
+    return x.reshape(N, -1, A), W.reshape(N, A, -1), lead, rest
+
+
 @primitive
-def linear(x, W, b=None):
-    """x·W + b for every model. x (N,M,A), W (N,A,O), b (N,O) or None -> (N,M,O)."""
+def linear(x, W, b=None, axes=1):
+    """x·W + b for every model, contracting the last `axes` axes of x with the first of W.
+
+    x (N,...,A...), W (N,A...,O...), b (N,O...) or None -> (N,...,O...). Taking any shapes (q comes
+    out as (N,B,T,H,h) directly) saves the reshapes autograd would otherwise record around it.
+    """
+    x2, W2, lead, rest = _as_matrices(x, W, axes)
     with _clock("matmul: weights"):
-        y = batched_matmul(x, W)
+        y = batched_matmul(x2, W2)
         if b is not None:
-            y += b[:, None, :]
-    return y
+            y += b.reshape(b.shape[0], 1, -1)
+    return y.reshape((x.shape[0],) + lead + rest)
 
 
 def _linear_vjp(argnums, ans, args, kwargs):
     x, W = args[0], args[1]
+    b = args[2] if len(args) > 2 else kwargs.get("b")
+    axes = args[3] if len(args) > 3 else kwargs.get("axes", 1)
 
     def vjp(g):
         # dx = g·Wᵀ, dW = xᵀ·g (threads split W's rows, so none of them sums into another's entries),
         # db = Σ_rows g
+        x2, W2, _, _ = _as_matrices(x, W, axes)
+        g2 = g.reshape(x2.shape[0], x2.shape[1], W2.shape[2])
         with _clock("matmul: weights"):
-            grads = {0: lambda: batched_matmul(g, onp.swapaxes(W, 1, 2)),
-                     1: lambda: batched_matmul(onp.swapaxes(x, 1, 2), g),
-                     2: lambda: g.sum(axis=1)}
+            grads = {0: lambda: batched_matmul(g2, onp.swapaxes(W2, 1, 2)).reshape(x.shape),
+                     1: lambda: batched_matmul(onp.swapaxes(x2, 1, 2), g2).reshape(W.shape),
+                     2: lambda: g2.sum(axis=1).reshape(b.shape)}
             return tuple(grads[i]() for i in argnums)
     return vjp
 
@@ -322,9 +340,13 @@ def _linear_vjp(argnums, ans, args, kwargs):
 defvjp_argnums(linear, _linear_vjp)
 
 
-def linear_reference(x, W, b=None):
-    y = np.matmul(x, W)
-    return y if b is None else y + b[:, None, :]
+def linear_reference(x, W, b=None, axes=1):
+    N = x.shape[0]
+    A = int(onp.prod(W.shape[1:1 + axes], dtype=int))
+    y = np.matmul(np.reshape(x, (N, -1, A)), np.reshape(W, (N, A, -1)))
+    if b is not None:
+        y = y + np.reshape(b, (N, 1, -1))
+    return np.reshape(y, x.shape[:x.ndim - axes] + W.shape[1 + axes:])
 
 
 # rmsnorm
