@@ -5,9 +5,10 @@ several causal blocks when the block is shrunk), random parameters with nonzero 
 """
 import numpy as np
 from autograd import value_and_grad
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from strategies import examples
 from tinyfractal import fast, model, ops
 from tinyfractal.config import Config
 from tinyfractal.tree import flatten, unflatten, view
@@ -59,7 +60,7 @@ def both_paths(cfg, params, ids, targets, block, level_weights):
     return with_block(block, fast_vg, params), ref_vg(params)
 
 
-@settings(max_examples=12, deadline=None)
+@examples(12)
 @given(cases(), st.sampled_from([None, "random"]), st.booleans())
 def test_level_batched_loss_and_every_gradient_equal_the_per_node_path_in_float64(case, weights, split):
     """Same-program law: the level-batched tree loss and its gradient with respect to every array equal the
@@ -83,7 +84,7 @@ def check_same_as_reference(cfg, params, ids, targets, block, weights):
         np.testing.assert_allclose(flatten(g)[name], ref, rtol=1e-9, atol=1e-11, err_msg=name)
 
 
-@settings(max_examples=8, deadline=None)
+@examples(8)
 @given(cases(dtype=np.float32))
 def test_level_batched_path_in_float32_agrees_and_every_gradient_leaf_is_float32(case):
     """float32 law: in float32 the level-batched loss and gradients agree with the reference within float32
@@ -98,7 +99,7 @@ def test_level_batched_path_in_float32_agrees_and_every_gradient_leaf_is_float32
                                    err_msg=name)
 
 
-@settings(max_examples=12, deadline=None)
+@examples(12)
 @given(cases())
 def test_forward_level_model_j_is_the_per_node_forward_of_view_j(case):
     """Sub-model law: forward_level's model j equals model.forward(view(params, cfg, l, j), cfg.sub(l), ids)."""
@@ -111,7 +112,7 @@ def test_forward_level_model_j_is_the_per_node_forward_of_view_j(case):
             np.testing.assert_allclose(logits[j], want, rtol=1e-10, atol=1e-10)
 
 
-@settings(max_examples=8, deadline=None)
+@examples(8)
 @given(cases())
 def test_node_losses_are_the_per_node_cross_entropies(case):
     """Loss law: node_losses[l][j] is the mean next-token cross-entropy of model (l, j) alone."""

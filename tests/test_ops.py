@@ -16,9 +16,10 @@ import pytest
 from autograd import grad
 import autograd.numpy as anp
 from autograd.test_util import check_grads
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from strategies import examples
 from tinyfractal import ops
 
 
@@ -126,7 +127,7 @@ def weighted_sum(f, weights):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", sorted(PRIMITIVES))
-@settings(max_examples=15, deadline=None)
+@examples(15)
 @given(data=st.data())
 def test_primitive_equals_its_plain_reference_in_float64(name, mode, data):
     """Value law: each fused primitive computes the same numbers as its plain autograd.numpy reference."""
@@ -137,7 +138,7 @@ def test_primitive_equals_its_plain_reference_in_float64(name, mode, data):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", sorted(PRIMITIVES))
-@settings(max_examples=10, deadline=None)
+@examples(10)
 @given(data=st.data())
 def test_primitive_gradient_passes_check_grads_in_float64(name, mode, data):
     """Gradient law: each hand-written VJP agrees with finite differences (autograd's check_grads)."""
@@ -149,7 +150,7 @@ def test_primitive_gradient_passes_check_grads_in_float64(name, mode, data):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", sorted(PRIMITIVES))
-@settings(max_examples=10, deadline=None)
+@examples(10)
 @given(data=st.data())
 def test_primitive_in_float32_agrees_with_the_reference_and_keeps_float32(name, mode, data):
     """float32 law: in float32 the primitive's value and gradient agree with the float64 reference within
@@ -183,7 +184,7 @@ def test_geglu_far_into_the_tails_is_finite_and_silent():
 
 
 @pytest.mark.parametrize("name", sorted(PRIMITIVES))
-@settings(max_examples=8, deadline=None)
+@examples(8)
 @given(data=st.data())
 def test_splitting_work_over_threads_changes_no_number_beyond_rounding(name, data):
     """Threading law: each primitive's value and gradient are the same (to float32 rounding of a sum's
