@@ -134,6 +134,7 @@ def time_steps(cfg, tc, steps, warmup, paths):
     wall, cpu = {path: [] for path in paths}, {path: [] for path in paths}
     for i, (ids, targets) in enumerate(batches(cfg, tc.batch_size, warmup + steps)):
         for path, run in runners.items():
+            time.sleep(0.3)            # let BLAS threads that spin after the other path's step go idle
             t0, c0 = time.perf_counter(), time.process_time()
             run(ids, targets)
             if i >= warmup:
