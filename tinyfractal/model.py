@@ -58,6 +58,16 @@ def count_params(params):
     return total[0]
 
 
+def dense(W, shape=None):
+    """W (optionally reshaped) as a fresh contiguous array.
+
+    A sub-model's weights are strided views, and BLAS may sum a strided operand in another order than a
+    contiguous copy, changing the last bit. Adding 0.0 copies exactly, so a node run through its views
+    gives bit for bit the logits of a standalone model built from copies.
+    """
+    return (W if shape is None else np.reshape(W, shape)) + 0.0
+
+
 def rmsnorm(x, g, eps):
     """rmsnorm: x / sqrt(mean(x^2) + eps) * (1 + g), over the last axis."""
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1.0 + g)
@@ -105,9 +115,9 @@ def attention(x, p, cfg, start=0, trace=None):
     """
     B, T, D = x.shape
     H, K, h = p["Wq"].shape[1], p["Wk"].shape[1], p["Wq"].shape[2]
-    q = np.reshape(np.dot(np.reshape(x, (B * T, D)), np.reshape(p["Wq"], (D, H * h))), (B, T, H, h))
-    k = np.reshape(np.dot(np.reshape(x, (B * T, D)), np.reshape(p["Wk"], (D, K * h))), (B, T, K, h))
-    v = np.reshape(np.dot(np.reshape(x, (B * T, D)), np.reshape(p["Wv"], (D, K * h))), (B, T, K, h))
+    q = np.reshape(np.dot(np.reshape(x, (B * T, D)), dense(p["Wq"], (D, H * h))), (B, T, H, h))
+    k = np.reshape(np.dot(np.reshape(x, (B * T, D)), dense(p["Wk"], (D, K * h))), (B, T, K, h))
+    v = np.reshape(np.dot(np.reshape(x, (B * T, D)), dense(p["Wv"], (D, K * h))), (B, T, K, h))
     if trace is not None:
         trace("q, k, v = x Wq, x Wk, x Wv", {n: p[n] for n in ("Wq", "Wk", "Wv")}, x, (q, k, v))
     cos, sin = rope_tables(T, h, cfg.rope_theta, start)
@@ -122,7 +132,7 @@ def attention(x, p, cfg, start=0, trace=None):
     probs = softmax(scores)                                                    # (B,H,T,T)
     out = np.matmul(probs, v)                                                  # (B,H,T,h)
     out = np.reshape(np.transpose(out, (0, 2, 1, 3)), (B * T, H * h))
-    y = np.reshape(np.dot(out, np.reshape(p["Wo"], (H * h, D))), (B, T, D))
+    y = np.reshape(np.dot(out, dense(p["Wo"], (H * h, D))), (B, T, D))
     if trace is not None:
         trace("softmax(q k^T / sqrt(h), causal)", {}, (q, k), probs)
         trace("attn out = (probs v) Wo", {"Wo": p["Wo"]}, out, y)
@@ -133,8 +143,8 @@ def mlp(x, p, trace=None):
     """GeGLU MLP: (gelu(x Wgate + bgate) * (x Wup + bup)) Wdown + bdown. (B,T,D) -> (B,T,D)."""
     B, T, D = x.shape
     x2 = np.reshape(x, (B * T, D))
-    hidden = gelu(np.dot(x2, p["Wgate"]) + p["bgate"]) * (np.dot(x2, p["Wup"]) + p["bup"])
-    y = np.reshape(np.dot(hidden, p["Wdown"]) + p["bdown"], (B, T, D))
+    hidden = gelu(np.dot(x2, dense(p["Wgate"])) + p["bgate"]) * (np.dot(x2, dense(p["Wup"])) + p["bup"])
+    y = np.reshape(np.dot(hidden, dense(p["Wdown"])) + p["bdown"], (B, T, D))
     if trace is not None:
         trace("hidden = gelu(x Wgate + bgate) * (x Wup + bup)",
               {n: p[n] for n in ("Wgate", "bgate", "Wup", "bup")}, x, hidden)
