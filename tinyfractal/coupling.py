@@ -30,6 +30,7 @@ import autograd.numpy as np
 from . import fast
 from .model import (attention, cross_entropy, dropout, gelu, level_weight_table, mlp, rmsnorm, rope,
                     rope_tables)
+from .infer import check_keep
 from .tree import children, level_view, map_roles, nodes, parent, view
 
 
@@ -356,15 +357,6 @@ def prefill(run, ids, caches=None):
     for cache in caches.values():
         cache["length"] = 0
     return extend(run, caches, ids), caches
-
-
-def check_keep(keep, context):
-    """How many tokens a full window slides back to: an integer in [1, context] (None = context)."""
-    if keep is None:
-        return context
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= context:
-        raise ValueError(f"keep must be an integer in [1, context={context}], got {keep!r}")
-    return keep
 
 
 def decode(run, ids, max_new_tokens, choose, keep=None, on_logits=None):
