@@ -125,7 +125,8 @@ def grow(cfg, tc, steps, tokens=None, off_diagonal="zero", scale=0.1, out=None, 
             else:
                 children = models[g * s:(g + 1) * s]
                 params, merged_cfg = merge(children, cfg.sub(level + 1), s, off_diagonal, scale, seed=tc_g.seed)
-                assert merged_cfg == model_cfg
+                if merged_cfg != model_cfg:   # internal invariant: merging s models of sub(l+1) gives sub(l)
+                    raise RuntimeError(f"merge produced {merged_cfg}, expected {model_cfg}")
                 ids, _ = batch_at(val_tokens, 4, cfg.context, 4321, 0)
                 record["logit_max_abs_diff"] = logit_diffs(params, model_cfg, children, cfg.sub(level + 1), ids)
                 at_merge = evaluate(params, model_cfg, val_tokens, tc.batch_size, tc.eval_batches)

@@ -25,9 +25,7 @@ Command line: python -m tinyfractal.tokenizer [--input input.txt] [--merges 63]
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -230,19 +228,8 @@ class Tokenizer:
     def save(self, path):
         """Write to_json() to path atomically: a temp file in the same directory, then os.replace,
         so a crash never leaves a half-written tokenizer behind."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        from .checkpoint import atomic_write_bytes
+        atomic_write_bytes(path, self.to_json().encode("utf-8"))
 
     @classmethod
     def from_json(cls, text, source="tokenizer JSON"):
