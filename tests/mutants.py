@@ -85,13 +85,13 @@ def module(name):
 
 def children_skip_split_factor():
     """tree.children returns (l+1, j + r) instead of (l+1, s*j + r)."""
-    tree = module("tinyfractal.tree")
+    tree = module("tinyfractal.core.tree")
     rewrite(tree, "children", "cfg.split * index + r", "index + r")
 
 
 def parent_hardcodes_2():
     """tree.parent divides by 2 whatever the split (the original used 2**level for split**level)."""
-    tree = module("tinyfractal.tree")
+    tree = module("tinyfractal.core.tree")
     rewrite(tree, "parent", "index // cfg.split", "index // 2")
 
 
@@ -103,34 +103,34 @@ def n_nodes_counts_one_level_too_many():
 
 def view_returns_copies():
     """tree.view hands out copies of the blocks instead of views."""
-    tree = module("tinyfractal.tree")
+    tree = module("tinyfractal.core.tree")
     rewrite(tree, "view", "a[node_slices(cfg, level, index, roles)]", "onp.array(a[node_slices(cfg, level, index, roles)])")
 
 
 def level_view_returns_copies():
     """tree.level_view stacks copies of the diagonal blocks instead of an as_strided view."""
-    tree = module("tinyfractal.tree")
+    tree = module("tinyfractal.core.tree")
     rewrite(tree, "stacked_blocks_np", "return onp.lib.stride_tricks.as_strided(a, shape, strides)",
             "return onp.array(onp.lib.stride_tricks.as_strided(a, shape, strides))")
 
 
 def blocks_overlap_by_half():
     """Model (l, j)'s blocks start at j * size / 2: siblings overlap by half a block."""
-    tree = module("tinyfractal.tree")
+    tree = module("tinyfractal.core.tree")
     rewrite(tree, "node_slices", "slice(index * sizes[r], (index + 1) * sizes[r])",
             "slice(index * sizes[r] // 2, index * sizes[r] // 2 + sizes[r])")
 
 
 def blocks_in_reverse_order():
     """Model (l, j) gets block n-1-j: every level is tiled, but children are not in their parent's order."""
-    tree = module("tinyfractal.tree")
+    tree = module("tinyfractal.core.tree")
     rewrite(tree, "node_slices", "slice(index * sizes[r], (index + 1) * sizes[r])",
             "slice((cfg.split ** level - 1 - index) * sizes[r], (cfg.split ** level - index) * sizes[r])")
 
 
 def index_mask_of_model_0():
     """tree.index_mask marks model (l, 0)'s entries whatever the index asked for."""
-    tree = module("tinyfractal.tree")
+    tree = module("tinyfractal.core.tree")
     rewrite(tree, "index_mask", "node_slices(cfg, level, index, roles)", "node_slices(cfg, level, 0, roles)")
 
 
@@ -147,7 +147,7 @@ def sub_keeps_all_levels():
 
 
 def _patch_view(change):
-    tree = module("tinyfractal.tree")
+    tree = module("tinyfractal.core.tree")
     original = tree.view
 
     def mutated(params, cfg, level, index):
@@ -157,7 +157,7 @@ def _patch_view(change):
 
 def out_norm_gain_slice_0():
     """The tied output's norm gain is always slice 0, whatever the model (the original's mistake 4)."""
-    tree = module("tinyfractal.tree")
+    tree = module("tinyfractal.core.tree")
 
     def change(v, params, cfg, level, index):
         v["out_norm"] = params["out_norm"][tree.node_slices(cfg, level, 0, ("R",))]
@@ -178,7 +178,7 @@ def child_gets_parent_gain_slice():
 
 def level_view_first_column():
     """level_view steps down the first block axis only: model j gets block (j, 0), not the diagonal (j, j)."""
-    tree = module("tinyfractal.tree")
+    tree = module("tinyfractal.core.tree")
     original = tree._stacked_shape_strides
     block_roles = getattr(tree, "BLOCK_ROLES", ("R", "M", "C"))
 
@@ -191,7 +191,7 @@ def level_view_first_column():
 
 def stacked_blocks_gradient_halved():
     """The hand-written gradient of stacked_blocks (under level_view) is scaled by 1/2."""
-    tree = module("tinyfractal.tree")
+    tree = module("tinyfractal.core.tree")
     from autograd.extend import defvjp
 
     def vjp_maker(ans, a, roles, n):
@@ -205,19 +205,19 @@ def stacked_blocks_gradient_halved():
 
 def reference_attention_peeks_ahead():
     """The reference attention's causal mask lets position t see t+1."""
-    model = module("tinyfractal.model")
+    model = module("tinyfractal.core.model")
     rewrite(model, "attention", "onp.tril(onp.ones((T, T), dtype=bool))", "onp.tril(onp.ones((T, T), dtype=bool), 1)")
 
 
 def fast_attention_peeks_ahead():
     """The level-batched attention (ops.causal_attention) masks only from t+2 on: t sees t+1."""
-    ops = module("tinyfractal.ops")
+    ops = module("tinyfractal.core.ops")
     rewrite(ops, "causal_attention", "-onp.inf, dtype=dtype), 1)", "-onp.inf, dtype=dtype), 2)")
 
 
 def fast_rmsnorm_gain_of_model_0():
     """The level-batched rmsnorm gives every model of the level model 0's gain."""
-    ops = module("tinyfractal.ops")
+    ops = module("tinyfractal.core.ops")
     import autograd.numpy as np
     original = ops.rmsnorm
 
@@ -228,20 +228,20 @@ def fast_rmsnorm_gain_of_model_0():
 
 def rmsnorm_without_sqrt():
     """rmsnorm divides by mean(x^2) + eps instead of its square root."""
-    model = module("tinyfractal.model")
+    model = module("tinyfractal.core.model")
     rewrite(model, "rmsnorm", "np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)",
             "(np.mean(x * x, axis=-1, keepdims=True) + eps)")
 
 
 def softmax_without_max_shift():
     """softmax exponentiates without subtracting the row max: large scores overflow."""
-    model = module("tinyfractal.model")
+    model = module("tinyfractal.core.model")
     rewrite(model, "softmax", "np.exp(x - np.max(x, axis=-1, keepdims=True))", "np.exp(x)")
 
 
 def rope_interleaved_pairs():
     """RoPE pairs (2m, 2m+1) instead of SPEC.md's (m, m + h/2): still a rotation, wrong pairs."""
-    model = module("tinyfractal.model")
+    model = module("tinyfractal.core.model")
     import autograd.numpy as np
 
     def rope(x, cos, sin):
@@ -254,32 +254,32 @@ def rope_interleaved_pairs():
 
 def rope_reflects():
     """RoPE's second half gets x1*sin - x2*cos: a reflection, not a rotation."""
-    model = module("tinyfractal.model")
+    model = module("tinyfractal.core.model")
     rewrite(model, "rope", "x1 * s + x2 * c", "x1 * s - x2 * c")
 
 
 def rope_ignores_start():
     """rope_tables ignores `start`: every position is rotated as if the text began there."""
-    model = module("tinyfractal.model")
+    model = module("tinyfractal.core.model")
     rewrite(model, "rope_tables", "onp.arange(start, start + T", "onp.arange(0, T")
 
 
 def gelu_wrong_constant():
     """GELU's cubic coefficient is 0.04472 instead of 0.044715."""
-    model = module("tinyfractal.model")
+    model = module("tinyfractal.core.model")
     rewrite(model, "gelu", "0.044715", "0.04472")
 
 
 def geglu_gates_the_wrong_branch():
     """The MLP applies GELU to the up branch instead of the gate branch."""
-    model = module("tinyfractal.model")
+    model = module("tinyfractal.core.model")
     rewrite(model, "mlp", 'gelu(np.dot(x2, p["Wgate"]) + p["bgate"]) * (np.dot(x2, p["Wup"]) + p["bup"])',
             '(np.dot(x2, p["Wgate"]) + p["bgate"]) * gelu(np.dot(x2, p["Wup"]) + p["bup"])')
 
 
 def rmsnorm_gradient_ignores_the_rms():
     """rmsnorm's gradient treats the root-mean-square as a constant (a custom VJP that forgets a term)."""
-    model = module("tinyfractal.model")
+    model = module("tinyfractal.core.model")
     import autograd.numpy as np
     from autograd.extend import defvjp, primitive
 
@@ -295,7 +295,7 @@ def rmsnorm_gradient_ignores_the_rms():
 
 def ops_geglu_gradient_drops_a_term():
     """ops.geglu's hand-written gradient forgets the a*sigma*(1-sigma) term of gelu'."""
-    ops = module("tinyfractal.ops")
+    ops = module("tinyfractal.core.ops")
     rewrite(ops, "_geglu_vjp", "d *= 1.0 - sg ", "d *= 0.0 ")
     from autograd.extend import defvjp_argnums
     defvjp_argnums(ops.geglu, ops._geglu_vjp)       # the primitive still holds the old VJP maker
@@ -303,13 +303,13 @@ def ops_geglu_gradient_drops_a_term():
 
 def decode_drops_the_last_token():
     """Tokenizer.decode loses the last token."""
-    tok = module("tinyfractal.tokenizer")
+    tok = module("tinyfractal.text.bpe")
     rewrite(tok.Tokenizer, "decode", "arr.tolist()]", "arr.tolist()[:-1]]")
 
 
 def encode_alternates_merges():
     """Every second call to Tokenizer.encode skips all merges (not deterministic)."""
-    tok = module("tinyfractal.tokenizer")
+    tok = module("tinyfractal.text.bpe")
     original = tok.Tokenizer.encode
     calls = [0]
 
@@ -321,37 +321,37 @@ def encode_alternates_merges():
 
 def merge_splits_runs():
     """A merge of (a, a) also fires on overlapping pairs, so 'aaa' becomes one token that decodes to 'aa'."""
-    tok = module("tinyfractal.tokenizer")
+    tok = module("tinyfractal.text.bpe")
     rewrite(tok, "_merge_pair", "hit &= _run_offsets(x)[:-1] % 2 == 0", "pass")
 
 
 def unknown_characters_become_id_0():
     """Characters outside the alphabet are silently encoded as id 0."""
-    tok = module("tinyfractal.tokenizer")
+    tok = module("tinyfractal.text.bpe")
     rewrite(tok.Tokenizer, "_char_ids", "if not found.all():", "if False:")
 
 
 def load_skips_the_checksum():
     """checkpoint.load never compares params.npz with the SHA-256 in meta.json."""
-    ckpt = module("tinyfractal.checkpoint")
+    ckpt = module("tinyfractal.training.checkpoint")
     rewrite(ckpt, "_read", 'if hashlib.sha256(data).hexdigest() != info.get("sha256"):', "if False:")
 
 
 def load_skips_the_meta_checksum():
     """checkpoint.load never compares meta.json with its own checksum (an edited config loads)."""
-    ckpt = module("tinyfractal.checkpoint")
+    ckpt = module("tinyfractal.training.checkpoint")
     rewrite(ckpt, "_read", 'if info.get("meta_sha256") != _digest(info):', "if False:")
 
 
 def save_rounds_to_float16():
     """checkpoint.save stores every array rounded through float16."""
-    ckpt = module("tinyfractal.checkpoint")
+    ckpt = module("tinyfractal.training.checkpoint")
     rewrite(ckpt, "save", "onp.ascontiguousarray(v)", "onp.ascontiguousarray(v).astype(onp.float16).astype(onp.float32)")
 
 
 def load_skips_the_shape_check():
     """checkpoint.load trusts the arrays without comparing their shapes with the config."""
-    ckpt = module("tinyfractal.checkpoint")
+    ckpt = module("tinyfractal.training.checkpoint")
     rewrite(ckpt, "load", '_check_shapes(flat, cfg, f"checkpoint {str(path)!r}")', "pass")
 
 

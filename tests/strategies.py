@@ -8,7 +8,7 @@
 - `invalid_configs()`: (kwargs, keywords, kind): config fields that break exactly one constraint, and
   words the ValueError must contain to name that constraint.
 - `SPEC_ROLES` and `spec_slices`: which block of each array a model owns, written from SPEC.md's table
-  by hand (not imported from tinyfractal.tree), so tests can compare the code against the spec.
+  by hand (not imported from tinyfractal.core.tree), so tests can compare the code against the spec.
 
 `examples(n)` gives the number of examples of a law: n under the default profile, ten times n under
 HYPOTHESIS_PROFILE=thorough.

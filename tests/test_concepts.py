@@ -10,14 +10,16 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from strategies import config_dicts, examples, random_params
-from tinyfractal import fast, model, sample
-from tinyfractal import concepts as C
-from tinyfractal.checkpoint import load, save
+from tinyfractal.core import fast
+from tinyfractal.core import model
+from tinyfractal.inference import sample
+from tinyfractal.variants import byte_model as C
+from tinyfractal.training.checkpoint import load, save
 from tinyfractal.config import Config
-from tinyfractal.data import batch_at
-from tinyfractal.model import init_params, param_shapes
-from tinyfractal.tree import flatten, group_size, index_mask, level_view, map_roles, slot_offset, view
-from tinyfractal.train import TrainConfig, train
+from tinyfractal.training.data import batch_at
+from tinyfractal.core.model import init_params, param_shapes
+from tinyfractal.core.tree import flatten, group_size, index_mask, level_view, map_roles, slot_offset, view
+from tinyfractal.training.train import TrainConfig, train
 
 
 def byte_config(**fields):

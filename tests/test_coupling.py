@@ -12,12 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from strategies import astype, examples, get, models, node_of, spec_mask
-from tinyfractal import coupling as C
-from tinyfractal import fast
-from tinyfractal.checkpoint import load, save
+from tinyfractal.variants import coupled as C
+from tinyfractal.core import fast
+from tinyfractal.training.checkpoint import load, save
 from tinyfractal.config import Config
-from tinyfractal.model import attention, cross_entropy, forward, init_params, mlp, rmsnorm
-from tinyfractal.tree import flatten, index_mask, level_view, nodes, view
+from tinyfractal.core.model import attention, cross_entropy, forward, init_params, mlp, rmsnorm
+from tinyfractal.core.tree import flatten, index_mask, level_view, nodes, view
 
 COUPLINGS = ("upstream", "downstream")
 # The level-batched path (fast.py's fused ops) and model.py's reference sum in different orders and may
@@ -331,8 +331,8 @@ def test_every_gradient_leaf_is_float32(args):
 
 def test_train_uses_the_coupled_loss_and_learns_the_scale():
     """train.train on a coupled config logs coupling.tree_loss (not the base loss) and moves coupling_scale."""
-    from tinyfractal.data import batch_at
-    from tinyfractal.train import TrainConfig, train
+    from tinyfractal.training.data import batch_at
+    from tinyfractal.training.train import TrainConfig, train
     cfg = Config.preset("micro").override(coupling="upstream", levels=2)
     params = init_params(cfg, 0)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=400).astype(np.int32)
@@ -371,8 +371,8 @@ def test_cached_generation_equals_recompute(args, prompt_len, seed):
 
 def test_sample_generate_sends_coupled_models_here():
     """sample.generate and sample.generate_reference on a coupled config give the coupled node's text."""
-    from tinyfractal.sample import generate, generate_reference
-    from tinyfractal.tokenizer import Tokenizer
+    from tinyfractal.inference.sample import generate, generate_reference
+    from tinyfractal.text.bpe import Tokenizer
     tok = Tokenizer.default()
     cfg = Config.preset("micro").override(coupling="downstream", levels=2)
     params = init_params(cfg, 2)

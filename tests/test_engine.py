@@ -9,11 +9,12 @@ from autograd import grad
 from hypothesis import given, strategies as st
 
 import tinyfractal as tf
-from tinyfractal import fast, model
-from tinyfractal.checkpoint import _digest, load_optimizer
-from tinyfractal.sample import filtered_probs, sample_token
-from tinyfractal.train import TrainConfig, adamw_init, train
-from tinyfractal.tree import flatten, index_mask, map_roles
+from tinyfractal.core import fast
+from tinyfractal.core import model
+from tinyfractal.training.checkpoint import _digest, load_optimizer
+from tinyfractal.inference.sample import filtered_probs, sample_token
+from tinyfractal.training.train import TrainConfig, adamw_init, train
+from tinyfractal.core.tree import flatten, index_mask, map_roles
 
 
 def micro(**kw):
@@ -330,14 +331,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, words):
 
 
 @pytest.mark.parametrize("changes, module", [
-    (dict(), "fast"), (dict(coupling="upstream"), "coupling"),
-    (dict(tokenizer="bytes", vocab_size=256), "concepts")])
+    (dict(), "core.fast"), (dict(coupling="upstream"), "variants.coupled"),
+    (dict(tokenizer="bytes", vocab_size=256), "variants.byte_model")])
 def test_public_tree_loss_follows_the_variant(changes, module):
     """tinyfractal.tree_loss computes the loss of the config's own variant, never silently the base model."""
     import importlib
     cfg = micro(**changes)
     p = tf.init_params(cfg, 0)
-    shape = (2, cfg.context) + ((cfg.split ** (cfg.levels - 1),) if module == "concepts" else ())
+    shape = (2, cfg.context) + ((cfg.split ** (cfg.levels - 1),) if module == "variants.byte_model" else ())
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, shape)   # byte batches hold rows of g_0 bytes
     expected = importlib.import_module(f"tinyfractal.{module}").tree_loss(p, cfg, ids, ids)
     assert float(tf.tree_loss(p, cfg, ids, ids)) == float(expected)

@@ -6,9 +6,9 @@ from hypothesis import given, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from tinyfractal import Config, ensemble_logits, forward, init_params, view
-from tinyfractal.data import batch_at
-from tinyfractal.ensemble import HOWS, combine, ensemble_logits_reference, ensemble_losses, ensemble_table
-from tinyfractal.model import cross_entropy
+from tinyfractal.training.data import batch_at
+from tinyfractal.inference.ensemble import HOWS, combine, ensemble_logits_reference, ensemble_losses, ensemble_table
+from tinyfractal.core.model import cross_entropy
 
 CFG = Config.preset("tiny").override(context=12, hidden=48, head_dim=8)
 PARAMS = init_params(CFG, 0)

@@ -1,4 +1,4 @@
-"""The level-batched fast path (tinyfractal/fast.py) equals the per-node reference path (model.py).
+"""The level-batched fast path (tinyfractal/core/fast.py) equals the per-node reference path (model.py).
 
 Random small configs (split 2-3, levels 1-3, kv heads dividing heads, contexts long enough for
 several causal blocks when the block is shrunk), random parameters with nonzero gains and biases.
@@ -9,9 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from strategies import examples
-from tinyfractal import fast, model, ops
+from tinyfractal.core import fast
+from tinyfractal.core import model
+from tinyfractal.core import ops
 from tinyfractal.config import Config
-from tinyfractal.tree import flatten, unflatten, view
+from tinyfractal.core.tree import flatten, unflatten, view
 
 
 @st.composite

@@ -1,4 +1,4 @@
-"""Laws of growing (tinyfractal/grow.py): the chunks tile the corpus, every stage keeps what the
+"""Laws of growing (tinyfractal/training/grow.py): the chunks tile the corpus, every stage keeps what the
 stages before it trained bit for bit, and the command line and the lesson run end to end."""
 import json
 
@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 
 from strategies import examples
 from tinyfractal import cli
-from tinyfractal.checkpoint import load
+from tinyfractal.training.checkpoint import load
 from tinyfractal.config import Config
-from tinyfractal.grow import chunk_data, grow, parse_steps, stage_steps, step_flops, union
-from tinyfractal.merge import extract
-from tinyfractal.train import TrainConfig
-from tinyfractal.tree import flatten
+from tinyfractal.training.grow import chunk_data, grow, parse_steps, stage_steps, step_flops, union
+from tinyfractal.training.merge import extract
+from tinyfractal.training.train import TrainConfig
+from tinyfractal.core.tree import flatten
 
 
 def corpus(n, vocab, seed=0):
@@ -90,7 +90,7 @@ def test_grow_new_blocks_learn():
 def test_step_flops_of_all_levels_is_the_joint_training_step():
     """step_flops over every level equals coupling.train_step_flops of the uncoupled tree (one count of the
     cost of a step, used by both the grown and the joint budget), and the root alone costs less."""
-    from tinyfractal.coupling import train_step_flops
+    from tinyfractal.variants.coupled import train_step_flops
     for cfg in (SMALL, Config.preset("tiny"), Config.preset("sierpinski")):
         assert step_flops(cfg, 5, levels=range(cfg.levels)) == train_step_flops(cfg, 5, cfg.context)
         assert step_flops(cfg, 5) < step_flops(cfg, 5, levels=range(cfg.levels))

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from tinyfractal import Config, Tokenizer, forward, init_params, nodes, view
-from tinyfractal import infer
-from tinyfractal.fast import forward_level
-from tinyfractal.sample import generate, generate_reference
+from tinyfractal.inference import decoder as infer
+from tinyfractal.core.fast import forward_level
+from tinyfractal.inference.sample import generate, generate_reference
 
 TOL = dict(rtol=1e-4, atol=2e-4)
 

@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 
 from strategies import (INVALID_KINDS, arrays_with_roles, config_dicts, configs, examples, get, invalid_configs,
                         params_for, random_params, spec_param_count, token_batches)
-from tinyfractal import checkpoint, fast
+from tinyfractal.training import checkpoint
+from tinyfractal.core import fast
 from tinyfractal.config import Config
-from tinyfractal.model import count_params, forward, init_params
-from tinyfractal.tokenizer import Tokenizer, train
-from tinyfractal.tree import flatten
+from tinyfractal.core.model import count_params, forward, init_params
+from tinyfractal.text.bpe import Tokenizer, train
+from tinyfractal.core.tree import flatten
 
 
 # Law 12: tokenizer

@@ -1,7 +1,7 @@
 """Laws 5-9 of self-similarity: every sub-model is a model of its own, it sees only its own numbers,
 the level-batched path computes the same thing, and nothing looks into the future.
 
-Index sets come from SPEC.md's table (strategies.spec_mask), not from tinyfractal.tree, so a view that
+Index sets come from SPEC.md's table (strategies.spec_mask), not from tinyfractal.core.tree, so a view that
 reads the wrong block fails here even if index_mask makes the same mistake.
 """
 import numpy as np
@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from strategies import arrays_with_roles, astype, examples, get, models, node_of, random_params, spec_copy, spec_mask
 from tinyfractal.config import Config
-from tinyfractal import fast
-from tinyfractal.model import cross_entropy, forward, tree_loss_reference
-from tinyfractal.tree import nodes, view
+from tinyfractal.core import fast
+from tinyfractal.core.model import cross_entropy, forward, tree_loss_reference
+from tinyfractal.core.tree import nodes, view
 
 
 def with_node(model_strategy):

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from strategies import arrays_with_roles, examples, get, models
-from tinyfractal import fast, model
-from tinyfractal.tree import stacked_blocks, stacked_blocks_np
+from tinyfractal.core import fast
+from tinyfractal.core import model
+from tinyfractal.core.tree import stacked_blocks, stacked_blocks_np
 
 small_shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
 
@@ -259,10 +260,10 @@ def custom_vjps():
     import pkgutil
     import tinyfractal
     found = []
-    for info in pkgutil.iter_modules(tinyfractal.__path__):
-        if info.ispkg or info.name in ("cli", "__main__"):
+    for info in pkgutil.walk_packages(tinyfractal.__path__, "tinyfractal."):
+        if info.ispkg or info.name.rsplit(".", 1)[-1] in ("cli", "__main__") or ".lessons." in info.name:
             continue
-        module = importlib.import_module(f"tinyfractal.{info.name}")
+        module = importlib.import_module(info.name)
         for name, obj in vars(module).items():
             if getattr(obj, "_is_autograd_primitive", False) and getattr(obj.fun, "__module__", None) == module.__name__:
                 found.append(f"{module.__name__}.{name}")
@@ -283,13 +284,13 @@ def stacked_blocks_example(draw):
 def only_trainable_example(draw):
     # A gradient mask by design (zero on frozen entries); where everything is trainable it must be
     # the true gradient of the identity.
-    from tinyfractal.merge import only_trainable
+    from tinyfractal.training.merge import only_trainable
     shape = draw(small_shapes)
     return (lambda a: only_trainable(a, np.ones(shape, dtype=bool))), (rng_of(draw).normal(size=shape),)
 
 
 def ops_module():
-    return importlib.import_module("tinyfractal.ops")
+    return importlib.import_module("tinyfractal.core.ops")
 
 
 @st.composite
@@ -357,14 +358,14 @@ def cross_entropy_example(draw):
 # Example arguments for every custom VJP of the package. A new primitive without an entry here fails
 # the law below on purpose: every hand-written gradient must prove itself.
 CUSTOM_VJPS = {
-    "tinyfractal.tree.stacked_blocks": stacked_blocks_example(),
-    "tinyfractal.merge.only_trainable": only_trainable_example(),
-    "tinyfractal.ops.linear": linear_example(),
-    "tinyfractal.ops.rmsnorm": rmsnorm_example(),
-    "tinyfractal.ops.embedding": embedding_example(),
-    "tinyfractal.ops.geglu": geglu_example(),
-    "tinyfractal.ops.causal_attention": causal_attention_example(),
-    "tinyfractal.ops.cross_entropy": cross_entropy_example(),
+    "tinyfractal.core.tree.stacked_blocks": stacked_blocks_example(),
+    "tinyfractal.training.merge.only_trainable": only_trainable_example(),
+    "tinyfractal.core.ops.linear": linear_example(),
+    "tinyfractal.core.ops.rmsnorm": rmsnorm_example(),
+    "tinyfractal.core.ops.embedding": embedding_example(),
+    "tinyfractal.core.ops.geglu": geglu_example(),
+    "tinyfractal.core.ops.causal_attention": causal_attention_example(),
+    "tinyfractal.core.ops.cross_entropy": cross_entropy_example(),
 }
 
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from strategies import (arrays_with_roles, configs, examples, get, n_nodes, node_of, params_for, random_params,
                         spec_mask, spec_param_count, spec_slices)
-from tinyfractal.model import forward
-from tinyfractal.tree import children, index_mask, level_view, nodes, parent, view
+from tinyfractal.core.model import forward
+from tinyfractal.core.tree import children, index_mask, level_view, nodes, parent, view
 
 
 def same_memory(a, b):

@@ -14,12 +14,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from strategies import arrays_with_roles, configs, examples, get, random_params, spec_mask
-from tinyfractal import fast
+from tinyfractal.core import fast
 from tinyfractal.config import Config
-from tinyfractal.merge import extract, frozen_loss, merge, parent_config, root_loss, trainable_mask
-from tinyfractal.model import forward
-from tinyfractal.train import TrainConfig, evaluate, train
-from tinyfractal.tree import flatten, nodes, view
+from tinyfractal.training.merge import extract, frozen_loss, merge, parent_config, root_loss, trainable_mask
+from tinyfractal.core.model import forward
+from tinyfractal.training.train import TrainConfig, evaluate, train
+from tinyfractal.core.tree import flatten, nodes, view
 
 
 @st.composite
@@ -287,8 +287,8 @@ def test_merge_other_mismatches_are_errors():
 
 def byte_child(cfg, seed):
     """float64 byte-model params with random slot gains and norm gains (zero at init would hide slips)."""
-    from tinyfractal.model import init_params
-    from tinyfractal.tree import map_roles
+    from tinyfractal.core.model import init_params
+    from tinyfractal.core.tree import map_roles
     rng = np.random.default_rng(seed)
     params = map_roles(lambda a, roles: a.astype(np.float64), init_params(cfg, seed))
     for name in ("P", "Q", "emb_norm", "out_norm"):
@@ -301,7 +301,7 @@ def byte_child(cfg, seed):
 def test_merge_keeps_byte_model_children(child_levels):
     """Byte models (concepts.py) merge too: each child reads its own slot gains (rows of P and Q) in
     the parent and gives its standalone logits bit for bit; the parent's own slot rows are new."""
-    from tinyfractal import concepts
+    from tinyfractal.variants import byte_model as concepts
     cfg = Config.preset("micro").override(tokenizer="bytes", vocab_size=256, levels=child_levels, hidden=8,
                                           head_dim=4, context=4)
     children = [byte_child(cfg, seed) for seed in range(2)]

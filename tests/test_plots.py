@@ -1,4 +1,4 @@
-"""Laws of the ownership maps and smoke tests of every figure (tinyfractal/plots.py)."""
+"""Laws of the ownership maps and smoke tests of every figure (tinyfractal/tools/plots.py)."""
 import json
 
 import matplotlib.pyplot as plt
@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given
 
 from strategies import arrays_with_roles, configs, get, spec_mask
-from tinyfractal import plots
+from tinyfractal.tools import plots
 from tinyfractal.cli import main
 from tinyfractal.config import Config
-from tinyfractal.model import init_params
-from tinyfractal.tokenizer import Tokenizer
-from tinyfractal.tree import index_mask, nodes, view
+from tinyfractal.core.model import init_params
+from tinyfractal.text.bpe import Tokenizer
+from tinyfractal.core.tree import index_mask, nodes, view
 
 MICRO = Config.preset("micro")
 TINY = Config.preset("tiny")

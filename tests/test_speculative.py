@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tinyfractal import Config, Tokenizer, forward, init_params, speculative_generate, view
-from tinyfractal import infer, speculative
-from tinyfractal.sample import filtered_probs
-from tinyfractal.speculative import accept_sampled, accept_sampled_multi, resolve_drafters, speculative_ids
+from tinyfractal.inference import decoder as infer
+from tinyfractal.inference import speculative
+from tinyfractal.inference.sample import filtered_probs
+from tinyfractal.inference.speculative import accept_sampled, accept_sampled_multi, resolve_drafters, speculative_ids
 
 CFG = Config.preset("tiny").override(context=16, hidden=48, head_dim=8)
 
@@ -96,7 +97,7 @@ def test_speculative_generate_text_matches_plain_greedy_text():
     """The text API: prompt + the verifier's own greedy continuation."""
     tok = Tokenizer.default()
     text, stats = speculative_generate(PARAMS, CFG, tok, "ROMEO:\n", drafters=2, k=3, max_new_tokens=25)
-    from tinyfractal.sample import generate
+    from tinyfractal.inference.sample import generate
     assert text == generate(PARAMS, CFG, tok, "ROMEO:\n", max_new_tokens=25, temperature=0)
     assert 0 <= stats.acceptance_rate <= 1 and stats.verifier_calls_per_token <= 1
 
@@ -295,7 +296,7 @@ def test_bad_prompts_are_clear_errors(prompt):
 
 def test_parse_drafters_reads_levels_nodes_and_sets():
     """'2' is a level, '2.1' a node, '+' joins parts; anything else is a ValueError."""
-    from tinyfractal.speculative import parse_drafters
+    from tinyfractal.inference.speculative import parse_drafters
     assert parse_drafters(CFG, (0, 0), "2") == [(2, 0), (2, 1), (2, 2), (2, 3)]
     assert parse_drafters(CFG, (0, 0), "2.3+1.0") == [(1, 0), (2, 3)]
     assert parse_drafters(CFG, (1, 1), "2") == [(2, 2), (2, 3)]

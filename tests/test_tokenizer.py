@@ -1,4 +1,4 @@
-"""Laws of the character-pair BPE tokenizer (tinyfractal/tokenizer.py)."""
+"""Laws of the character-pair BPE tokenizer (tinyfractal/text/bpe.py)."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyfractal.tokenizer import Tokenizer, main, train, train_reference
+from tinyfractal.text.bpe import Tokenizer, main, train, train_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = (ROOT / "input.txt").read_text(encoding="utf-8")
@@ -76,7 +76,7 @@ def test_each_merge_saves_exactly_its_count(retrained):
 
 
 def test_command_line_check_passes_on_the_committed_file(capsys):
-    """`python -m tinyfractal.tokenizer --check` retrains and finds the committed file identical (exit 0)."""
+    """`python -m tinyfractal.text.bpe --check` retrains and finds the committed file identical (exit 0)."""
     assert main(["--check"]) == 0
     assert "matches" in capsys.readouterr().out
 

@@ -1,15 +1,15 @@
-"""Laws of the shape trace (tinyfractal/trace.py) and of the trace hook in model.forward."""
+"""Laws of the shape trace (tinyfractal/tools/trace.py) and of the trace hook in model.forward."""
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinyfractal import trace as trace_module
+from tinyfractal.tools import trace as trace_module
 from tinyfractal.cli import main
 from tinyfractal.config import Config
-from tinyfractal.model import forward, init_params
-from tinyfractal.trace import Tracer, locate, trace_node
-from tinyfractal.tree import flatten, nodes, view
+from tinyfractal.core.model import forward, init_params
+from tinyfractal.tools.trace import Tracer, locate, trace_node
+from tinyfractal.core.tree import flatten, nodes, view
 
 TINY = Config.preset("tiny")
 TINY_PARAMS = init_params(TINY, seed=3)

@@ -10,9 +10,9 @@ import sys
 
 PLUGINS = [
     # ("tinyfractal.some_module", "add_command"),
-    ("tinyfractal.trace", "add_command"),
-    ("tinyfractal.plots", "add_command"),
-    ("tinyfractal.grow", "add_command"),
+    ("tinyfractal.tools.trace", "add_command"),
+    ("tinyfractal.tools.plots", "add_command"),
+    ("tinyfractal.training.grow", "add_command"),
 ]
 
 
@@ -42,8 +42,8 @@ def parse_overrides(extra):
 def split_overrides(overrides):
     """Send each --key=value to the model Config or to the TrainConfig, by field name."""
     import dataclasses
-    from .config import Config
-    from .train import TrainConfig
+    from tinyfractal.config import Config
+    from tinyfractal.training.train import TrainConfig
     model_fields = {f.name for f in dataclasses.fields(Config)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     model, train = {}, {}
@@ -69,8 +69,8 @@ def add_train(sub):
 
 
 def run_train(args, extra):
-    from .config import Config
-    from .train import TrainConfig, fit, loss_table
+    from tinyfractal.config import Config
+    from tinyfractal.training.train import TrainConfig, fit, loss_table
     model_over, train_over = split_overrides(parse_overrides(extra))
     cfg = Config.preset(args.preset).override(**model_over)
     tc = TrainConfig.preset(args.preset).override(**train_over)
@@ -99,15 +99,15 @@ def add_eval(sub):
 
 
 def run_eval(args, extra):
-    from .checkpoint import load
-    from .data import load_tokens, train_val_split
-    from .tokenizer import Tokenizer
-    from .train import evaluate, node_key
+    from tinyfractal.training.checkpoint import load
+    from tinyfractal.training.data import load_tokens, train_val_split
+    from tinyfractal.text.bpe import Tokenizer
+    from tinyfractal.training.train import evaluate, node_key
     if args.batches < 1 or args.batch_size < 1:
         raise ValueError("--batches and --batch-size must be >= 1")
     params, cfg, _ = load(args.ckpt)
     if cfg.tokenizer == "bytes":   # rows of g_0 bytes; losses are nats per byte (concepts.py)
-        from .concepts import load_split
+        from tinyfractal.variants.byte_model import load_split
         _, val = load_split(cfg)
     else:
         _, val = train_val_split(load_tokens(Tokenizer.default()))
@@ -142,12 +142,12 @@ def add_sample(sub):
 
 
 def run_sample(args, extra):
-    from .checkpoint import load
-    from .sample import generate
-    from .tokenizer import Tokenizer
+    from tinyfractal.training.checkpoint import load
+    from tinyfractal.inference.sample import generate
+    from tinyfractal.text.bpe import Tokenizer
     params, cfg, _ = load(args.ckpt)
     if args.speculative:
-        from .speculative import parse_drafters, speculative_generate
+        from tinyfractal.inference.speculative import parse_drafters, speculative_generate
         verifier = (args.level, args.index)
         cfg.check_node(*verifier)
         drafters = None if args.drafters is None else parse_drafters(cfg, verifier, args.drafters)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from tinyfractal import Config, Tokenizer, count_params, forward, generate, init_params, nodes, view
-from tinyfractal.checkpoint import atomic_write_json
-from tinyfractal.data import load_tokens, train_val_split, unigram_entropy
-from tinyfractal.train import TrainConfig, format_duration, loss_table, node_key, save_run, train
+from tinyfractal.training.checkpoint import atomic_write_json
+from tinyfractal.training.data import load_tokens, train_val_split, unigram_entropy
+from tinyfractal.training.train import TrainConfig, format_duration, loss_table, node_key, save_run, train
 
 PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou R"
 
@@ -163,7 +163,7 @@ def save_figures(params, cfg, metrics, out):
     plt.close(fig)
 
     # Who owns which entry of the MLP and attention weights (drawn through view), and the tree.
-    from tinyfractal.plots import ownership_maps, tree_figure
+    from tinyfractal.tools.plots import ownership_maps, tree_figure
     paths += ownership_maps(cfg, out, kinds=["Wgate_Wup", "Wdown", "Wq", "Wo"])
     paths.append(tree_figure(cfg, out / "tree.png", params))
     return paths

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from tinyfractal import Config, Tokenizer, count_params, init_params, nodes, view
-from tinyfractal import concepts as C
-from tinyfractal.checkpoint import atomic_write_json
-from tinyfractal.coupling import model_flops
-from tinyfractal.data import batch_at, unigram_entropy
+from tinyfractal.variants import byte_model as C
+from tinyfractal.training.checkpoint import atomic_write_json
+from tinyfractal.variants.coupled import model_flops
+from tinyfractal.training.data import batch_at, unigram_entropy
 from tinyfractal.paths import CORPUS
-from tinyfractal.train import TrainConfig, evaluate, format_duration, node_key, train
-from tinyfractal.tree import group_size, slot_offset
+from tinyfractal.training.train import TrainConfig, evaluate, format_duration, node_key, train
+from tinyfractal.core.tree import group_size, slot_offset
 
 PROMPT = "JULIET:\n"
 QUERIES = ["the ", "and ", "you ", " the", "that", "lord", "king", "love"]

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 from autograd import value_and_grad
 
-from tinyfractal import Config, Tokenizer, fast, init_params, nodes
-from tinyfractal import coupling as C
-from tinyfractal.checkpoint import atomic_write_json
-from tinyfractal.data import batch_at, load_tokens, train_val_split, unigram_entropy
-from tinyfractal.sample import generate
-from tinyfractal.train import TrainConfig, format_duration, node_key, train
+from tinyfractal import Config, Tokenizer, init_params, nodes
+from tinyfractal.core import fast
+from tinyfractal.variants import coupled as C
+from tinyfractal.training.checkpoint import atomic_write_json
+from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
+from tinyfractal.inference.sample import generate
+from tinyfractal.training.train import TrainConfig, format_duration, node_key, train
 
 PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou R"
 VARIANTS = ("base", "upstream", "downstream")

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from tinyfractal import Config, Tokenizer
-from tinyfractal.checkpoint import atomic_write_json
-from tinyfractal.data import batch_at, load_tokens
-from tinyfractal.grow import chunk_data, grow, parse_steps, step_flops, union
-from tinyfractal.merge import merge, root_loss
-from tinyfractal.model import cross_entropy, forward, init_params, rmsnorm, rope, rope_tables, softmax
-from tinyfractal.train import TrainConfig, evaluate, format_duration, node_key, train
-from tinyfractal.tree import nodes
+from tinyfractal.training.checkpoint import atomic_write_json
+from tinyfractal.training.data import batch_at, load_tokens
+from tinyfractal.training.grow import chunk_data, grow, parse_steps, step_flops, union
+from tinyfractal.training.merge import merge, root_loss
+from tinyfractal.core.model import cross_entropy, forward, init_params, rmsnorm, rope, rope_tables, softmax
+from tinyfractal.training.train import TrainConfig, evaluate, format_duration, node_key, train
+from tinyfractal.core.tree import nodes
 
 FULL_STEPS = "600,500,1000"     # leaves, the two level-1 merges, the root merge
 FULL_JOINT = 800

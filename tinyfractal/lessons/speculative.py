@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from tinyfractal import Config, Tokenizer, init_params
-from tinyfractal import infer
-from tinyfractal.checkpoint import atomic_write_json, load
-from tinyfractal.data import load_tokens, train_val_split
-from tinyfractal.ensemble import ensemble_losses, ensemble_table
-from tinyfractal.infer_bench import call_times, cache_vs_recompute, default_choices, spec_table, timed
-from tinyfractal.sample import generate, generate_reference
-from tinyfractal.speculative import parse_drafters, speculative_ids
-from tinyfractal.train import TrainConfig, evaluate, format_duration, save_run, train
+from tinyfractal.inference import decoder as infer
+from tinyfractal.training.checkpoint import atomic_write_json, load
+from tinyfractal.training.data import load_tokens, train_val_split
+from tinyfractal.inference.ensemble import ensemble_losses, ensemble_table
+from tinyfractal.tools.infer_bench import call_times, cache_vs_recompute, default_choices, spec_table, timed
+from tinyfractal.inference.sample import generate, generate_reference
+from tinyfractal.inference.speculative import parse_drafters, speculative_ids
+from tinyfractal.training.train import TrainConfig, evaluate, format_duration, save_run, train
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 

@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tinyfractal.paths import CORPUS, TOKENIZER  # noqa: E402
-from tinyfractal.plots import merge_counts  # noqa: E402
-from tinyfractal.tokenizer import Tokenizer, train  # noqa: E402
+from tinyfractal.tools.plots import merge_counts  # noqa: E402
+from tinyfractal.text.bpe import Tokenizer, train  # noqa: E402
 
 LINE = "First Citizen:\nBefore we proceed any further, hear me speak."
 UNKNOWN = 'JULIET: "Adieu, café!"'

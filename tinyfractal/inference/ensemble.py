@@ -16,11 +16,12 @@ Both return (B,T,V) log-probabilities, which `cross_entropy` accepts as logits.
 import numpy as onp
 import autograd.numpy as np
 
-from . import fast, infer
-from .data import batch_at
-from .model import cross_entropy, forward
-from .train import evaluate
-from .tree import view
+from tinyfractal.core import fast
+from tinyfractal.inference import decoder as infer
+from tinyfractal.training.data import batch_at
+from tinyfractal.core.model import cross_entropy, forward
+from tinyfractal.training.train import evaluate
+from tinyfractal.core.tree import view
 
 HOWS = ("logprob", "prob")
 

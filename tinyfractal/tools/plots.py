@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as onp  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from .model import count_params, forward, init_params, param_shapes  # noqa: E402
-from .tree import map_roles, nodes, parent, view  # noqa: E402
+from tinyfractal.core.model import count_params, forward, init_params, param_shapes  # noqa: E402
+from tinyfractal.core.tree import map_roles, nodes, parent, view  # noqa: E402
 
 # Each kind is one figure: its panels are (title, flat name of layer 0's array or a top-level array).
 KINDS = {
@@ -296,7 +296,7 @@ def loss_curves(metrics, cfg, path):
             raise ValueError(f"metrics lack {key!r}; expected the keys step, loss, eval_step, train, val "
                              f"written by train.save_run")
     if cfg is None:
-        from .config import Config
+        from tinyfractal.config import Config
         cfg = Config.from_dict(metrics["config"])
     colours = node_colours(cfg)
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -406,14 +406,14 @@ def add_command(sub):
 
 
 def run_figures(args, extra):
-    from .cli import parse_overrides
-    from .config import Config
-    from .tokenizer import Tokenizer
+    from tinyfractal.cli import parse_overrides
+    from tinyfractal.config import Config
+    from tinyfractal.text.bpe import Tokenizer
     metrics = None
     if args.ckpt:
         if extra:
             raise ValueError("--key=value config overrides apply to a fresh --preset, not to a --ckpt")
-        from .checkpoint import load
+        from tinyfractal.training.checkpoint import load
         params, cfg, _ = load(args.ckpt)
         if (Path(args.ckpt) / "metrics.json").exists():
             metrics = Path(args.ckpt) / "metrics.json"

@@ -14,9 +14,9 @@ ops after them run 2-4x faster on whole contiguous arrays than on column slices 
 import numpy as onp
 import autograd.numpy as np
 
-from . import ops
-from .model import dropout, level_weight_table
-from .tree import level_view
+from tinyfractal.core import ops
+from tinyfractal.core.model import dropout, level_weight_table
+from tinyfractal.core.tree import level_view
 
 
 def matmul_rows(x, W):

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as onp
 
-from . import infer
-from .sample import check_sampling, filtered_probs, prompt_ids
+from tinyfractal.inference import decoder as infer
+from tinyfractal.inference.sample import check_sampling, filtered_probs, prompt_ids
 
 
 def is_descendant(cfg, node, ancestor):

@@ -7,7 +7,7 @@ fast path in `fast.py`; a test proves the two agree.
 import numpy as onp
 import autograd.numpy as np
 
-from .tree import map_roles, nodes, slot_offset, view
+from tinyfractal.core.tree import map_roles, nodes, slot_offset, view
 
 
 def init_params(cfg, seed=0):

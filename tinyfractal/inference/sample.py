@@ -5,9 +5,9 @@ every token, the readable definition the cached path is tested against.
 """
 import numpy as onp
 
-from . import infer
-from .model import forward
-from .tree import view
+from tinyfractal.inference import decoder as infer
+from tinyfractal.core.model import forward
+from tinyfractal.core.tree import view
 
 
 def check_sampling(temperature, top_k, top_p, max_new_tokens=0):
@@ -76,10 +76,10 @@ def generate_reference(params, cfg, tokenizer, prompt, level=0, index=0, max_new
     cfg.check_node(level, index)
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if cfg.coupling != "none":   # a coupled node runs its subtree or its ancestors: coupling.py
-        from .coupling import generate_reference as coupled
+        from tinyfractal.variants.coupled import generate_reference as coupled
         return coupled(params, cfg, tokenizer, prompt, level, index, max_new_tokens, temperature, top_k, top_p, seed)
     if cfg.tokenizer == "bytes":   # byte models sample whole groups of bytes, slot by slot: concepts.py
-        from .concepts import generate as generate_bytes
+        from tinyfractal.variants.byte_model import generate as generate_bytes
         return generate_bytes(params, cfg, prompt, level, index, max_new_tokens, temperature, top_k, top_p, seed)
     p, sub = view(params, cfg, level, index), cfg.sub(level)
     ids = prompt_ids(tokenizer, prompt)
@@ -106,10 +106,10 @@ def generate(params, cfg, tokenizer, prompt, level=0, index=0, max_new_tokens=20
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     keep = infer.check_keep(keep, cfg.context)
     if cfg.coupling != "none":   # a coupled node runs its subtree or its ancestors: coupling.py
-        from .coupling import generate as coupled
+        from tinyfractal.variants.coupled import generate as coupled
         return coupled(params, cfg, tokenizer, prompt, level, index, max_new_tokens, temperature, top_k, top_p, seed, keep)
     if cfg.tokenizer == "bytes":   # byte models sample whole groups of bytes, slot by slot: concepts.py
-        from .concepts import generate as generate_bytes
+        from tinyfractal.variants.byte_model import generate as generate_bytes
         return generate_bytes(params, cfg, prompt, level, index, max_new_tokens, temperature, top_k, top_p, seed)
     ids = prompt_ids(tokenizer, prompt)
     rng = onp.random.default_rng(seed)

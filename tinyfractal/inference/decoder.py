@@ -18,8 +18,8 @@ reproduces the full-recompute reference exactly; a smaller `keep` amortises the 
 """
 import numpy as onp
 
-from .model import rmsnorm, rope_tables
-from .tree import level_view, map_roles, view
+from tinyfractal.core.model import rmsnorm, rope_tables
+from tinyfractal.core.tree import level_view, map_roles, view
 
 
 def unit(x, eps):

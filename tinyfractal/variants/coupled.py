@@ -27,11 +27,11 @@ Generation (`generate`) runs the needed nodes with KV caches (as infer.py does f
 import numpy as onp
 import autograd.numpy as np
 
-from . import fast
-from .model import (attention, cross_entropy, dropout, gelu, level_weight_table, mlp, rmsnorm, rope,
+from tinyfractal.core import fast
+from tinyfractal.core.model import (attention, cross_entropy, dropout, gelu, level_weight_table, mlp, rmsnorm, rope,
                     rope_tables)
-from .infer import check_keep
-from .tree import children, level_view, map_roles, nodes, parent, view
+from tinyfractal.inference.decoder import check_keep
+from tinyfractal.core.tree import children, level_view, map_roles, nodes, parent, view
 
 
 # The nodes one node needs
@@ -394,7 +394,7 @@ def generate(params, cfg, tokenizer, prompt, level=0, index=0, max_new_tokens=20
 
     Same arguments and sampling as sample.generate, which sends coupled configs here.
     """
-    from .sample import check_sampling, prompt_ids, sample_token
+    from tinyfractal.inference.sample import check_sampling, prompt_ids, sample_token
     cfg.check_node(level, index)
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     ids = prompt_ids(tokenizer, prompt)
@@ -408,7 +408,7 @@ def generate_reference(params, cfg, tokenizer, prompt, level=0, index=0, max_new
                        temperature=1.0, top_k=None, top_p=None, seed=0, on_logits=None):
     """The same sampling without caches: every token recomputes the window ids[-context:] with
     forward_node. The definition `generate` is tested against."""
-    from .sample import check_sampling, prompt_ids, sample_token
+    from tinyfractal.inference.sample import check_sampling, prompt_ids, sample_token
     cfg.check_node(level, index)
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     ids = prompt_ids(tokenizer, prompt)

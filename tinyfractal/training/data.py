@@ -1,7 +1,7 @@
 """The corpus as token ids, a 90/10 train/val split, and reproducible random batches."""
 import numpy as onp
 
-from .paths import CORPUS
+from tinyfractal.paths import CORPUS
 
 
 def load_tokens(tokenizer, path=CORPUS):

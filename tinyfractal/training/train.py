@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import numpy as onp
 from autograd import value_and_grad
 
-from . import concepts, coupling, fast
-from .data import batch_at
-from .tree import NO_DECAY, flatten, nodes, unflatten
+from tinyfractal.variants import byte_model as concepts
+from tinyfractal.variants import coupled as coupling
+from tinyfractal.core import fast
+from tinyfractal.training.data import batch_at
+from tinyfractal.core.tree import NO_DECAY, flatten, nodes, unflatten
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,7 @@ def loss_table(metrics, cfg, reference=None):
 
 def save_run(out, params, cfg, tc, state, metrics, extra=None):
     """Checkpoint (with optimizer state) plus metrics.json in `out`."""
-    from .checkpoint import atomic_write_json, save
+    from tinyfractal.training.checkpoint import atomic_write_json, save
     meta = {"step": int(state["t"]), "train": dataclasses.asdict(tc), "metrics": metrics, **(extra or {})}
     save(out, params, cfg, meta, opt_state=state)
     atomic_write_json(f"{out}/metrics.json", {"config": cfg.to_dict(), **metrics})
@@ -238,10 +240,10 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
     Resuming restores params, optimizer moments and the step; batches are seeded per step, so the
     continued run matches an uninterrupted one bit for bit.
     """
-    from .checkpoint import load, load_optimizer
-    from .data import load_tokens, train_val_split
-    from .model import init_params
-    from .tokenizer import Tokenizer
+    from tinyfractal.training.checkpoint import load, load_optimizer
+    from tinyfractal.training.data import load_tokens, train_val_split
+    from tinyfractal.core.model import init_params
+    from tinyfractal.text.bpe import Tokenizer
     tokenizer = tokenizer or (concepts.ByteTokenizer() if cfg.tokenizer == "bytes" else Tokenizer.default())
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the config's vocab_size is {cfg.vocab_size}")

@@ -38,7 +38,7 @@ import numpy as onp
 import autograd.numpy as np
 from autograd.extend import primitive, defvjp, defvjp_argnums
 
-from .model import rope_tables
+from tinyfractal.core.model import rope_tables
 
 ATTENTION_BLOCK = 64   # query positions per causal block; see causal_attention
 

@@ -7,14 +7,14 @@ addresses of the views the forward really used, so a wrong view would print a wr
 trace marks any slice that differs from the one SPEC's table gives).
 
     python -m tinyfractal trace --preset tiny --level 2 --index 1
-    from tinyfractal.trace import trace_node; steps = trace_node(params, cfg, 2, 1, ids)
+    from tinyfractal.tools.trace import trace_node; steps = trace_node(params, cfg, 2, 1, ids)
 """
 from dataclasses import dataclass, field
 
 import numpy as onp
 
-from .model import count_params, forward
-from .tree import flatten, node_slices, roles_of, view
+from tinyfractal.core.model import count_params, forward
+from tinyfractal.core.tree import flatten, node_slices, roles_of, view
 
 
 def _address(a):
@@ -165,14 +165,14 @@ def add_command(sub):
 
 
 def run_trace(args, extra):
-    from .cli import parse_overrides
-    from .config import Config
-    from .model import init_params
-    from .tokenizer import Tokenizer
+    from tinyfractal.cli import parse_overrides
+    from tinyfractal.config import Config
+    from tinyfractal.core.model import init_params
+    from tinyfractal.text.bpe import Tokenizer
     if args.ckpt:
         if extra:
             raise ValueError("--key=value config overrides apply to a fresh --preset, not to a --ckpt")
-        from .checkpoint import load
+        from tinyfractal.training.checkpoint import load
         params, cfg, _ = load(args.ckpt)
     else:
         cfg = Config.preset(args.preset).override(**parse_overrides(extra))

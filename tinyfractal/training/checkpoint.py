@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as onp
 
-from .config import Config
-from .model import param_shapes
-from .tree import flatten, unflatten
+from tinyfractal.config import Config
+from tinyfractal.core.model import param_shapes
+from tinyfractal.core.tree import flatten, unflatten
 
 FORMAT = "tinyfractal-checkpoint"
 VERSION = 1

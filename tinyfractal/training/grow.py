@@ -15,13 +15,13 @@ import time
 
 import numpy as onp
 
-from .checkpoint import atomic_write_json, save
-from .coupling import model_flops
-from .data import batch_at, train_val_split
-from .merge import OFF_DIAGONAL, extract, frozen_loss, merge, trainable_mask
-from .model import forward, init_params
-from .train import TrainConfig, evaluate, node_key, train
-from .tree import flatten, view
+from tinyfractal.training.checkpoint import atomic_write_json, save
+from tinyfractal.variants.coupled import model_flops
+from tinyfractal.training.data import batch_at, train_val_split
+from tinyfractal.training.merge import OFF_DIAGONAL, extract, frozen_loss, merge, trainable_mask
+from tinyfractal.core.model import forward, init_params
+from tinyfractal.training.train import TrainConfig, evaluate, node_key, train
+from tinyfractal.core.tree import flatten, view
 
 
 def chunk_data(tokens, n_chunks, context, val_fraction=0.1):
@@ -95,8 +95,8 @@ def grow(cfg, tc, steps, tokens=None, off_diagonal="zero", scale=0.1, out=None, 
         raise ValueError(f"off_diagonal must be one of {OFF_DIAGONAL}, got {off_diagonal!r}")
     counts = stage_steps(steps, cfg.levels)
     if tokens is None:
-        from .data import load_tokens
-        from .tokenizer import Tokenizer
+        from tinyfractal.training.data import load_tokens
+        from tinyfractal.text.bpe import Tokenizer
         tokenizer = Tokenizer.default()
         if tokenizer.vocab_size != cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
@@ -191,8 +191,8 @@ def parse_steps(text, levels):
 
 
 def run_grow(args, extra):
-    from .cli import parse_overrides, split_overrides
-    from .config import Config
+    from tinyfractal.cli import parse_overrides, split_overrides
+    from tinyfractal.config import Config
     model_over, train_over = split_overrides(parse_overrides(extra))
     cfg = Config.preset(args.preset).override(**model_over)
     tc = TrainConfig.preset(args.preset).override(**train_over)

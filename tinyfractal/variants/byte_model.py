@@ -24,9 +24,9 @@ import math
 import numpy as onp
 import autograd.numpy as np
 
-from . import fast
-from .model import attention, dropout, level_weight_table, mlp, rmsnorm
-from .tree import group_size, level_view, nodes, view
+from tinyfractal.core import fast
+from tinyfractal.core.model import attention, dropout, level_weight_table, mlp, rmsnorm
+from tinyfractal.core.tree import group_size, level_view, nodes, view
 
 PAD_BYTE = ord("\n")   # left padding of a prompt to whole groups: the start of a line, as in the corpus
 DECODE_NOTE = ("bytes are decoded as UTF-8 with errors='replace': a byte sequence that is not valid UTF-8 "
@@ -224,7 +224,7 @@ def group_rows(byte_ids, cfg):
 
 def load_split(cfg, path=None):
     """The corpus as bytes, split 90/10 as data.train_val_split, each part as rows of g_0 bytes."""
-    from .data import load_tokens, train_val_split
+    from tinyfractal.training.data import load_tokens, train_val_split
     check_bytes(cfg)
     byte_ids = load_tokens(ByteTokenizer()) if path is None else load_tokens(ByteTokenizer(), path)
     train, val = train_val_split(byte_ids)
@@ -234,7 +234,7 @@ def load_split(cfg, path=None):
 def flops_per_byte(cfg, level):
     """Forward matmul FLOPs per byte of one model at this level, counted as coupling.model_flops counts
     (2 per multiply-add, attention over the full T x T square as computed), plus g output slots per position."""
-    from .coupling import model_flops
+    from tinyfractal.variants.coupled import model_flops
     T, g = cfg.context, group_size(cfg, level)
     return (model_flops(cfg, level, T, logits=False) + T * 2 * g * cfg.width(level) * cfg.vocab_size) / (T * g)
 
@@ -251,7 +251,7 @@ def generate(params, cfg, prompt, level=0, index=0, max_new_bytes=200, temperatu
     distribution. The slots come from the same state, so given the past they are drawn independently.
     The new bytes are decoded with errors='replace' (DECODE_NOTE): the text is always valid.
     """
-    from .sample import check_sampling, sample_token
+    from tinyfractal.inference.sample import check_sampling, sample_token
     check_bytes(cfg)
     cfg.check_node(level, index)
     check_sampling(temperature, top_k, top_p, max_new_bytes)

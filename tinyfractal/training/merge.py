@@ -11,10 +11,10 @@ import dataclasses
 import numpy as onp
 from autograd.extend import defvjp, primitive
 
-from . import fast
-from .config import Config
-from .model import init_params, param_shapes
-from .tree import flatten, index_mask, map_roles, unflatten, view
+from tinyfractal.core import fast
+from tinyfractal.config import Config
+from tinyfractal.core.model import init_params, param_shapes
+from tinyfractal.core.tree import flatten, index_mask, map_roles, unflatten, view
 
 OFF_DIAGONAL = ("zero", "random")
 
