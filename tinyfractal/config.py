@@ -28,6 +28,8 @@ class Config:
     coupling_sublayer: bool = False     # pass only the layer's attention + MLP outputs, not the whole state
     coupling_scale_init: float = 1.0    # start of the learnable scale per (level, layer); 0 starts as base
     tokenizer: str = "bpe"              # bpe | bytes: bytes reads UTF-8, upper levels in groups (concepts.py)
+    logit_scale: str = "none"           # none | sqrt | learned: each node's logits times 1/sqrt(d_l) (model.output_gain)
+    node_gains: bool = False            # each node its own output gain, not a slice of its parent's (model.output_gain)
 
     def __post_init__(self):
         validate(self)
@@ -121,8 +123,9 @@ PRESETS = {
 _INT_FIELDS = ("vocab_size", "context", "layers", "heads", "kv_heads", "head_dim", "hidden", "mlp_mult",
                "levels", "split")
 _FLOAT_FIELDS = ("rope_theta", "eps", "dropout", "coupling_scale_init")
-_BOOL_FIELDS = ("coupling_cumulative", "coupling_sublayer")
+_BOOL_FIELDS = ("coupling_cumulative", "coupling_sublayer", "node_gains")
 COUPLINGS = ("none", "upstream", "downstream")
+LOGIT_SCALES = ("none", "sqrt", "learned")
 TOKENIZERS = ("bpe", "bytes")
 
 
@@ -187,6 +190,8 @@ def validate(cfg):
                          f"RoPE needs it even and >= 2")
     if cfg.heads % cfg.kv_heads:
         raise ValueError(f"heads={cfg.heads} must be a multiple of kv_heads={cfg.kv_heads}")
+    if cfg.logit_scale not in LOGIT_SCALES:
+        raise ValueError(f"config field logit_scale must be one of {list(LOGIT_SCALES)}, got {cfg.logit_scale!r}")
     if cfg.coupling not in COUPLINGS:
         raise ValueError(f"config field coupling must be one of {list(COUPLINGS)}, got {cfg.coupling!r}")
     for name in _BOOL_FIELDS:

@@ -15,7 +15,7 @@ import numpy as onp
 import autograd.numpy as np
 
 from tinyfractal.core import ops
-from tinyfractal.core.model import dropout, level_weight_table
+from tinyfractal.core.model import dropout, level_weight_table, scale_output
 from tinyfractal.core.tree import level_view
 
 
@@ -58,9 +58,10 @@ def block(x, p, cfg, rng=None, start=0):
 
 
 def output_logits(x, P, cfg):
-    """Tied output: rmsnorm(x, final_norm) against the row-normalised embedding. (N,B,T,d) -> (N,B,T,V)."""
+    """Tied output: rmsnorm(x, final_norm) * output_gain against the row-normalised embedding.
+    (N,B,T,d) -> (N,B,T,V)."""
     out_emb = norm(P["E"], P["out_norm"], cfg.eps)                              # (N,V,d)
-    return ops.linear(norm(x, P["final_norm"], cfg.eps), np.swapaxes(out_emb, 1, 2))
+    return ops.linear(scale_output(norm(x, P["final_norm"], cfg.eps), P, cfg), np.swapaxes(out_emb, 1, 2))
 
 
 def forward_stacked(P, cfg, ids, rng=None):

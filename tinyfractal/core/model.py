@@ -4,6 +4,8 @@
 `cfg.sub(level)`, any sub-model: the same code at every scale. Training uses the level-batched
 fast path in `fast.py`; a test proves the two agree.
 """
+import math
+
 import numpy as onp
 import autograd.numpy as np
 
@@ -37,6 +39,10 @@ def init_params(cfg, seed=0):
         })
     if cfg.coupling != "none":   # one learnable scale per (receiving level, layer); see coupling.py
         params["coupling_scale"] = onp.full((cfg.levels, cfg.layers), cfg.coupling_scale_init, dtype=onp.float32)
+    if cfg.logit_scale == "learned":   # one row per level; node (l, j) reads row l, columns R (output_gain)
+        params["logit_gain"] = zeros((cfg.levels, D))
+    if cfg.node_gains:
+        params["node_gain"] = zeros((cfg.levels, D))
     if cfg.tokenizer == "bytes":   # a gain per byte slot on input and output, for every level above the leaves
         slots = slot_offset(cfg, cfg.levels - 1)
         params["P"], params["Q"] = zeros((slots, D)), zeros((slots, D))
@@ -174,12 +180,52 @@ def forward(params, cfg, ids, rng=None, trace=None):
         x = x + dropout(mlp(h, p, trace=trace), cfg.dropout, rng)
     out_emb = rmsnorm(params["E"], params["out_norm"], cfg.eps)               # (V,D), tied output
     B, T, D = x.shape
-    x = rmsnorm(x, params["final_norm"], cfg.eps)
+    x = scale_output(rmsnorm(x, params["final_norm"], cfg.eps), params, cfg)
     logits = np.reshape(np.dot(np.reshape(x, (B * T, D)), np.transpose(out_emb)), (B, T, -1))
     if trace is not None:
         trace("tied output: rmsnorm(E, out_norm)", {n: params[n] for n in ("E", "out_norm")}, params["E"], out_emb)
-        trace("logits = rmsnorm(x, final_norm) out_emb^T", {"final_norm": params["final_norm"]}, x, logits)
+        gains = {n: params[n] for n in ("final_norm", "logit_gain", "node_gain") if n in params}
+        op = "logits = rmsnorm(x, final_norm) out_emb^T" if len(gains) == 1 and cfg.logit_scale == "none" else \
+            "logits = (rmsnorm(x, final_norm) * output_gain) out_emb^T"
+        trace(op, gains, x, logits)
     return logits
+
+
+def output_gain(params, cfg):
+    """The node's own factor on its normalised final state, just before the tied output matmul:
+
+        logits = (rmsnorm(x, final_norm) * output_gain) . rmsnorm_rows(E, out_norm)^T
+
+    1.0 (nothing) unless an option is on. `cfg` is the node's own config (width d = cfg.hidden):
+      logit_scale="sqrt"     1/sqrt(d). Both factors of the dot product have RMS 1, so a logit is a sum of
+                             d terms: about sqrt(d) for unrelated vectors, up to d for aligned ones (the
+                             final state still holds its input token's embedding). A fresh node's first
+                             loss is then tens of nats, not ln V; over 1/sqrt(d) it is O(1) at every width.
+      logit_scale="learned"  (1 + mean of the node's row of logit_gain) / sqrt(d): a temperature per node.
+      node_gains=True        times (1 + the node's row of node_gain): an output gain per coordinate that is
+                             the node's own, where final_norm's slice is shared with every ancestor.
+    Per-node rows: a node's params (a view) hold rows [l:] of the (levels, D) tables, its own row first.
+    Returns a Python float, or an array of shape (..., d) or (..., 1) whose leading axes are the model
+    axes of `params` (none for one node, (N,) for a stacked level); `scale_output` broadcasts it.
+    """
+    gain = 1.0
+    if cfg.logit_scale != "none":
+        gain = 1.0 / math.sqrt(cfg.hidden)
+        if cfg.logit_scale == "learned":
+            row = params["logit_gain"][..., 0, :]                                # (..., d)
+            gain = (1.0 + np.sum(row, axis=-1, keepdims=True) * (1.0 / cfg.hidden)) * gain
+    if cfg.node_gains:
+        gain = (1.0 + params["node_gain"][..., 0, :]) * gain
+    return gain
+
+
+def scale_output(h, params, cfg):
+    """h * output_gain(params, cfg), the gain's model axes lined up with h's leading axes. (..., d) -> same."""
+    gain = output_gain(params, cfg)
+    if isinstance(gain, float):
+        return h if gain == 1.0 else h * gain
+    lead = gain.shape[:-1]
+    return h * np.reshape(gain, lead + (1,) * (h.ndim - len(lead) - 1) + gain.shape[-1:])
 
 
 def cross_entropy(logits, targets):

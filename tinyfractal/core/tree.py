@@ -4,8 +4,9 @@ Every parameter array has, for each of its axes, a *role*:
   "R"  residual coordinates  (length D at level 0, d_l = D/s^l for one model at level l)
   "M"  MLP coordinates       (length F, f_l = F/s^l)
   "C"  coordinates inside one head (length hd, h_l = hd/s^l)
-  "L"  levels of the tree, for per-level arrays of coupled models: model (l, j) sees rows [l:],
-       because as a tree of its own its level 0 is level l of the whole tree
+  "L"  levels of the tree, for per-level arrays (coupled models' scales, per-node output gains):
+       model (l, j) sees rows [l:], because as a tree of its own its level 0 is level l of the whole
+       tree; with an "R" axis too, row l's columns R belong to node (l, j) and to no other node
   "G"  slots of the byte groups of a byte model (concepts.py): level k of L owns g_k = s^(L-1-k) rows
        starting at slot_offset(k) (leaves, g = 1, own none); model (l, j) sees rows [slot_offset(l):],
        the slots of its own level and of the levels below it, for the same reason as "L"
@@ -21,6 +22,8 @@ ROLES = {
     "emb_norm": ("R",), "final_norm": ("R",), "out_norm": ("R",),
     "coupling_scale": ("L", None),   # (levels, layers), only in coupled models (coupling.py)
     "P": ("G", "R"), "Q": ("G", "R"),  # (slots, D) input and output gain per byte slot, only in byte models
+    # (levels, D), only with logit_scale="learned" / node_gains: node (l, j) owns row l, columns R, alone
+    "logit_gain": ("L", "R"), "node_gain": ("L", "R"),
 }
 LAYER_ROLES = {
     "attn_norm": ("R",), "mlp_norm": ("R",),
@@ -30,7 +33,7 @@ LAYER_ROLES = {
     "Wdown": ("M", "R"), "bdown": ("R",),
 }
 NO_DECAY = {"emb_norm", "final_norm", "out_norm", "attn_norm", "mlp_norm", "bgate", "bup", "bdown",
-            "coupling_scale", "P", "Q"}
+            "coupling_scale", "P", "Q", "logit_gain", "node_gain"}
 BLOCK_ROLES = ("R", "M", "C")
 LEVEL_ROLES = ("L", "G")
 

@@ -18,7 +18,7 @@ reproduces the full-recompute reference exactly; a smaller `keep` amortises the 
 """
 import numpy as onp
 
-from tinyfractal.core.model import rmsnorm, rope_tables
+from tinyfractal.core.model import output_gain, rmsnorm, rope_tables
 from tinyfractal.core.tree import level_view, map_roles, view
 
 
@@ -102,6 +102,10 @@ class Models:
         self.embed_table = rmsnorm(E, take(P["emb_norm"])[:, None, :], sub.eps)   # (N,V,d): rows already normed
         out_emb = rmsnorm(E, take(P["out_norm"])[:, None, :], sub.eps)            # (N,V,d), tied output
         self.out_T = fold(P["final_norm"], onp.transpose(out_emb, (0, 2, 1)))    # (N,d,V)
+        gain = output_gain(P, sub)                # the node's own output factor (model.output_gain), folded too
+        if not isinstance(gain, float) or gain != 1.0:
+            gain = onp.float32(gain) if isinstance(gain, float) else take(gain)[:, :, None]   # (N,d|1,1)
+            self.out_T = onp.ascontiguousarray(self.out_T * gain, dtype=onp.float32)
         self.layers = []
         for p in P["layers"]:
             # q carries the 1/sqrt(h) of the attention scores (RoPE is linear, so it may come first)

@@ -5,7 +5,8 @@ A model at level l of an L-level tree reads the bytes in groups of g_l = split^(
 read single bytes, each level up reads groups split times longer.
 
   concept of a group b_0..b_(g-1):  rmsnorm(sum_m E[b_m] * (1 + P_l[m]), emb_norm)
-  slot m of the next group:         logits_m = (rmsnorm(x, final_norm) * (1 + Q_l[m])) . rmsnorm_rows(E, out_norm)^T
+  slot m of the next group:         logits_m = (rmsnorm(x, final_norm) * (1 + Q_l[m]) * output_gain)
+                                               . rmsnorm_rows(E, out_norm)^T   (output_gain: model.py)
 
 P_l and Q_l are (g_l, d) gains per slot, zero at the start. P makes the order inside a group matter
 (without it "tac " and "cat " would be the same concept); Q lets each slot read its own byte out of
@@ -25,7 +26,7 @@ import numpy as onp
 import autograd.numpy as np
 
 from tinyfractal.core import fast
-from tinyfractal.core.model import attention, dropout, level_weight_table, mlp, rmsnorm
+from tinyfractal.core.model import attention, dropout, level_weight_table, mlp, rmsnorm, scale_output
 from tinyfractal.core.tree import group_size, level_view, nodes, view
 
 PAD_BYTE = ord("\n")   # left padding of a prompt to whole groups: the start of a line, as in the corpus
@@ -110,6 +111,7 @@ def slot_logits(x, params, cfg, g):
     """One distribution per slot of the next group. x (B,T,D) -> (B,T,g,V)."""
     B, T, D = x.shape
     h = rmsnorm(x, params["final_norm"], cfg.eps)[:, :, None, :] * slot_gain(params, "Q", g)   # (B,T,g,D)
+    h = scale_output(h, params, cfg)
     out_emb = rmsnorm(params["E"], params["out_norm"], cfg.eps)                                # (V,D)
     return np.reshape(np.dot(np.reshape(h, (B * T * g, D)), np.transpose(out_emb)), (B, T, g, -1))
 
@@ -145,7 +147,7 @@ def forward_stacked(P, cfg, groups, rng=None):
         x = fast.block(x, p, cfg, rng)
     gain_out = slot_gain(P, "Q", g)
     gain_out = gain_out[:, None, None] if g > 1 else gain_out
-    h = fast.norm(x, P["final_norm"], cfg.eps)[:, :, :, None, :] * gain_out     # (N,B,T,g,d)
+    h = scale_output(fast.norm(x, P["final_norm"], cfg.eps)[:, :, :, None, :] * gain_out, P, cfg)   # (N,B,T,g,d)
     out_emb = fast.norm(P["E"], P["out_norm"], cfg.eps)                         # (N,V,d)
     return fast.matmul_rows(h, np.transpose(out_emb, (0, 2, 1)))                # (N,B,T,g,V)
 

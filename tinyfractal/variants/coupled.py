@@ -29,7 +29,7 @@ import autograd.numpy as np
 
 from tinyfractal.core import fast
 from tinyfractal.core.model import (attention, cross_entropy, dropout, gelu, level_weight_table, mlp, rmsnorm, rope,
-                    rope_tables)
+                                    rope_tables, scale_output)
 from tinyfractal.inference.decoder import check_keep
 from tinyfractal.core.tree import children, level_view, map_roles, nodes, parent, view
 
@@ -197,11 +197,11 @@ def tree_loss(params, cfg, ids, targets, level_weights=None, rng=None):
 
 # The reference path: node by node, with model.py's blocks
 
-def _logits(x, p, eps):
-    """model.forward's tied output for one node. (B,T,d) -> (B,T,V)."""
+def _logits(x, p, cfg):
+    """model.forward's tied output for one node; cfg is the node's own (cfg.sub(level)). (B,T,d) -> (B,T,V)."""
     B, T, d = x.shape
-    out_emb = rmsnorm(p["E"], p["out_norm"], eps)                              # (V,d)
-    x = rmsnorm(x, p["final_norm"], eps)
+    out_emb = rmsnorm(p["E"], p["out_norm"], cfg.eps)                          # (V,d)
+    x = scale_output(rmsnorm(x, p["final_norm"], cfg.eps), p, cfg)
     return np.reshape(np.dot(np.reshape(x, (B * T, d)), np.transpose(out_emb)), (B, T, -1))
 
 
@@ -239,7 +239,7 @@ def forward_nodes_reference(params, cfg, ids, run=None):
                 if cfg.coupling_cumulative:
                     own = own + scale[n[0], i] * got
             sent[n] = own
-    return {n: _logits(x[n], p[n], eps) for n in run}
+    return {n: _logits(x[n], p[n], cfg.sub(n[0])) for n in run}
 
 
 def forward_node_reference(params, cfg, level, index, ids):
@@ -347,7 +347,8 @@ def extend(run, caches, ids):
         cache["length"] = L + Tn
     P = run.P[run.level]                                                         # this node alone at its level
     out_emb = rmsnorm(P["E"], P["out_norm"][:, None, :], cfg.eps)               # (1,V,d)
-    return run.linear(rmsnorm(x[run.level], _gain(P["final_norm"]), cfg.eps), out_emb.transpose(0, 2, 1))[0]
+    h = scale_output(rmsnorm(x[run.level], _gain(P["final_norm"]), cfg.eps), P, cfg.sub(run.level))
+    return run.linear(h, out_emb.transpose(0, 2, 1))[0]
 
 
 def prefill(run, ids, caches=None):
