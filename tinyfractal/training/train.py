@@ -15,7 +15,8 @@ from tinyfractal.variants import byte_model as concepts
 from tinyfractal.variants import coupled as coupling
 from tinyfractal.core import fast
 from tinyfractal.training.data import batch_at
-from tinyfractal.core.tree import NO_DECAY, flatten, nodes, unflatten
+from tinyfractal.core.model import level_weight_table
+from tinyfractal.core.tree import NO_DECAY, flatten, map_roles, nodes, unflatten, view
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class TrainConfig:
     eval_batches: int = 8
     log_interval: int = 25
     seed: int = 0
+    loss_weights: str = "nodes"   # weight of each node's loss: nodes | width | params | "1,0.5,0.25" | "A>B" (anneal)
+    clip_mode: str = "global"     # global: clip at grad_clip | tree: at grad_clip * sqrt(sum of squared node weights)
+    width_lr: float = 0.0         # matrices: lr * (D / width of the entry's deepest owner) ** width_lr
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_interval", "eval_batches", "log_interval"):
@@ -50,6 +54,12 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v < 1:
                 raise ValueError(f"train setting {name} must be in [0, 1), got {v!r}")
+        parse_loss_weights(self.loss_weights)
+        if self.clip_mode not in CLIP_MODES:
+            raise ValueError(f"train setting clip_mode must be one of {list(CLIP_MODES)}, got {self.clip_mode!r}")
+        v = self.width_lr
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 2:
+            raise ValueError(f"train setting width_lr must be a number in [0, 2], got {v!r}")
 
     @staticmethod
     def preset(name):
@@ -64,12 +74,104 @@ class TrainConfig:
         for k, v in changes.items():
             if k not in fields:
                 raise ValueError(f"unknown train setting {k!r}; known settings are {sorted(fields)}")
-            want = int if fields[k] in (int, "int") else float
+            want = int if fields[k] in (int, "int") else str if fields[k] in (str, "str") else float
             try:
                 out[k] = want(v)
             except (TypeError, ValueError):
                 raise ValueError(f"train setting {k} must be {want.__name__}, got {v!r}") from None
         return dataclasses.replace(self, **out)
+
+
+CLIP_MODES = ("global", "tree")
+WEIGHT_SCHEMES = ("nodes", "width", "params")
+
+
+def parse_loss_weights(text):
+    """'nodes' -> [('nodes',)]; '1,0.5' -> [(1.0, 0.5)]; 'width>nodes' -> two ends of an anneal. Checks syntax."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"train setting loss_weights must be a string, got {text!r}")
+    ends = text.split(">")
+    if len(ends) > 2:
+        raise ValueError(f"loss_weights anneals between two ends 'A>B', got {text!r}")
+    out = []
+    for end in ends:
+        if end in WEIGHT_SCHEMES:
+            out.append((end,))
+            continue
+        try:
+            numbers = tuple(float(w) for w in end.split(","))
+        except ValueError:
+            raise ValueError(f"loss_weights must be one of {list(WEIGHT_SCHEMES)}, comma-separated numbers per level "
+                             f"(such as 1,0.5,0.25), or 'A>B' to anneal from A to B; got {text!r}") from None
+        if any(not w >= 0 for w in numbers) or not sum(numbers) > 0:
+            raise ValueError(f"loss_weights numbers must be >= 0 and not all zero, got {text!r}")
+        out.append(numbers)
+    return out
+
+
+def scheme_weights(cfg, end):
+    """The weight of one node at each level (before normalising) for one end of loss_weights.
+
+    nodes: every node alike (the tree loss is the plain mean over nodes);
+    width: a node weighs its width d_l, so every level weighs the same in total (n_l * d_l = D);
+    params: a node weighs its parameter count, so the root weighs most.
+    """
+    if end == ("nodes",):
+        return [1.0] * cfg.levels
+    if end == ("width",):
+        return [float(cfg.width(level)) for level in range(cfg.levels)]
+    if end == ("params",):
+        from tinyfractal.core.model import count_params, param_shapes
+        return [float(count_params(map_roles(lambda shape, roles: onp.empty(shape, onp.float32),
+                                             param_shapes(cfg.sub(level))))) for level in range(cfg.levels)]
+    if len(end) != cfg.levels:
+        raise ValueError(f"loss_weights gives {len(end)} numbers but the tree has {cfg.levels} levels")
+    return list(end)
+
+
+def level_weights_at(tc, cfg, step):
+    """Per-level node weights at this step (normalised: sum over nodes is 1), from tc.loss_weights.
+
+    'A>B' moves linearly from A's normalised weights at step 0 to B's at the last step.
+    """
+    ends = [level_weight_table(cfg, scheme_weights(cfg, end)) for end in parse_loss_weights(tc.loss_weights)]
+    if len(ends) == 1:
+        return ends[0]
+    a = min(1.0, step / max(1, tc.steps - 1))
+    return [(1 - a) * x + a * y for x, y in zip(*ends)]
+
+
+def clip_threshold(tc, cfg, weights):
+    """The clipping threshold: grad_clip, or with clip_mode='tree' grad_clip * sqrt(sum over nodes of w^2).
+
+    The tree's gradient is the weighted mean of the nodes' gradients. If those were orthogonal and of one
+    size G, its norm would be G * sqrt(sum w^2) (1/sqrt(7) for 7 equal nodes), so 'tree' clips the tree
+    when its nodes would each be clipped on their own, as a standalone model is.
+    """
+    if tc.clip_mode == "global":
+        return tc.grad_clip
+    return tc.grad_clip * math.sqrt(sum(cfg.n_models(level) * w * w for level, w in enumerate(weights)))
+
+
+MATRICES = ("Wq", "Wk", "Wv", "Wo", "Wgate", "Wup", "Wdown")
+
+
+def width_lr_scales(params, cfg, power):
+    """Flat name -> per-entry lr factor (D / d_owner) ** power for the shared matrices, where d_owner is the
+    width of the deepest node whose block holds the entry; None when power is 0.
+
+    In the spirit of muP (Adam's lr for a hidden matrix ~ 1/width): a leaf's block moves as fast as
+    its own width asks, the root's off-diagonal blocks as the root's. A one-level model gets 1 everywhere.
+    """
+    if power == 0:
+        return None
+    scales = map_roles(lambda a, roles: onp.ones(onp.shape(a), onp.float32), params)
+    for level, j in nodes(cfg):
+        factor = onp.float32((cfg.hidden / cfg.width(level)) ** power)
+        for layer in view(scales, cfg, level, j)["layers"]:
+            for name in MATRICES:
+                layer[name][...] = factor
+    return {name: a for name, a in flatten(scales).items() if name.split(".")[-1] in MATRICES}
 
 
 def lr_at(tc, step):
@@ -97,11 +199,12 @@ def clip_by_global_norm(grads, max_norm):
     return norm
 
 
-def adamw_step(params, grads, state, lr, tc, trainable=None):
+def adamw_step(params, grads, state, lr, tc, trainable=None, lr_scales=None):
     """One AdamW update, in place, with bias correction; no weight decay on gains and biases.
 
     `trainable` (flat name -> bool array, or None) freezes entries: a frozen entry's value and its
     moment estimates are never touched, so frozen sub-models stay bit for bit as they were.
+    `lr_scales` (flat name -> float32 array, or None) multiplies the step of each entry (width_lr_scales).
     """
     flat, flat_g = flatten(params), flatten(grads)
     state["t"] += 1
@@ -113,17 +216,18 @@ def adamw_step(params, grads, state, lr, tc, trainable=None):
         g, m, v = flat_g[name], state["m"][name], state["v"][name]
         decay = 0.0 if name.split(".")[-1] in NO_DECAY else tc.weight_decay
         mask = None if trainable is None else trainable.get(name)
+        scale = None if lr_scales is None else lr_scales.get(name)
         if mask is None:
             m *= f32(b1); m += f32(1 - b1) * g
             v *= f32(b2); v += f32(1 - b2) * (g * g)
             update = (m / f32(c1)) / (onp.sqrt(v / f32(c2)) + f32(1e-8)) + f32(decay) * p
-            p -= f32(lr) * update
+            p -= f32(lr) * update if scale is None else (f32(lr) * scale) * update
         elif mask.any():
             gm = g[mask]
             m[mask] = f32(b1) * m[mask] + f32(1 - b1) * gm
             v[mask] = f32(b2) * v[mask] + f32(1 - b2) * gm * gm
             update = (m[mask] / f32(c1)) / (onp.sqrt(v[mask] / f32(c2)) + f32(1e-8)) + f32(decay) * p[mask]
-            p[mask] -= f32(lr) * update
+            p[mask] -= f32(lr) * update if scale is None else (f32(lr) * scale[mask]) * update
 
 
 def variant(cfg):
@@ -172,8 +276,13 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     Returns (state, metrics). metrics holds the per-node train/val loss history at every eval.
     `loss_fn(params, cfg, ids, targets, rng)` and `level_losses` let variants swap the model.
     """
-    loss_fn = loss_fn or (lambda p, c, i, t, rng: tree_loss(p, c, i, t, level_weights, rng))
+    if loss_fn is not None and (tc.loss_weights != "nodes" or tc.clip_mode != "global"):
+        raise ValueError(f"loss_weights={tc.loss_weights!r} and clip_mode={tc.clip_mode!r} weigh the tree loss, "
+                         f"but this run trains its own loss_fn; use loss_weights='nodes', clip_mode='global'")
+    weights_now = [None]   # the level weights of the current step, read by the loss (they may anneal)
+    loss_fn = loss_fn or (lambda p, c, i, t, rng: tree_loss(p, c, i, t, weights_now[0], rng))
     value_grad = value_and_grad(loss_fn)
+    lr_scales = width_lr_scales(params, cfg, tc.width_lr)
     state = state or adamw_init(params)
     metrics = metrics or {"step": [], "loss": [], "eval_step": [], "train": {}, "val": {}}
     start = state["t"]
@@ -182,13 +291,17 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     for step in range(start, tc.steps if until is None else min(until, tc.steps)):
         ids, targets = batch_at(train_tokens, tc.batch_size, cfg.context, tc.seed, step)
         rng = onp.random.default_rng([tc.seed, step, 1]) if cfg.dropout > 0 else None
+        weights_now[0] = level_weights if level_weights is not None or tc.loss_weights == "nodes" else \
+            level_weights_at(tc, cfg, step)
         loss, grads = value_grad(params, cfg, ids, targets, rng)
         flat_g = flatten(grads)
         if trainable is not None:   # frozen entries must not count towards the clipping norm
             for name, mask in trainable.items():
                 flat_g[name] = onp.where(mask, flat_g[name], onp.float32(0))
-        gnorm = clip_by_global_norm(flat_g, tc.grad_clip)
-        adamw_step(params, unflatten(flat_g), state, lr_at(tc, step), tc, trainable)
+        threshold = tc.grad_clip if tc.clip_mode == "global" else \
+            clip_threshold(tc, cfg, level_weight_table(cfg, weights_now[0]))
+        gnorm = clip_by_global_norm(flat_g, threshold)
+        adamw_step(params, unflatten(flat_g), state, lr_at(tc, step), tc, trainable, lr_scales)
         done += 1
         metrics["step"].append(step + 1)
         metrics["loss"].append(float(loss))
