@@ -34,7 +34,8 @@ from tinyfractal import Config, Tokenizer, init_params, nodes
 from tinyfractal.cli import Parser, parse_overrides, split_overrides
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
-from tinyfractal.training.train import TrainConfig, evaluate, format_duration, node_key, node_losses, train
+from tinyfractal.training.train import (TrainConfig, evaluate, format_duration, level_weights_at, node_key,
+                                        node_losses, train)
 
 # The budget of issue 15 (nanoGPT's CPU budget for Shakespeare), and the seconds-long --quick one.
 FULL = dict(preset="original", steps=2000, context=64, batch_size=12, lr=1e-3, min_lr=1e-4, warmup=100,
@@ -69,6 +70,7 @@ def budget(args, extra):
                      warmup=pick["warmup"], eval_interval=max(1, steps // CURVE_POINTS),
                      eval_batches=min(CURVE_BATCHES, pick["eval_batches"]), log_interval=max(1, steps // 40))
     tc = tc.override(**train_over)
+    level_weights_at(tc, cfg, 0)   # a loss_weights that does not fit the tree fails now, not after the data
     return cfg, tc, seeds, pick["eval_batches"]
 
 
