@@ -32,6 +32,7 @@ import numpy as onp
 
 from tinyfractal import Config, Tokenizer, init_params, nodes
 from tinyfractal.cli import Parser, parse_overrides, split_overrides
+from tinyfractal.tools.plots import _save as save_png   # atomic PNG write, Agg backend
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
 from tinyfractal.training.train import (TrainConfig, evaluate, format_duration, level_weights_at, node_key,
@@ -245,10 +246,7 @@ def summary_header(levels):
 
 def save_figure(study, path):
     """Left: tax per level (bar: mean; dots: seeds). Right: val curves, tree level means vs alone."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import os
 
     cfg = Config.from_dict(study["config"])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -274,14 +272,7 @@ def save_figure(study, path):
     bx.set_title("Tree (solid) against alone (dashed)")
     bx.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 # Command line
