@@ -125,3 +125,17 @@ def test_bad_input_is_one_line_on_stderr_and_exit_code_2(capsys, tmp_path, argv,
     code, _, err = run(capsys, *argv, *(["--out", str(tmp_path)] if argv[0] == "tax" else []))
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and words in err
+
+
+def test_faithful_turns_every_studied_option_off(capsys, tmp_path):
+    """Config.faithful and TrainConfig.faithful set every option the study measures to the prototype's
+    choice, which is also the value the cache hash leaves out; --faithful applies both, then --key=value."""
+    from tinyfractal.training.train import TrainConfig
+    cfg = Config.preset("micro").override(logit_scale="learned", node_gains=True).faithful()
+    tc = TrainConfig(loss_weights="width", clip_mode="tree", width_lr=1.0).faithful()
+    assert {k: getattr(cfg, k) for k in ("logit_scale", "node_gains")} == {"logit_scale": "none", "node_gains": False}
+    assert (tc.loss_weights, tc.clip_mode, tc.width_lr) == ("nodes", "global", 0.0)
+    assert set(study.NEUTRAL) == {"logit_scale", "node_gains", "loss_weights", "clip_mode", "width_lr"}
+    code, _, _ = run(capsys, "tax", "--quick", "--faithful", "--logit_scale=sqrt", "--out", str(tmp_path))
+    assert code == 0
+    assert json.loads((tmp_path / "tax.json").read_text())["config"]["logit_scale"] == "sqrt"

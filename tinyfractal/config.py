@@ -82,6 +82,11 @@ class Config:
         return dataclasses.replace(self, hidden=self.width(level), head_dim=self.head_width(level),
                                    levels=self.levels - level)
 
+    def faithful(self):
+        """This config with the prototype's exact output for every option of the nesting-tax study
+        (FAITHFUL: no logit scale, gains only as slices of the parent's), whatever the defaults are."""
+        return self.override(**FAITHFUL)
+
     def to_dict(self):
         return dataclasses.asdict(self)
 
@@ -119,6 +124,9 @@ PRESETS = {
     "micro": dict(vocab_size=128, context=16, layers=1, heads=2, kv_heads=1, head_dim=8, hidden=16,
                   mlp_mult=2, levels=2, split=2, rope_theta=100.0, eps=1e-6, dropout=0.0),
 }
+
+# The prototype's choice for each model option that `python -m tinyfractal.study tax` measures.
+FAITHFUL = dict(logit_scale="none", node_gains=False)
 
 _INT_FIELDS = ("vocab_size", "context", "layers", "heads", "kv_heads", "head_dim", "hidden", "mlp_mult",
                "levels", "split")

@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as onp
 
 from tinyfractal import Config, Tokenizer, init_params, nodes
+from tinyfractal.config import FAITHFUL
 from tinyfractal.cli import Parser, parse_overrides, split_overrides
 from tinyfractal.tools.plots import _save as save_png   # atomic PNG write, Agg backend
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
-from tinyfractal.training.train import (TrainConfig, evaluate, format_duration, level_weights_at, node_key,
-                                        node_losses, train)
+from tinyfractal.training.train import (FAITHFUL_TRAIN, TrainConfig, evaluate, format_duration, level_weights_at,
+                                        node_key, node_losses, train)
 
 # The budget of issue 15 (nanoGPT's CPU budget for Shakespeare), and the seconds-long --quick one.
 FULL = dict(preset="original", steps=2000, context=64, batch_size=12, lr=1e-3, min_lr=1e-4, warmup=100,
@@ -45,10 +46,9 @@ QUICK = dict(preset="micro", steps=4, context=16, batch_size=2, lr=1e-3, min_lr=
              eval_batches=2, seeds="0")
 CURVE_POINTS, CURVE_BATCHES = 10, 8   # val curves: 10 evals of 8 batches; the final eval uses --eval-batches
 
-# Values under which a setting changes nothing (it is "off"): such a setting stays out of the cache
-# hash, so a cache written before the setting existed is still found. Anything else is hashed.
-NEUTRAL = {"logit_scale": "none", "node_gains": False, "loss_weights": "nodes", "clip_mode": "global",
-           "width_lr": 0.0}
+# Values under which a studied option is off (the prototype's choices): such a setting stays out of the
+# cache hash, so a cache written before the option existed is still found. Anything else is hashed.
+NEUTRAL = {**FAITHFUL, **FAITHFUL_TRAIN}
 NOT_HASHED = {"log_interval"}
 
 
@@ -60,7 +60,8 @@ def budget(args, extra):
     pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
     seeds = parse_seeds(pick["seeds"])
     model_over, train_over = split_overrides(parse_overrides(extra))
-    cfg = Config.preset(pick["preset"]).override(**{"context": pick["context"], **model_over})
+    cfg = Config.preset(pick["preset"])
+    cfg = (cfg.faithful() if args.faithful else cfg).override(**{"context": pick["context"], **model_over})
     if cfg.tokenizer != "bpe":
         raise ValueError(f"study tax runs token models (tokenizer='bpe'); a byte model's level-l node reads groups "
                          f"of split^(L-1-l) bytes, so a one-level model is not its shape (got tokenizer={cfg.tokenizer!r})")
@@ -70,7 +71,7 @@ def budget(args, extra):
     tc = TrainConfig(steps=steps, batch_size=pick["batch_size"], lr=pick["lr"], min_lr=pick["min_lr"],
                      warmup=pick["warmup"], eval_interval=max(1, steps // CURVE_POINTS),
                      eval_batches=min(CURVE_BATCHES, pick["eval_batches"]), log_interval=max(1, steps // 40))
-    tc = tc.override(**train_over)
+    tc = (tc.faithful() if args.faithful else tc).override(**train_over)
     level_weights_at(tc, cfg, 0)   # a loss_weights that does not fit the tree fails now, not after the data
     return cfg, tc, seeds, pick["eval_batches"]
 
@@ -296,6 +297,9 @@ def parse_args(argv):
     t.add_argument("--fresh", action="store_true", help="retrain even if the cache holds a run")
     t.add_argument("--label", default=None, help="name of this study in `table` (default: its overrides)")
     t.add_argument("--quick", action="store_true", help="a few steps of the micro preset: seconds (plumbing only)")
+    t.add_argument("--faithful", action="store_true",
+                   help="the prototype's choices for every studied option (Config.faithful, TrainConfig.faithful); "
+                        "--key=value still applies after it")
     t.set_defaults(overrides=True)
     s = sub.add_parser("table", help="one row per tax.json: the ablation table")
     s.add_argument("studies", nargs="+", help="tax.json files, or folders holding one")

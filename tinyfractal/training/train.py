@@ -68,6 +68,11 @@ class TrainConfig:
             return TrainConfig(steps=5000, batch_size=12, lr=3e-4, min_lr=3e-4, warmup=0, weight_decay=0.01)
         return TrainConfig()
 
+    def faithful(self):
+        """These settings with the prototype's exact training for every option of the nesting-tax study
+        (FAITHFUL_TRAIN: plain mean over nodes, global clipping, one lr for every entry)."""
+        return dataclasses.replace(self, **FAITHFUL_TRAIN)
+
     def override(self, **changes):
         fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
         out = {}
@@ -82,6 +87,7 @@ class TrainConfig:
         return dataclasses.replace(self, **out)
 
 
+FAITHFUL_TRAIN = dict(loss_weights="nodes", clip_mode="global", width_lr=0.0)
 CLIP_MODES = ("global", "tree")
 WEIGHT_SCHEMES = ("nodes", "width", "params")
 
