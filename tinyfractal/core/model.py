@@ -200,7 +200,8 @@ def output_gain(params, cfg):
       logit_scale="sqrt"     1/sqrt(d). Both factors of the dot product have RMS 1, so a logit is a sum of
                              d terms: about sqrt(d) for unrelated vectors, up to d for aligned ones (the
                              final state still holds its input token's embedding). A fresh node's first
-                             loss is then tens of nats, not ln V; over 1/sqrt(d) it is O(1) at every width.
+                             loss is then about d nats, not ln V; over sqrt(d) every logit is at most
+                             sqrt(d), so the first loss is at most ln V + 2 sqrt(d).
       logit_scale="learned"  (1 + mean of the node's row of logit_gain) / sqrt(d): a temperature per node.
       node_gains=True        times (1 + the node's row of node_gain): an output gain per coordinate that is
                              the node's own, where final_norm's slice is shared with every ancestor.
