@@ -131,11 +131,12 @@ def test_faithful_turns_every_studied_option_off(capsys, tmp_path):
     """Config.faithful and TrainConfig.faithful set every option the study measures to the prototype's
     choice, which is also the value the cache hash leaves out; --faithful applies both, then --key=value."""
     from tinyfractal.training.train import TrainConfig
-    cfg = Config.preset("micro").override(logit_scale="learned", node_gains=True).faithful()
+    cfg = Config.preset("micro").override(logit_scale="learned", node_gains=True, nested_init=True).faithful()
     tc = TrainConfig(loss_weights="width", clip_mode="tree", width_lr=1.0).faithful()
-    assert {k: getattr(cfg, k) for k in ("logit_scale", "node_gains")} == {"logit_scale": "none", "node_gains": False}
+    assert (cfg.logit_scale, cfg.node_gains, cfg.nested_init) == ("none", False, False)
     assert (tc.loss_weights, tc.clip_mode, tc.width_lr) == ("nodes", "global", 0.0)
-    assert set(study.NEUTRAL) == {"logit_scale", "node_gains", "loss_weights", "clip_mode", "width_lr"}
+    assert study.NEUTRAL == {"logit_scale": "none", "node_gains": False, "nested_init": False,
+                             "loss_weights": "nodes", "clip_mode": "global", "width_lr": 0.0}
     code, _, _ = run(capsys, "tax", "--quick", "--faithful", "--logit_scale=sqrt", "--out", str(tmp_path))
     assert code == 0
     assert json.loads((tmp_path / "tax.json").read_text())["config"]["logit_scale"] == "sqrt"

@@ -390,3 +390,30 @@ def test_tree_weights_refuse_a_custom_loss():
     with pytest.raises(ValueError, match="loss_fn"):
         train(init_params(cfg, 0), cfg, TrainConfig(steps=1, batch_size=2, loss_weights="width"), tr, va,
               loss_fn=lambda p, c, i, t, rng: fast.tree_loss(p, c, i, t), log=lambda s: None)
+
+
+def test_nested_init_starts_each_block_as_its_owner_would_alone():
+    """Without nested_init every entry is uniform in +-1/sqrt(the root's fan_in). With it, the entries a node
+    owns and no descendant owns (SPEC.md's blocks, strategies.spec_mask) are uniform in +-1/sqrt(that
+    node's fan_in): d_l for Wq, Wgate, bgate..., H*h_l for Wo, f_l for Wdown and bdown, as in its twin."""
+    cfg = Config.preset("original").override(nested_init=True)
+    params = init_params(cfg, 0)
+    twin_bounds = {}
+    for level in range(cfg.levels):
+        c = cfg.sub(level)
+        twin_bounds[level] = {"Wgate": 1 / math.sqrt(c.hidden), "bup": 1 / math.sqrt(c.hidden),
+                              "Wo": 1 / math.sqrt(c.heads * c.head_dim), "Wdown": 1 / math.sqrt(c.mlp_hidden)}
+    for name, bounds in [(n, {l: twin_bounds[l][n] for l in range(cfg.levels)}) for n in ("Wgate", "bup", "Wo", "Wdown")]:
+        path = ("layers", 1, name)
+        deepest = np.full(params["layers"][1][name].shape, -1)
+        for level, j in nodes(cfg):
+            deepest[spec_mask(params, cfg, level, j)[path]] = level
+        a = np.abs(params["layers"][1][name])
+        for level in range(cfg.levels):
+            own = a[deepest == level]
+            if own.size == 0:      # a vector (bup) is tiled by the leaves: no entry is the root's alone
+                assert name == "bup" and level < cfg.levels - 1
+                continue
+            assert own.max() <= bounds[level] * (1 + 1e-6) and own.max() > 0.9 * bounds[level], (name, level)
+    plain = init_params(cfg.override(nested_init=False), 0)["layers"][1]["Wgate"]
+    assert np.abs(plain).max() <= 1 / math.sqrt(cfg.hidden) * (1 + 1e-6)

@@ -30,6 +30,7 @@ class Config:
     tokenizer: str = "bpe"              # bpe | bytes: bytes reads UTF-8, upper levels in groups (concepts.py)
     logit_scale: str = "none"           # none | sqrt | learned: each node's logits times 1/sqrt(d_l) (model.output_gain)
     node_gains: bool = False            # each node its own output gain, not a slice of its parent's (model.output_gain)
+    nested_init: bool = False           # each weight entry starts as its deepest owner's would alone (init_params)
 
     def __post_init__(self):
         validate(self)
@@ -84,7 +85,8 @@ class Config:
 
     def faithful(self):
         """This config with the prototype's exact output for every option of the nesting-tax study
-        (FAITHFUL: no logit scale, gains only as slices of the parent's), whatever the defaults are."""
+        (FAITHFUL: no logit scale, gains only as slices of the parent's, the root's init for every entry),
+        whatever the defaults are."""
         return self.override(**FAITHFUL)
 
     def to_dict(self):
@@ -126,12 +128,12 @@ PRESETS = {
 }
 
 # The prototype's choice for each model option that `python -m tinyfractal.study tax` measures.
-FAITHFUL = dict(logit_scale="none", node_gains=False)
+FAITHFUL = dict(logit_scale="none", node_gains=False, nested_init=False)
 
 _INT_FIELDS = ("vocab_size", "context", "layers", "heads", "kv_heads", "head_dim", "hidden", "mlp_mult",
                "levels", "split")
 _FLOAT_FIELDS = ("rope_theta", "eps", "dropout", "coupling_scale_init")
-_BOOL_FIELDS = ("coupling_cumulative", "coupling_sublayer", "node_gains")
+_BOOL_FIELDS = ("coupling_cumulative", "coupling_sublayer", "node_gains", "nested_init")
 COUPLINGS = ("none", "upstream", "downstream")
 LOGIT_SCALES = ("none", "sqrt", "learned")
 TOKENIZERS = ("bpe", "bytes")

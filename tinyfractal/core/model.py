@@ -12,9 +12,18 @@ import autograd.numpy as np
 from tinyfractal.core.tree import map_roles, nodes, slot_offset, view
 
 
+UNIFORM_INIT = ("Wq", "Wk", "Wv", "Wo", "Wgate", "bgate", "Wup", "bup", "Wdown", "bdown")
+
+
 def init_params(cfg, seed=0):
     """Fresh float32 parameters, as the original: weights and biases uniform in +-1/sqrt(fan_in),
-    E standard normal, norm gains zero (so each norm starts as the identity gain 1 + 0)."""
+    E standard normal, norm gains zero (so each norm starts as the identity gain 1 + 0).
+
+    fan_in is the root's (D, H*hd or F), so a level-l node's own block starts s^(l/2) times smaller
+    than a standalone model of its shape would. With cfg.nested_init every entry starts as its
+    deepest owner would alone: each level's blocks are scaled by sqrt(s) once more than their parent's,
+    so a node's block is uniform in +-1/sqrt(its own fan_in), the same law as its standalone twin.
+    """
     rng = onp.random.default_rng(seed)
     D, H, K, hd, F, V = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size
 
@@ -37,6 +46,12 @@ def init_params(cfg, seed=0):
             "Wup": uniform((D, F), D), "bup": uniform((F,), D),
             "Wdown": uniform((F, D), F), "bdown": uniform((D,), F),
         })
+    if cfg.nested_init:
+        for level in range(1, cfg.levels):
+            for j in range(cfg.n_models(level)):
+                for layer in view(params, cfg, level, j)["layers"]:     # views: scales the shared arrays
+                    for name in UNIFORM_INIT:
+                        layer[name] *= onp.float32(math.sqrt(cfg.split))
     if cfg.coupling != "none":   # one learnable scale per (receiving level, layer); see coupling.py
         params["coupling_scale"] = onp.full((cfg.levels, cfg.layers), cfg.coupling_scale_init, dtype=onp.float32)
     if cfg.logit_scale == "learned":   # one row per level; node (l, j) reads row l, columns R (output_gain)
