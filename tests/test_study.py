@@ -140,3 +140,23 @@ def test_faithful_turns_every_studied_option_off(capsys, tmp_path):
     code, _, _ = run(capsys, "tax", "--quick", "--faithful", "--logit_scale=sqrt", "--out", str(tmp_path))
     assert code == 0
     assert json.loads((tmp_path / "tax.json").read_text())["config"]["logit_scale"] == "sqrt"
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers(tmp_path):
+    """A run saves a checkpoint at every evaluation; killed after one, it resumes there and ends with the
+    same val losses and per-step losses as a run that was never interrupted."""
+    from tinyfractal.training.train import TrainConfig
+    cfg = Config.preset("micro")
+    tc = TrainConfig(steps=4, batch_size=2, eval_interval=2, eval_batches=1, log_interval=1)
+    data = study.load_data(cfg, tc, 1)
+    whole = study.train_run(cfg, tc, data, 1, lambda s: None)
+
+    def stop_at_step_3(line):
+        if line.startswith("step     3/"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        study.train_run(cfg, tc, data, 1, stop_at_step_3, tmp_path / "run.partial")
+    lines = []
+    resumed = study.train_run(cfg, tc, data, 1, lines.append, tmp_path / "run.partial")
+    assert lines[0].startswith("resuming") and "step 2" in lines[0]
+    assert resumed["val"] == whole["val"] and resumed["loss"] == whole["loss"] and resumed["first"] == whole["first"]

@@ -24,17 +24,18 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as onp
 
-from tinyfractal import Config, Tokenizer, init_params, nodes
+from tinyfractal import Config, Tokenizer, init_params, load, nodes, save
 from tinyfractal.config import FAITHFUL
 from tinyfractal.cli import Parser, parse_overrides, split_overrides
 from tinyfractal.tools.plots import _save as save_png   # atomic PNG write, Agg backend
-from tinyfractal.training.checkpoint import atomic_write_json
+from tinyfractal.training.checkpoint import atomic_write_json, load_optimizer
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
 from tinyfractal.training.train import (FAITHFUL_TRAIN, TrainConfig, evaluate, format_duration, level_weights_at,
                                         node_key, node_losses, train)
@@ -135,13 +136,28 @@ def first_losses(params, cfg, tc, data):
             for j, v in enumerate(onp.asarray(losses))}
 
 
-def train_run(cfg, tc, data, eval_batches, log):
-    """Train from init_params(cfg, tc.seed) and return the record that the cache stores."""
-    params = init_params(cfg, tc.seed)
-    first = first_losses(params, cfg, tc, data)
+def train_run(cfg, tc, data, eval_batches, log, partial=None):
+    """Train from init_params(cfg, tc.seed) and return the record that the cache stores.
+
+    With `partial` (a folder), a checkpoint with the optimizer state is saved there at every evaluation,
+    and a run that finds one resumes from it: batches are seeded per step, so a resumed run gives the
+    same numbers as one that was never interrupted.
+    """
+    if partial is not None and Path(partial).exists():
+        params, _, meta = load(partial)
+        state, metrics, first, before = load_optimizer(partial), meta["metrics"], meta["first"], meta["seconds"]
+        log(f"resuming from {partial} at step {state['t']}")
+    else:
+        params, state, metrics, before = init_params(cfg, tc.seed), None, None, 0.0
+        first = first_losses(params, cfg, tc, data)
     t0 = time.perf_counter()
-    _, metrics = train(params, cfg, tc, data["train"], data["val"], log=log)
-    seconds = time.perf_counter() - t0
+
+    def checkpoint(step, metrics, state):
+        if partial is not None and step < tc.steps:
+            save(partial, params, cfg, {"metrics": metrics, "first": first,
+                                        "seconds": before + time.perf_counter() - t0}, opt_state=state)
+    _, metrics = train(params, cfg, tc, data["train"], data["val"], state, metrics, log=log, on_eval=checkpoint)
+    seconds = before + time.perf_counter() - t0
     final = {split: {node_key(n): v for n, v in evaluate(params, cfg, data[split], tc.batch_size,
                                                          eval_batches).items()}
              for split in ("val", "train")}
@@ -151,14 +167,20 @@ def train_run(cfg, tc, data, eval_batches, log):
 
 
 def cached_run(kind, cfg, tc, data, eval_batches, cache, fresh, log):
-    """The record of a run, from the cache if it holds one, else trained now and stored."""
-    path = Path(cache) / f"{run_key(kind, cfg, tc, eval_batches, data['digest'])}.json"
+    """The record of a run, from the cache if it holds one, else trained now (resuming from its
+    checkpoint if an earlier attempt was interrupted) and stored."""
+    key = run_key(kind, cfg, tc, eval_batches, data["digest"])
+    path, partial = Path(cache) / f"{key}.json", Path(cache) / f"{key}.partial"
     if path.exists() and not fresh:
         record = json.loads(path.read_text())
         log(f"cached: {path}")
         return record
-    record = {"kind": kind, **train_run(cfg, tc, data, eval_batches, log)}
+    if fresh and partial.exists():
+        shutil.rmtree(partial)
+    record = {"kind": kind, **train_run(cfg, tc, data, eval_batches, log, partial)}
     atomic_write_json(path, record)
+    if partial.exists():
+        shutil.rmtree(partial)
     return record
 
 
