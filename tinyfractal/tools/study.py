@@ -254,17 +254,21 @@ def table_lines(study):
 
 
 def summary_row(study):
-    """One line of the ablation table: tax per level, root bits/char, the worst margin below the unigram."""
-    root = study["nodes"][0]
+    """One line of the ablation table: per level the tree's val, the twin's val and the tax (means over
+    seeds and nodes), then the root's bits/char and the smallest margin of any node below the unigram."""
+    levels = Config.from_dict(study["config"]).levels
+    tree = [sum(r["val"] for r in study["nodes"] if r["level"] == l) /
+            sum(1 for r in study["nodes"] if r["level"] == l) for l in range(levels)]
+    alone = [next(r["alone"] for r in study["nodes"] if r["level"] == l) for l in range(levels)]
     worst = min(r["below_unigram"] for r in study["nodes"])
-    taxes = " ".join(f"{lv['tax']:+.3f}" for lv in study["levels"])
-    return (f"{study.get('label') or 'baseline':<40} {len(study['seeds']):>5} {taxes:>20} {root['val']:8.4f} "
-            f"{root['bits_per_char']:9.3f} {study['nodes'][-1]['val']:8.4f} {worst:9.3f}")
+    cells = " | ".join(f"{t:.3f} {a:.3f} {lv['tax']:+.3f}" for t, a, lv in zip(tree, alone, study["levels"]))
+    return (f"{study.get('label') or 'baseline':<34} {len(study['seeds']):>5}  {cells}  "
+            f"{study['nodes'][0]['bits_per_char']:8.3f} {worst:9.3f}")
 
 
 def summary_header(levels):
-    return (f"{'settings':<40} {'seeds':>5} {'tax per level ' + '0..' + str(levels - 1):>20} {'root val':>8} "
-            f"{'root b/c':>9} {'leaf val':>8} {'min below':>9}")
+    cells = " | ".join(f"L{l} tree alone    tax" for l in range(levels))
+    return f"{'settings':<34} {'seeds':>5}  {cells}  {'root b/c':>8} {'min below':>9}"
 
 
 def save_figure(study, path):
