@@ -1,7 +1,7 @@
-"""Laws of the coupled trees (coupling.py): upstream and downstream residual links between levels.
+"""Laws of the coupled trees (variants/coupled.py): upstream and downstream residual links between levels.
 
-Base-model answers come from fast.py and model.py (the base paths), index sets from SPEC.md's table
-(strategies.spec_mask), and the one-layer formula test writes SPEC.md section 4 out by hand.
+Base-model answers come from fast.py and model.py (the base paths), index sets from the role table of
+docs/design.md (strategies.spec_mask), and the one-layer formula test writes the coupling rule out by hand.
 """
 import json
 
@@ -16,7 +16,12 @@ from tinyfractal.variants import coupled as C
 from tinyfractal.core import fast
 from tinyfractal.training.checkpoint import load, save
 from tinyfractal.config import Config
-from tinyfractal.core.model import attention, cross_entropy, forward, init_params, mlp, rmsnorm
+import tinyfractal as tf
+from tinyfractal.core.formulas import rmsnorm
+from tinyfractal.core.model import attention, cross_entropy, forward, init_params, mlp
+from tinyfractal.core import flops
+from tinyfractal.inference import decoder
+from tinyfractal.inference.sample import generate_reference as sample_generate_reference
 from tinyfractal.core.tree import flatten, index_mask, level_view, nodes, view
 
 COUPLINGS = ("upstream", "downstream")
@@ -59,8 +64,8 @@ def test_scale_zero_is_the_base_model_logits_and_gradients(args):
     coupled_logits = C.forward_tree(params, cfg, ids)
     for level in range(cfg.levels):
         assert np.array_equal(coupled_logits[level], fast.forward_level(base, bcfg, level, ids))
-    g = flatten(grad(lambda p: C.tree_loss(p, cfg, ids, targets))(params))
-    g_base = flatten(grad(lambda p: fast.tree_loss(p, bcfg, ids, targets))(base))
+    g = flatten(grad(lambda p: tf.tree_loss(p, cfg, ids, targets))(params))
+    g_base = flatten(grad(lambda p: tf.tree_loss(p, bcfg, ids, targets))(base))
     for name in g_base:
         assert np.array_equal(g[name], g_base[name]), name
 
@@ -194,8 +199,8 @@ def test_level_batched_equals_per_node(args):
     ref = C.forward_nodes_reference(params, cfg, ids)
     for level, j in nodes(cfg):
         np.testing.assert_allclose(tree[level][j], ref[(level, j)], **CLOSE)
-    g = flatten(grad(lambda p: C.tree_loss(p, cfg, ids, targets))(params))
-    g_ref = flatten(grad(lambda p: C.tree_loss_reference(p, cfg, ids, targets))(params))
+    g = flatten(grad(lambda p: tf.tree_loss(p, cfg, ids, targets))(params))
+    g_ref = flatten(grad(lambda p: tf.tree_loss_reference(p, cfg, ids, targets))(params))
     for name in g:
         np.testing.assert_allclose(g[name], g_ref[name], **CLOSE, err_msg=name)
 
@@ -323,14 +328,14 @@ def test_causality_a_future_token_leaves_earlier_logits_unchanged_for_every_node
 def test_every_gradient_leaf_is_float32(args):
     """Training stays float32: the coupled tree loss and every gradient leaf (coupling_scale too) are float32."""
     cfg, params, ids, targets = args
-    loss, g = value_and_grad(lambda p: C.tree_loss(p, cfg, ids, targets))(params)
+    loss, g = value_and_grad(lambda p: tf.tree_loss(p, cfg, ids, targets))(params)
     assert np.asarray(loss).dtype == np.float32
     for name, a in flatten(g).items():
         assert a.dtype == np.float32, name
 
 
 def test_train_uses_the_coupled_loss_and_learns_the_scale():
-    """train.train on a coupled config logs coupling.tree_loss (not the base loss) and moves coupling_scale."""
+    """train.train on a coupled config logs the coupled tree loss (not the base loss) and moves coupling_scale."""
     from tinyfractal.training.data import batch_at
     from tinyfractal.training.train import TrainConfig, train
     cfg = Config.preset("micro").override(coupling="upstream", levels=2)
@@ -338,8 +343,8 @@ def test_train_uses_the_coupled_loss_and_learns_the_scale():
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=400).astype(np.int32)
     tc = TrainConfig(steps=2, batch_size=2, eval_interval=2, eval_batches=1, log_interval=1, warmup=0)
     ids, targets = batch_at(tokens, 2, cfg.context, tc.seed, 0)
-    want = float(C.tree_loss(params, cfg, ids, targets))
-    base = float(fast.tree_loss(params, cfg.override(coupling="none"), ids, targets))
+    want = float(tf.tree_loss(params, cfg, ids, targets))
+    base = float(tf.tree_loss(params, cfg.override(coupling="none"), ids, targets))
     before = params["coupling_scale"].copy()
     _, metrics = train(params, cfg, tc, tokens, tokens, log=lambda *a: None)
     assert metrics["loss"][0] == pytest.approx(want, rel=1e-6)
@@ -358,8 +363,8 @@ def test_cached_generation_equals_recompute(args, prompt_len, seed):
     ids = list(np.random.default_rng(seed).integers(0, cfg.vocab_size, prompt_len))
     steps = cfg.context + 3
     cached = []
-    C.decode(C.Runner(params, cfg, level, index), list(ids), steps, lambda lg: int(np.argmax(lg)),
-             on_logits=lambda start, lg: cached.append((start, lg)))
+    decoder.decode(decoder.node_decoder(params, cfg, level, index), list(ids), steps, lambda lg: int(np.argmax(lg)),
+                   on_logits=lambda start, lg: cached.append((start, lg)))
     seq = list(ids)
     for start, lg in cached:
         assert start == max(0, len(seq) - cfg.context)
@@ -377,8 +382,8 @@ def test_sample_generate_sends_coupled_models_here():
     cfg = Config.preset("micro").override(coupling="downstream", levels=2)
     params = init_params(cfg, 2)
     seen = []
-    want = C.generate_reference(params, cfg, tok, "ROMEO:", 1, 1, 20, temperature=0, seed=0,
-                                on_logits=lambda s, lg: seen.append(lg))
+    want = sample_generate_reference(params, cfg, tok, "ROMEO:", 1, 1, 20, temperature=0, seed=0,
+                                     on_logits=lambda s, lg: seen.append(lg))
     assert generate(params, cfg, tok, "ROMEO:", 1, 1, 20, temperature=0, seed=0) == want
     assert generate_reference(params, cfg, tok, "ROMEO:", 1, 1, 20, temperature=0, seed=0) == want
     base_logits = forward(view(params, cfg, 1, 1), cfg.sub(1), np.array([tok.encode("ROMEO:")]))[0, -1]
@@ -390,14 +395,15 @@ def test_sample_generate_sends_coupled_models_here():
 @examples(15)
 @given(with_node(coupled(dtype=np.float32, max_nodes=40)), st.integers(1, 8))
 def test_flop_formula_matches_the_counted_matmuls(args, T):
-    """node_run_flops minus the coupling adds equals the multiply-adds the Runner counts while running the
+    """node_run_flops minus the coupling adds equals the multiply-adds the decoder counts while running the
     node's needed models on T tokens (every matmul counted from its real shapes)."""
     cfg, params, _, _, (level, index) = args
     T = min(T, cfg.context)
-    runner = C.Runner(params, cfg, level, index)
-    C.prefill(runner, np.zeros((1, T), dtype=int))
-    adds = sum(C.coupling_flops(cfg, m, T) for m, _ in C.needed_nodes(cfg, level, index))
-    assert runner.flops == C.node_run_flops(cfg, level, index, T) - adds
+    dec = decoder.node_decoder(params, cfg, level, index)
+    decoder.prefill(dec, np.zeros((1, T), dtype=int))
+    receives = (lambda m: m < cfg.levels - 1) if cfg.coupling == "upstream" else (lambda m: m > 0)
+    adds = sum(flops.coupling_add_flops(cfg, m, T) for m, _ in C.needed_nodes(cfg, level, index) if receives(m))
+    assert dec.flops == C.node_run_flops(cfg, level, index, T) - adds
 
 
 # Config, tree roles and checkpoints

@@ -149,7 +149,7 @@ def test_fast_tree_loss_equals_reference():
     p = tf.init_params(cfg, 0)
     rng = np.random.default_rng(1)
     ids, tg = rng.integers(0, 128, (2, 10)), rng.integers(0, 128, (2, 10))
-    assert np.isclose(float(tf.tree_loss(p, cfg, ids, tg)), float(model.tree_loss_reference(p, cfg, ids, tg)),
+    assert np.isclose(float(tf.tree_loss(p, cfg, ids, tg)), float(tf.tree_loss_reference(p, cfg, ids, tg)),
                       rtol=1e-5)
 
 
@@ -330,18 +330,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, words):
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("changes, module", [
-    (dict(), "core.fast"), (dict(coupling="upstream"), "variants.coupled"),
-    (dict(tokenizer="bytes", vocab_size=256), "variants.byte_model")])
-def test_public_tree_loss_follows_the_variant(changes, module):
-    """tinyfractal.tree_loss computes the loss of the config's own variant, never silently the base model."""
-    import importlib
+@pytest.mark.parametrize("changes", [dict(), dict(coupling="upstream"), dict(coupling="downstream"),
+                                     dict(tokenizer="bytes")])
+def test_public_tree_loss_follows_the_variant(changes):
+    """tinyfractal.tree_loss is the mean of the config's own variant's node losses, and a coupled or byte
+    config never silently gets the base model's loss."""
     cfg = micro(**changes)
     p = tf.init_params(cfg, 0)
-    shape = (2, cfg.context) + ((cfg.split ** (cfg.levels - 1),) if module == "variants.byte_model" else ())
+    shape = (2, cfg.context) + ((cfg.split ** (cfg.levels - 1),) if cfg.tokenizer == "bytes" else ())
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, shape)   # byte batches hold rows of g_0 bytes
-    expected = importlib.import_module(f"tinyfractal.{module}").tree_loss(p, cfg, ids, ids)
-    assert float(tf.tree_loss(p, cfg, ids, ids)) == float(expected)
+    losses = tf.variant_of(cfg).node_losses(p, cfg, ids, ids)
+    expected = sum(float(np.sum(l)) for l in losses) / cfg.n_nodes
+    assert float(tf.tree_loss(p, cfg, ids, ids)) == pytest.approx(expected, rel=1e-6)
+    if changes.get("coupling"):
+        base_cfg = cfg.override(coupling="none")
+        base_p = {k: v for k, v in p.items() if k != "coupling_scale"}
+        assert abs(float(tf.tree_loss(p, cfg, ids, ids)) - float(tf.tree_loss(base_p, base_cfg, ids, ids))) > 1e-4
 
 
 def test_dropout_acts_in_training_only():
@@ -349,7 +353,7 @@ def test_dropout_acts_in_training_only():
     cfg = micro(dropout=0.5)
     p = tf.init_params(cfg, 0)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.context))
-    plain = float(fast.tree_loss(p, cfg, ids, ids))
-    assert plain == float(fast.tree_loss(p, cfg, ids, ids))
-    assert float(fast.tree_loss(p, cfg, ids, ids, rng=np.random.default_rng(1))) != plain
+    plain = float(tf.tree_loss(p, cfg, ids, ids))
+    assert plain == float(tf.tree_loss(p, cfg, ids, ids))
+    assert float(tf.tree_loss(p, cfg, ids, ids, rng=np.random.default_rng(1))) != plain
     assert not np.array_equal(tf.forward(p, cfg, ids, rng=np.random.default_rng(1)), tf.forward(p, cfg, ids))

@@ -3,6 +3,7 @@
 Random small configs (split 2-3, levels 1-3, kv heads dividing heads, contexts long enough for
 several causal blocks when the block is shrunk), random parameters with nonzero gains and biases.
 """
+import tinyfractal as tf
 import numpy as np
 from autograd import value_and_grad
 from hypothesis import given
@@ -57,8 +58,8 @@ def with_block(block, f, *args):
 
 
 def both_paths(cfg, params, ids, targets, block, level_weights):
-    fast_vg = value_and_grad(lambda p: fast.tree_loss(p, cfg, ids, targets, level_weights))
-    ref_vg = value_and_grad(lambda p: model.tree_loss_reference(p, cfg, ids, targets, level_weights))
+    fast_vg = value_and_grad(lambda p: tf.tree_loss(p, cfg, ids, targets, level_weights))
+    ref_vg = value_and_grad(lambda p: tf.tree_loss_reference(p, cfg, ids, targets, level_weights))
     return with_block(block, fast_vg, params), ref_vg(params)
 
 
@@ -66,7 +67,7 @@ def both_paths(cfg, params, ids, targets, block, level_weights):
 @given(cases(), st.sampled_from([None, "random"]), st.booleans())
 def test_level_batched_loss_and_every_gradient_equal_the_per_node_path_in_float64(case, weights, split):
     """Same-program law: the level-batched tree loss and its gradient with respect to every array equal the
-    per-node reference (model.tree_loss_reference) to float64 rounding, with or without level weights,
+    per-node reference (tf.tree_loss_reference) to float64 rounding, with or without level weights,
     with the ops running in one thread or forced to split their work over two."""
     cfg, params, ids, targets, block = case
     saved = ops.THREADS, ops.MIN_WORK, ops._free_cores

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from strategies import arrays_with_roles, astype, examples, get, models, node_of, random_params, spec_copy, spec_mask
 from tinyfractal.config import Config
 from tinyfractal.core import fast
-from tinyfractal.core.model import cross_entropy, forward, tree_loss_reference
+from tinyfractal.api import tree_loss, tree_loss_reference
+from tinyfractal.core.model import cross_entropy, forward
 from tinyfractal.core.tree import nodes, view
 
 
@@ -154,10 +155,10 @@ def test_level_batched_tree_loss_and_gradient_equal_the_reference(dtype, data):
     cfg, params, ids, targets = data.draw(models(max_nodes=15, dtype=dtype))
     weights = data.draw(st.none() | st.lists(st.floats(0.0, 3.0), min_size=cfg.levels, max_size=cfg.levels)
                         .filter(lambda w: sum(w) > 0.1))
-    fast_loss = fast.tree_loss(params, cfg, ids, targets, weights)
+    fast_loss = tree_loss(params, cfg, ids, targets, weights)
     ref_loss = tree_loss_reference(params, cfg, ids, targets, weights)
     np.testing.assert_allclose(fast_loss, ref_loss, **TOL[dtype])
-    g_fast = grad(fast.tree_loss)(params, cfg, ids, targets, weights)
+    g_fast = grad(tree_loss)(params, cfg, ids, targets, weights)
     g_ref = grad(tree_loss_reference)(params, cfg, ids, targets, weights)
     scale = max(float(np.max(np.abs(get(g_ref, path)))) for path, _, _ in arrays_with_roles(params))
     for path, _, _ in arrays_with_roles(params):

@@ -45,7 +45,8 @@ def test_trace_of_every_tiny_node_reads_exactly_its_spec_slices(node):
             read.add(name)
     assert read == set(flatten(TINY_PARAMS))
     assert len(steps) == 3 + 8 * TINY.layers
-    assert lines[-1] == f"logits (1,{IDS.shape[1]},{TINY.vocab_size}); every slice above matches SPEC's table"
+    assert lines[-1] == (f"logits (1,{IDS.shape[1]},{TINY.vocab_size}); every slice above matches the role table "
+                         f"(docs/design.md)")
 
 
 def test_trace_prints_shapes_of_the_node():
@@ -69,16 +70,23 @@ def test_trace_flags_a_wrong_view(monkeypatch):
     lines = []
     steps = trace_node(TINY_PARAMS, TINY, 2, 1, IDS, log=lines.append)
     assert any(step.mismatches() for step in steps)
-    assert any("reads Wq[48:72, :, 8:12] of (96,4,16)   !! SPEC says [24:48, :, 4:8]" in line for line in lines)
-    assert "slices differ from SPEC's table" in lines[-1]
+    assert any("reads Wq[48:72, :, 8:12] of (96,4,16)   !! the role table says [24:48, :, 4:8]" in line
+               for line in lines)
+    assert "slices differ from the role table" in lines[-1]
 
 
-def test_trace_hook_leaves_the_logits_unchanged():
-    """forward with a trace hook returns bit for bit the logits of forward without one."""
+def test_tracing_leaves_the_logits_unchanged_and_restores_the_model():
+    """forward inside `tracing` returns bit for bit the logits of forward outside it, and afterwards every
+    step function of the model is the original again (tracing wraps from outside, and unwraps)."""
+    from tinyfractal.core import model
+    originals = {name: getattr(model, name) for name in trace_module.STEPS}
     for level, j in [(0, 0), (1, 1), (2, 2)]:
         p, c = view(TINY_PARAMS, TINY, level, j), TINY.sub(level)
-        traced = forward(p, c, IDS, trace=Tracer(TINY_PARAMS, TINY, level, j))
+        with trace_module.tracing(Tracer(TINY_PARAMS, TINY, level, j)) as tracer:
+            traced = forward(p, c, IDS)
+        assert len(tracer.steps) == 3 + 8 * TINY.layers
         np.testing.assert_array_equal(traced, forward(p, c, IDS))
+    assert {name: getattr(model, name) for name in trace_module.STEPS} == originals
 
 
 def test_tracer_refuses_arrays_that_are_not_shared_slices():
@@ -86,7 +94,8 @@ def test_tracer_refuses_arrays_that_are_not_shared_slices():
     p = view(TINY_PARAMS, TINY, 1, 0)
     p["layers"][0]["Wq"] = p["layers"][0]["Wq"].copy()
     with pytest.raises(ValueError, match="not a slice of the shared arrays"):
-        forward(p, TINY.sub(1), IDS, trace=Tracer(TINY_PARAMS, TINY, 1, 0))
+        with trace_module.tracing(Tracer(TINY_PARAMS, TINY, 1, 0)):
+            forward(p, TINY.sub(1), IDS)
 
 
 @st.composite
@@ -119,11 +128,11 @@ def test_trace_command_runs_and_refuses_bad_nodes(capsys):
     """`python -m tinyfractal trace` exits 0 for a node of tiny and 2, with one line, for a bad one."""
     assert main(["trace", "--preset", "tiny", "--level", "2", "--index", "3"]) == 0
     out = capsys.readouterr().out
-    assert "model (2,3) of 7" in out and "every slice above matches SPEC's table" in out
+    assert "model (2,3) of 7" in out and "every slice above matches the role table" in out
     assert main(["trace", "--preset", "tiny", "--level", "2", "--index", "4"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "valid indices are 0..3" in err
     assert main(["trace", "--preset", "tiny", "--split=3"]) == 2
     assert "divisible" in capsys.readouterr().err
     assert main(["trace", "--preset", "tiny", "--coupling=upstream"]) == 2
-    assert "does not trace coupled or byte models" in capsys.readouterr().err
+    assert "not supported for the upstream variant" in capsys.readouterr().err

@@ -101,16 +101,13 @@ def add_eval(sub):
 def run_eval(args, extra):
     from tinyfractal.training.checkpoint import load
     from tinyfractal.training.data import load_tokens, train_val_split
-    from tinyfractal.text.bpe import Tokenizer
     from tinyfractal.training.train import evaluate, node_key
+    from tinyfractal.variants import variant_of
     if args.batches < 1 or args.batch_size < 1:
         raise ValueError("--batches and --batch-size must be >= 1")
     params, cfg, _ = load(args.ckpt)
-    if cfg.tokenizer == "bytes":   # rows of g_0 bytes; losses are nats per byte (concepts.py)
-        from tinyfractal.variants.byte_model import load_split
-        _, val = load_split(cfg)
-    else:
-        _, val = train_val_split(load_tokens(Tokenizer.default()))
+    variant = variant_of(cfg)      # byte models: rows of g_0 bytes, losses in nats per byte
+    _, val = (variant.training_rows(cfg, part) for part in train_val_split(load_tokens(variant.tokenizer(cfg))))
     losses = evaluate(params, cfg, val, args.batch_size, args.batches)
     if args.json:
         print(json.dumps({node_key(n): v for n, v in losses.items()}, indent=1))

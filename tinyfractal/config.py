@@ -4,13 +4,14 @@ Everything about sizes lives here, so the rest of the code asks the config inste
 recomputing `D // split**level` in many places.
 """
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Config:
     """A FractalFormer. Level 0 is the whole model; level l holds split**l models of width hidden/split**l."""
-    vocab_size: int = 128
+    vocab_size: int = None              # None: what the variant reads (128 BPE tokens, or 256 bytes)
     context: int = 64
     layers: int = 2
     heads: int = 4
@@ -27,10 +28,18 @@ class Config:
     coupling_cumulative: bool = False   # pass already-coupled states, so a signal crosses levels in one layer
     coupling_sublayer: bool = False     # pass only the layer's attention + MLP outputs, not the whole state
     coupling_scale_init: float = 1.0    # start of the learnable scale per (level, layer); 0 starts as base
-    tokenizer: str = "bpe"              # bpe | bytes: bytes reads UTF-8, upper levels in groups (concepts.py)
+    tokenizer: str = "bpe"              # bpe | bytes: bytes reads UTF-8, upper levels in groups (variants/byte_model.py)
 
     def __post_init__(self):
+        if self.vocab_size is None:
+            object.__setattr__(self, "vocab_size", 256 if self.tokenizer == "bytes" else 128)
         validate(self)
+
+    @property
+    def variant(self):
+        """The variant's name: base, upstream, downstream or bytes (variants/__init__.py)."""
+        from tinyfractal.variants import name_of
+        return name_of(self)
 
     @staticmethod
     def preset(name):
@@ -65,14 +74,18 @@ class Config:
         return sum(self.split ** level for level in range(self.levels))
 
     def check_level(self, level):
-        if not isinstance(level, int) or not 0 <= level < self.levels:
-            raise ValueError(f"level {level!r} is out of range; this config has levels 0..{self.levels - 1}")
+        """level as an int, or ValueError: an integer (Python or NumPy) in [0, levels)."""
+        if not _is_int(level) or not 0 <= level < self.levels:
+            raise ValueError(f"level {_show(level)} is out of range; this config has levels 0..{self.levels - 1}")
+        return int(level)
 
     def check_node(self, level, index):
-        self.check_level(level)
+        """(level, index) as ints, or ValueError: index in [0, split**level)."""
+        level = self.check_level(level)
         n = self.n_models(level)
-        if not isinstance(index, int) or not 0 <= index < n:
-            raise ValueError(f"model index {index!r} is out of range at level {level}; valid indices are 0..{n - 1}")
+        if not _is_int(index) or not 0 <= index < n:
+            raise ValueError(f"model index {_show(index)} is out of range at level {level}; valid indices are 0..{n - 1}")
+        return level, int(index)
 
     def sub(self, level):
         """The config of one model at `level`: width D/s^l, head dim hd/s^l, levels L-l."""
@@ -95,16 +108,22 @@ class Config:
         return Config(**{k: _coerce(k, v) for k, v in d.items()})
 
     def override(self, **changes):
-        """A copy with some fields changed (strings are parsed to the field's type); validated."""
+        """A copy with some fields changed (strings are parsed to the field's type); validated.
+
+        Choosing the tokenizer chooses what it implies: vocab_size follows it unless it is given too.
+        """
         names = {f.name for f in dataclasses.fields(Config)}
         unknown = sorted(set(changes) - names)
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; known fields are {sorted(names)}")
-        return dataclasses.replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
+        changes = {k: _coerce(k, v) for k, v in changes.items()}
+        if "tokenizer" in changes and "vocab_size" not in changes:
+            changes["vocab_size"] = None
+        return dataclasses.replace(self, **changes)
 
 
 PRESETS = {
-    # The seed's hyperparameters (SPEC.md section 1).
+    # The prototype's hyperparameters (docs/design.md, "the original").
     "original": dict(vocab_size=128, context=256, layers=4, heads=4, kv_heads=1, head_dim=32, hidden=128,
                      mlp_mult=4, levels=3, split=2, rope_theta=100.0, eps=1e-6, dropout=0.0),
     # The classroom size: seven models that all learn within a few minutes on a laptop CPU.
@@ -124,6 +143,16 @@ _FLOAT_FIELDS = ("rope_theta", "eps", "dropout", "coupling_scale_init")
 _BOOL_FIELDS = ("coupling_cumulative", "coupling_sublayer")
 COUPLINGS = ("none", "upstream", "downstream")
 TOKENIZERS = ("bpe", "bytes")
+
+
+def _is_int(x):
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _show(x):
+    """An index for an error message: NumPy integers print as plain numbers."""
+    return int(x) if _is_int(x) else repr(x)
 
 
 def _coerce(name, value):
@@ -166,12 +195,6 @@ def validate(cfg):
         raise ValueError(f"config field dropout must be in [0, 1), got {cfg.dropout!r}")
     if cfg.tokenizer not in TOKENIZERS:
         raise ValueError(f"config field tokenizer must be one of {list(TOKENIZERS)}, got {cfg.tokenizer!r}")
-    if cfg.tokenizer == "bytes" and cfg.vocab_size != 256:
-        raise ValueError(f"tokenizer='bytes' reads the 256 byte values, so vocab_size must be 256, "
-                         f"got {cfg.vocab_size}")
-    if cfg.tokenizer == "bytes" and cfg.coupling != "none":
-        raise ValueError(f"tokenizer='bytes' runs uncoupled models (concepts.py), so coupling must be 'none', "
-                         f"got {cfg.coupling!r}")
     if cfg.split < 2:
         raise ValueError(f"split must be an integer >= 2, got {cfg.split}")
     smallest = cfg.split ** (cfg.levels - 1)
@@ -195,3 +218,5 @@ def validate(cfg):
     v = cfg.coupling_scale_init
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) < float("inf"):
         raise ValueError(f"config field coupling_scale_init must be a finite number, got {v!r}")
+    from tinyfractal.variants import variant_of
+    variant_of(cfg).validate(cfg)

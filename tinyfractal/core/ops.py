@@ -38,7 +38,8 @@ import numpy as onp
 import autograd.numpy as np
 from autograd.extend import primitive, defvjp, defvjp_argnums
 
-from tinyfractal.core.model import rope_tables
+from tinyfractal.core import formulas
+from tinyfractal.core.formulas import GELU_C as _GELU_C, GELU_K as _GELU_K, rope_tables
 
 ATTENTION_BLOCK = 64   # query positions per causal block; see causal_attention
 
@@ -425,7 +426,7 @@ defvjp_argnums(rmsnorm, _rmsnorm_vjp)
 
 
 def rmsnorm_reference(x, g, eps):
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1.0 + np.reshape(g, _gain_shape(x, g)))
+    return formulas.rmsnorm(x, np.reshape(g, _gain_shape(x, g)), eps)
 
 
 # embedding
@@ -459,8 +460,6 @@ def embedding_reference(E, ids):
 
 # GeGLU
 
-_GELU_C = 0.7978845608028654       # sqrt(2/pi)
-_GELU_K = 0.044715
 
 
 def _gelu_sigmoid(a, out):
@@ -533,7 +532,7 @@ defvjp_argnums(geglu, _geglu_vjp)
 
 
 def geglu_reference(a, u):
-    return 0.5 * a * (1.0 + np.tanh(_GELU_C * (a + _GELU_K * a * a * a))) * u
+    return formulas.geglu(a, u)
 
 
 # causal attention
@@ -723,24 +722,10 @@ defvjp_argnums(causal_attention, _attention_vjp)
 
 
 def causal_attention_reference(q, k, v, theta, start=0):
-    """The same attention written plainly: RoPE, repeat k and v to H heads, masked softmax."""
-    N, B, T, H, h = q.shape
-    K = k.shape[3]
-    cos, sin = rope_tables(T, h, theta, start)
-    cos, sin = cos.astype(q.dtype)[:, None, :], sin.astype(q.dtype)[:, None, :]
-
-    def rope(x):
-        x1, x2 = x[..., :h // 2], x[..., h // 2:]
-        return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-
-    q, k = rope(q), rope(k)
-    k, v = np.repeat(k, H // K, axis=3), np.repeat(v, H // K, axis=3)
-    q, k, v = (np.transpose(a, (0, 1, 3, 2, 4)) for a in (q, k, v))       # (N,B,H,T,h)
-    scores = np.matmul(q, np.swapaxes(k, 3, 4)) / onp.sqrt(h)
-    scores = np.where(onp.tril(onp.ones((T, T), dtype=bool)), scores, -1e30)
-    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-    out = np.matmul(e / np.sum(e, axis=-1, keepdims=True), v)                # (N,B,H,T,h)
-    return np.transpose(out, (0, 1, 3, 2, 4))
+    """The same attention by the formulas: RoPE on q and k, then causal multi-query attention."""
+    cos, sin = rope_tables(q.shape[2], q.shape[4], theta, start)
+    cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
+    return formulas.attend(formulas.rope(q, cos, sin), formulas.rope(k, cos, sin), v)
 
 
 # cross-entropy
@@ -805,9 +790,6 @@ defvjp(cross_entropy, _cross_entropy_vjp)
 
 
 def cross_entropy_reference(logits, targets):
-    N, V = logits.shape[0], logits.shape[-1]
-    x = np.reshape(logits, (N, -1, V))
-    t = onp.asarray(targets).reshape(-1)
-    m = np.max(x, axis=-1, keepdims=True)
-    lse = np.log(np.sum(np.exp(x - m), axis=-1)) + m[..., 0]
-    return np.mean(lse - x[:, onp.arange(t.size), t], axis=1)
+    """Each model's mean cross-entropy by the formula. logits (N,...,V) -> (N,)."""
+    N = logits.shape[0]
+    return np.stack([formulas.cross_entropy(logits[n], targets) for n in range(N)])

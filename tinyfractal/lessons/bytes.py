@@ -14,7 +14,8 @@ import numpy as np
 from tinyfractal import Config, Tokenizer, count_params, init_params, nodes, view
 from tinyfractal.variants import byte_model as C
 from tinyfractal.training.checkpoint import atomic_write_json
-from tinyfractal.variants.coupled import model_flops
+from tinyfractal.core.flops import model_flops
+from tinyfractal.inference.sample import generate
 from tinyfractal.training.data import batch_at, unigram_entropy
 from tinyfractal.paths import CORPUS
 from tinyfractal.training.train import TrainConfig, evaluate, format_duration, node_key, train
@@ -199,8 +200,8 @@ def main(argv=None):
     print(f"Note: {C.DECODE_NOTE}.")
     samples = {}
     for level, j in nodes(cfg):
-        sample = C.generate(params, cfg, PROMPT, level, j, 24 if args.quick else 160, temperature=0.8,
-                            seed=args.seed)
+        sample = generate(params, cfg, C.ByteTokenizer(), PROMPT, level, j, 24 if args.quick else 160,
+                          temperature=0.8, seed=args.seed)
         samples[node_key((level, j))] = sample
         print(f"--- node ({level},{j}), groups of {group_size(cfg, level)} byte(s), "
               f"{sample.count(chr(0xFFFD))} x U+FFFD ---\n{sample}\n")

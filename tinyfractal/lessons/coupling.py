@@ -12,6 +12,10 @@ from autograd import value_and_grad
 from tinyfractal import Config, Tokenizer, init_params, nodes
 from tinyfractal.core import fast
 from tinyfractal.variants import coupled as C
+from tinyfractal.variants import variant_of
+from tinyfractal.inference import decoder
+from tinyfractal.core.flops import coupling_add_flops
+from tinyfractal.api import tree_loss
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
 from tinyfractal.inference.sample import generate
@@ -82,7 +86,8 @@ scale       coupling_scale, one learnable number per (receiving level, layer), s
     ids = np.array([tokenizer.encode(PROMPT)[-12:]])
     up = cfgs["upstream"]
     params = init_params(up, args.seed)
-    states, _ = C.run_states(params, up.override(coupling="none"), ids, C.tree_ranges(up))
+    still = dict(params, coupling_scale=np.zeros_like(params["coupling_scale"]))   # scale 0: the base states
+    states, _ = variant_of(up).run_states(still, up, ids, C.all_models(up))
     x2, x1 = states[2], states[1]
     joined = C.concat_children(x2, up.split)
     by_hand = np.stack([np.concatenate([x2[2 * j], x2[2 * j + 1]], axis=-1) for j in range(2)])
@@ -105,7 +110,7 @@ scale       coupling_scale, one learnable number per (receiving level, layer), s
     # %% 3. What it costs
     section("3. What it costs: FLOPs")
     B, T = 16, cfg.context
-    flops_step = {v: C.train_step_flops(c, B, T) for v, c in cfgs.items()}
+    flops_step = {v: variant_of(c).train_step_flops(c, B) for v, c in cfgs.items()}
     print(f"One training step (batch {B} x {T} tokens, forward + backward ~ 3 x forward) runs the whole tree in")
     print("every variant; the coupling only adds a multiply and an add per coordinate per layer:")
     for v in VARIANTS:
@@ -118,10 +123,10 @@ scale       coupling_scale, one learnable number per (receiving level, layer), s
         cells = [f"{run_flops[node][v] / 1e6:8.2f} M ({run_flops[node][v] / run_flops[node]['base']:4.2f}x)"
                  for v in VARIANTS]
         print(f"{name(node):>6} {cfg.width(node[0]):5d}  " + "  ".join(f"{c:>18}" for c in cells))
-    counted = C.Runner(init_params(cfgs["downstream"], 0), cfgs["downstream"], *leaf)
-    C.prefill(counted, ids[:, :1].repeat(T, axis=1))
-    adds = sum(C.coupling_flops(cfgs["downstream"], m, T) for m, _ in C.needed_nodes(cfgs["downstream"], *leaf))
-    print(f"Check: the runner counted {counted.flops:,} matmul FLOPs for leaf {name(leaf)} under downstream;"
+    counted = decoder.node_decoder(init_params(cfgs["downstream"], 0), cfgs["downstream"], *leaf)
+    decoder.prefill(counted, ids[:, :1].repeat(T, axis=1))
+    adds = sum(coupling_add_flops(cfgs["downstream"], m, T) for m, _ in C.needed_nodes(cfgs["downstream"], *leaf) if m > 0)
+    print(f"Check: the decoder counted {counted.flops:,} matmul FLOPs for leaf {name(leaf)} under downstream;"
           f" the formula says {run_flops[leaf]['downstream'] - adds:,} (+ {adds:,} for the coupling adds).")
     print("Upstream makes the root cost its whole subtree; downstream makes every leaf pay for its\n"
           "ancestors, the root included, so a leaf is no longer the cheap model to run.")
@@ -212,8 +217,7 @@ def time_steps(cfgs, trained, tokens, batch, seed, repeats):
     ids, targets = batch_at(tokens, batch, cfgs["base"].context, seed, 0)
     steps = {}
     for v, c in cfgs.items():
-        loss = fast.tree_loss if c.coupling == "none" else C.tree_loss
-        steps[v] = value_and_grad(lambda p, c=c, loss=loss: loss(p, c, ids, targets))
+        steps[v] = value_and_grad(lambda p, c=c: tree_loss(p, c, ids, targets))
         steps[v](trained[v])                                                  # warm up
     times = {v: [] for v in cfgs}
     for _ in range(repeats):

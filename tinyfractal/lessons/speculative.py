@@ -96,9 +96,9 @@ def main(argv=None):
           "a new token costs one row per matmul plus one read of the cache. One cache per node, or one for\n"
           "all the models of a level at once (a leading N axis):")
     for level in range(cfg.levels):
-        m = infer.Models(params, cfg, level, range(cfg.n_models(level)))
+        m = infer.Decoder(params, cfg, level, range(cfg.n_models(level)))
         cache = m.new_cache(1)
-        print(f"  level {level}: {m.N} model(s), K and V per layer of shape {cache.k[0].shape} "
+        print(f"  level {level}: {m.N} model(s), K and V per layer of shape {cache.k[level][0].shape} "
               f"(N, batch, kv heads, context, head dim)")
     print("RoPE rotates q and k by the token's position in the window, exactly as the full forward does.\n"
           f"When the window ({cfg.context} tokens) is full, decoding slides: the cache is rebuilt from the\n"

@@ -92,7 +92,7 @@ def spec_table(params, cfg, prompts, choices, ks, new, keep, repeats=3, verifier
     from tinyfractal.inference.speculative import parse_drafters, speculative_ids
 
     def plain():
-        m = infer.node_models(params, cfg, *verifier)
+        m = infer.node_decoder(params, cfg, *verifier)
         outs = []
         for i, p in enumerate(prompts):
             rng = onp.random.default_rng(i)
@@ -152,16 +152,16 @@ def call_times(params, cfg, verifier=(0, 0), k=4, calls=200):
             times.append(time.perf_counter() - t)
         return float(onp.median(times)) * 1e6         # the median: a shared machine has long stalls
 
-    V = infer.node_models(params, cfg, *verifier)
+    V = infer.node_decoder(params, cfg, *verifier)
     out["verifier, 1 token"] = per_call(V, onp.ones((1, 1), int))
     for R, T in sorted({(1, 2), (1, k + 1), (4, k + 1)}):
         out[f"verifier, {R} x {T} tokens"] = per_call(V, onp.ones((R, T), int))
     for level in range(verifier[0] + 1, cfg.levels):
         nodes = resolve_drafters(cfg, verifier, level)
-        out[f"one level-{level} drafter"] = per_call(infer.Models(params, cfg, level, [nodes[0][1]]),
+        out[f"one level-{level} drafter"] = per_call(infer.Decoder(params, cfg, level, [nodes[0][1]]),
                                                      onp.ones((1, 1), int))
         out[f"all {len(nodes)} level-{level} drafters"] = per_call(
-            infer.Models(params, cfg, level, [j for _, j in nodes]), onp.ones((len(nodes), 1, 1), int))
+            infer.Decoder(params, cfg, level, [j for _, j in nodes]), onp.ones((len(nodes), 1, 1), int))
     return out
 
 

@@ -324,15 +324,11 @@ def loss_curves(metrics, cfg, path):
 
 def attention_probs(params, cfg, ids, level, index):
     """Attention probabilities of model (level, index) for ids (B,T): one (B,H,T,T) array per layer,
-    caught from the reference forward by its trace hook."""
-    caught = []
-
-    def hook(op, weights, x, out):
-        if op.startswith("softmax"):
-            caught.append(onp.asarray(out))
-
-    forward(view(params, cfg, level, index), cfg.sub(level), ids, trace=hook)
-    return caught
+    caught from the reference forward by tracing it."""
+    from tinyfractal.tools.trace import Tracer, tracing
+    with tracing(Tracer(params, cfg, level, index, keep_outputs=True)) as tracer:
+        forward(view(params, cfg, level, index), cfg.sub(level), ids)
+    return [onp.asarray(step.output) for step in tracer.steps if step.op.startswith("softmax")]
 
 
 def attention_maps(params, cfg, tokenizer, prompt, level, path, layers=None):

@@ -1,6 +1,6 @@
 """Growing a FractalFormer: train small models apart, merge them, train only what is new, repeat.
 
-The original's plan (SPEC.md section 4, "infinite fusion"):
+The original's plan ("infinite fusion", docs/design.md):
   stage 0          split**(L-1) standalone leaf models, each on its own contiguous chunk of the corpus
                    (90/10 train/val inside each chunk);
   stage 1 .. L-1   merge each group of `split` models into the level above (merge.py), freeze the
@@ -16,7 +16,8 @@ import time
 import numpy as onp
 
 from tinyfractal.training.checkpoint import atomic_write_json, save
-from tinyfractal.variants.coupled import model_flops
+from tinyfractal.core.flops import model_flops
+from tinyfractal.variants import variant_of
 from tinyfractal.training.data import batch_at, train_val_split
 from tinyfractal.training.merge import OFF_DIAGONAL, extract, frozen_loss, merge, trainable_mask
 from tinyfractal.core.model import forward, init_params
@@ -71,10 +72,7 @@ def same_arrays(a, b):
 
 
 def check_growable(cfg):
-    if cfg.coupling != "none":
-        raise ValueError(f"grow builds uncoupled trees; got coupling={cfg.coupling!r}, allowed: 'none'")
-    if cfg.tokenizer != "bpe":
-        raise ValueError(f"grow trains on the BPE corpus; got tokenizer={cfg.tokenizer!r}, allowed: 'bpe'")
+    variant_of(cfg).require("grow", "growing a tree (grow)")
 
 
 def grow(cfg, tc, steps, tokens=None, off_diagonal="zero", scale=0.1, out=None, log=print, on_stage=None,

@@ -1,7 +1,7 @@
 """Model merging: place trained models on the diagonal blocks of a larger FractalFormer, and back.
 
 `merge` is the write-side twin of `tree.view`: child r of the merged model *is* view (1, r), so
-writing each child through its view puts every array exactly where the index maps of SPEC.md
+writing each child through its view puts every array exactly where the index maps of docs/design.md
 section 1 say, and moves the child's own descendants one level down unchanged. What is left over,
 the off-diagonal blocks of the projection and MLP matrices, is all that is new; `trainable_mask`
 marks exactly those entries so training can leave the children bit for bit as they were.
@@ -14,6 +14,7 @@ from autograd.extend import defvjp, primitive
 from tinyfractal.core import fast
 from tinyfractal.config import Config
 from tinyfractal.core.model import init_params, param_shapes
+from tinyfractal.variants import variant_of
 from tinyfractal.core.tree import flatten, index_mask, map_roles, unflatten, view
 
 OFF_DIAGONAL = ("zero", "random")
@@ -43,9 +44,7 @@ def _check_children(children, child_cfg, split):
                 for f in dataclasses.fields(Config) if getattr(c, f.name) != getattr(cfgs[0], f.name)]
         if diff:
             raise ValueError(f"child {r}'s config differs from child 0's: {', '.join(diff)}")
-    if cfgs[0].coupling != "none":
-        raise ValueError(f"merge places uncoupled models; got coupling={cfgs[0].coupling!r}, allowed: 'none' "
-                         f"(a coupled parent would send its state into, or share per-level scales with, its children)")
+    variant_of(cfgs[0]).require("merge", "merging models (merge)")
     want = flatten(param_shapes(cfgs[0]))
     dtypes = set()
     for r, child in enumerate(children):

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import numpy as onp
 from autograd import value_and_grad
 
-from tinyfractal.variants import byte_model as concepts
-from tinyfractal.variants import coupled as coupling
-from tinyfractal.core import fast
+from tinyfractal.api import node_losses, tree_loss
 from tinyfractal.training.data import batch_at
+from tinyfractal.variants import variant_of
 from tinyfractal.core.tree import NO_DECAY, flatten, nodes, unflatten
 
 
@@ -126,24 +125,6 @@ def adamw_step(params, grads, state, lr, tc, trainable=None):
             p[mask] -= f32(lr) * update
 
 
-def variant(cfg):
-    """The module that computes this config's losses: coupled trees (coupling.py), byte models
-    (concepts.py), or the base model's level-batched fast path (fast.py)."""
-    if cfg.coupling != "none":
-        return coupling
-    return concepts if cfg.tokenizer == "bytes" else fast
-
-
-def tree_loss(params, cfg, ids, targets, level_weights=None, rng=None):
-    """Mean next-token loss over every node of the tree, for any config (base, coupled or bytes)."""
-    return variant(cfg).tree_loss(params, cfg, ids, targets, level_weights, rng)
-
-
-def node_losses(params, cfg, ids, targets, rng=None):
-    """Per-level arrays of per-node losses, for any config."""
-    return variant(cfg).node_losses(params, cfg, ids, targets, rng)
-
-
 def evaluate(params, cfg, tokens, batch_size, batches, seed=1234, level_losses=None):
     """Per-node mean loss over fixed batches of a split: {(level, index): loss}."""
     level_losses = level_losses or node_losses
@@ -243,13 +224,11 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
     from tinyfractal.training.checkpoint import load, load_optimizer
     from tinyfractal.training.data import load_tokens, train_val_split
     from tinyfractal.core.model import init_params
-    from tinyfractal.text.bpe import Tokenizer
-    tokenizer = tokenizer or (concepts.ByteTokenizer() if cfg.tokenizer == "bytes" else Tokenizer.default())
+    variant = variant_of(cfg)
+    tokenizer = tokenizer or variant.tokenizer(cfg)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the config's vocab_size is {cfg.vocab_size}")
-    train_tokens, val_tokens = train_val_split(load_tokens(tokenizer))
-    if cfg.tokenizer == "bytes":   # rows of g_0 bytes, one top-level group each (concepts.py)
-        train_tokens, val_tokens = concepts.group_rows(train_tokens, cfg), concepts.group_rows(val_tokens, cfg)
+    train_tokens, val_tokens = (variant.training_rows(cfg, part) for part in train_val_split(load_tokens(tokenizer)))
     if resume:
         params, saved_cfg, meta = load(out)
         if saved_cfg != cfg:
