@@ -168,22 +168,22 @@ def accept_sampled_multi(p, q, drafts, rng):
     """Several drafters, sampled: recursive rejection at the first position (SpecInfer, Miao et al. 2024).
 
     p (R,k+1,V) the verifier along each draft, q (R,k,V) each drafter's own distributions, drafts (R,k),
-    drawn independently. Draft r's first token is kept with probability min(1, P(t)/q_r(t)), where P
-    starts as the verifier's p and, after each refusal, becomes normalize(max(0, P - q_r)); if every
-    draft is refused, the token is drawn from the last P. A kept draft continues with the standard
+    drawn independently. Draft r's first token is kept with probability min(1, left(t)/q_r(t)), where left
+    starts as the verifier's p and, after each refusal, becomes normalize(max(0, left - q_r)); if every
+    draft is refused, the token is drawn from the last left. A kept draft continues with the standard
     rule. Every draft's first position has the same context, so p[r, 0] is the same for every r.
     Returns (row, accepted count, next token).
     """
-    P = p[0, 0]
+    left = p[0, 0]
     for r in range(len(drafts)):
         t = drafts[r, 0]
-        if rng.random() * q[r, 0, t] < P[t]:
+        if rng.random() * q[r, 0, t] < left[t]:
             a, nxt = accept_sampled(p[r, 1:], q[r, 1:], drafts[r, 1:], rng)
             return r, 1 + a, nxt
-        residual = onp.maximum(P - q[r, 0], 0.0)
+        residual = onp.maximum(left - q[r, 0], 0.0)
         total = residual.sum()
-        P = residual / total if total > 0 else P
-    return 0, 0, int(rng.choice(len(P), p=P))
+        left = residual / total if total > 0 else left
+    return 0, 0, int(rng.choice(len(left), p=left))
 
 
 class Group:
