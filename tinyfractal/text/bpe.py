@@ -10,7 +10,7 @@ Training (`train`) runs over the whole text as one sequence, with no splitting o
     occurrences left to right ("aaa" holds ("a", "a") once, not twice);
   - the most frequent allowed pair merges; ties go to the smallest (id_a, id_b);
   - the merge replaces every occurrence, non-overlapping, left to right.
-On input.txt this gives SPEC §3's list: th, ", ", ou, er, in, an, ":\\n", the, ... Note that merge 10
+On input.txt this gives the prototype's list (docs/design.md): th, ", ", ou, er, in, an, ":\\n", the, ... Note that merge 10
 ("\\n\\n", 7096 times) ties with "en" (also 7096); the tie rule picks "\\n\\n" because "\\n" has id 0.
 Counting overlapping occurrences instead gives "\\n\\n" 7098 and the same 63 merges with no tie.
 

@@ -1,4 +1,4 @@
-"""Byte-level FractalFormer: the smallest models read bytes, the upper levels read "concepts" (SPEC §4).
+"""Byte-level FractalFormer: the smallest models read bytes, the upper levels read "concepts" (docs/design.md).
 
 With `tokenizer="bytes"` the vocabulary is the 256 byte values of UTF-8 text, so every string works.
 A model at level l of an L-level tree reads the bytes in groups of g_l = split^(L-1-l): the leaves
