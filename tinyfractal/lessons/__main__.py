@@ -10,7 +10,7 @@ def main(argv=None):
     lessons = discover()
     print("tinyfractal lessons, in course order (outline: lessons/README.md):\n")
     width = max(len(lesson.name) for lesson in lessons)
-    for number, lesson in enumerate(lessons, 1):
+    for number, lesson in enumerate(lessons):
         handout = lesson.handout.relative_to(ROOT) if lesson.handout.exists() else "no handout yet"
         print(f"{number:2d}. {lesson.name:<{width}}  {lesson.summary}")
         print(f"    {'':<{width}}  {lesson.command}   (handout: {handout})")

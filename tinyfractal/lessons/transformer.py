@@ -421,7 +421,7 @@ def save_figures(cfg, params, fresh, metrics, tokenizer, ids, out, entropy):
 
     probs = attention_probs(params, cfg, trace_ids)                               # (H,T,T) of layer 0
     labels = [tokenizer.token_strings[i].replace("\n", "\\n").replace(" ", "_") for i in trace_ids[0]]
-    fig, axes = plt.subplots(1, cfg.heads, figsize=(3.2 * cfg.heads, 3.4))
+    fig, axes = plt.subplots(1, cfg.heads, figsize=(3.2 * cfg.heads, 3.8))
     for head, ax in enumerate(np.atleast_1d(axes)):
         ax.imshow(probs[head], cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"layer 0, head {head}")
@@ -430,7 +430,7 @@ def save_figures(cfg, params, fresh, metrics, tokenizer, ids, out, entropy):
     fig.suptitle("Trained attention: row t = where position t looks (causal: nothing right of the diagonal)")
     fig.tight_layout()
     paths.append(out / "attention.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
     return paths
 
