@@ -240,7 +240,7 @@ def softmax_without_max_shift():
 
 
 def rope_interleaved_pairs():
-    """RoPE pairs (2m, 2m+1) instead of SPEC.md's (m, m + h/2): still a rotation, wrong pairs."""
+    """RoPE pairs (2m, 2m+1) instead of docs/design.md's (m, m + h/2): still a rotation, wrong pairs."""
     model = module("tinyfractal.core.model")
     import autograd.numpy as np
 
@@ -423,7 +423,7 @@ PLAN = [
     (9, reference_attention_peeks_ahead, None, True), (9, fast_attention_peeks_ahead, None, True),
     (10, rmsnorm_without_sqrt, None, True), (10, softmax_without_max_shift, None, True),
     (10, rope_reflects, None, True), (10, rope_interleaved_pairs, None, True), (10, rope_ignores_start, None, True),
-    (10, rope_interleaved_pairs, "relative_position", False),   # still a rotation: only the SPEC-pairs law sees it
+    (10, rope_interleaved_pairs, "relative_position", False),   # still a rotation: only the half-split-pairs law sees it
     (10, rope_ignores_start, "relative_position", False),       # <q,k> at every position: trivially relative
     (10, gelu_wrong_constant, None, True), (10, geglu_gates_the_wrong_branch, None, True),
     (11, stacked_blocks_gradient_halved, None, True), (11, rmsnorm_gradient_ignores_the_rms, None, True),

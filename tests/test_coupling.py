@@ -1,7 +1,7 @@
 """Laws of the coupled trees (variants/coupled.py): upstream and downstream residual links between levels.
 
 Base-model answers come from fast.py and model.py (the base paths), index sets from the role table of
-docs/design.md (strategies.spec_mask), and the one-layer formula test writes the coupling rule out by hand.
+docs/design.md (strategies.spec_mask), and the one-layer formula test writes docs/design.md §8.1 out by hand.
 """
 import json
 
@@ -114,7 +114,7 @@ def test_coupling_changes_the_receivers(args):
     assert diff > 1e-9
 
 
-# SPEC.md section 4 written out for one layer
+# docs/design.md §8.1 written out for one layer
 
 def one_layer(params, cfg, level, j, ids):
     """(state after the layer, attention + MLP outputs) of base node (level, j), with model.py's blocks."""
@@ -244,7 +244,7 @@ def node_loss_in_tree(cfg, level, index, ids, targets):
 
 
 def allowed_mask(params, cfg, level, index):
-    """{path: bool}: the union of SPEC.md index sets the node may depend on, and its coupling_scale rows
+    """{path: bool}: the union of the index sets (docs/design.md) the node may depend on, and its coupling_scale rows
     (upstream: its subtree's levels l..; downstream: levels 0..l of its chain)."""
     chain = [(level, index)] if cfg.coupling == "upstream" else C.needed_nodes(cfg, level, index)
     base = {k: v for k, v in params.items() if k != "coupling_scale"}

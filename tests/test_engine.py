@@ -38,7 +38,7 @@ def test_presets_are_valid_and_sub_configs_shrink_by_split(name):
 
 
 def test_original_preset_is_the_seed():
-    """The 'original' preset has the seed's hyperparameters from SPEC.md section 1."""
+    """The 'original' preset has the seed's hyperparameters from docs/design.md §10."""
     c = tf.Config.preset("original")
     assert (c.vocab_size, c.context, c.layers, c.heads, c.kv_heads, c.hidden, c.head_dim, c.mlp_mult,
             c.eps, c.rope_theta, c.levels, c.split) == (128, 256, 4, 4, 1, 128, 32, 4, 1e-6, 100.0, 3, 2)
@@ -83,7 +83,7 @@ def test_nodes_and_out_of_range_view():
 
 
 def test_params_are_float32_with_explicit_head_axes():
-    """init_params gives float32 arrays laid out as SPEC.md: Wq (D,H,hd), Wk (D,K,hd), Wo (H,hd,D)."""
+    """init_params gives float32 arrays laid out as docs/design.md says: Wq (D,H,hd), Wk (D,K,hd), Wo (H,hd,D)."""
     cfg = tf.Config.preset("tiny")
     p = tf.init_params(cfg, 0)
     assert all(a.dtype == np.float32 for a in flatten(p).values())

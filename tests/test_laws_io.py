@@ -250,7 +250,7 @@ def test_checkpoint_altered_meta_values_are_rejected(field):
 @examples(80)
 @given(config_dicts(), st.data())
 def test_every_valid_config_builds_and_runs(fields, data):
-    """Configs: every valid config builds, survives to_dict/from_dict, has SPEC.md's parameter count, and
+    """Configs: every valid config builds, survives to_dict/from_dict, has the parameter count of docs/design.md's shapes, and
     runs a forward pass of the whole model and of every level, giving finite (B, T, V) float32 logits."""
     cfg = Config(**fields)
     assert Config.from_dict(cfg.to_dict()) == cfg

@@ -1,7 +1,7 @@
 """Laws 5-9 of self-similarity: every sub-model is a model of its own, it sees only its own numbers,
 the level-batched path computes the same thing, and nothing looks into the future.
 
-Index sets come from SPEC.md's table (strategies.spec_mask), not from tinyfractal.core.tree, so a view that
+Index sets come from the role table of docs/design.md (strategies.spec_mask), not from tinyfractal.core.tree, so a view that
 reads the wrong block fails here even if index_mask makes the same mistake.
 """
 import numpy as np
@@ -35,7 +35,7 @@ def node_logits(params, cfg, level, index, ids):
 def test_a_sub_model_is_a_model(args):
     """A sub-model is a model: the logits of view(P, cfg, l, j) under cfg.sub(l) equal, in float64, those
     of a standalone model of config cfg.sub(l) built from copies of those arrays, and from copies of the
-    blocks SPEC.md gives model (l, j): bit for bit in almost every case, always to 1e-12 (before model.dense, NumPy's BLAS
+    blocks docs/design.md gives model (l, j): bit for bit in almost every case, always to 1e-12 (before model.dense, NumPy's BLAS
     summed a strided weight vector in another order than its contiguous copy; see the test below)."""
     cfg, params, ids, _, (level, index) = args
     sub = cfg.sub(level)

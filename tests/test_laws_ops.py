@@ -1,6 +1,6 @@
 """Laws 10-11: the operators the model is built from, and its gradients.
 
-Every reference here is written plainly in this file from the formulas in SPEC.md (loops and
+Every reference here is written plainly in this file from the formulas in docs/design.md (loops and
 hand-derived derivatives), never taken from the code under test.
 """
 import tinyfractal as tf
@@ -106,7 +106,7 @@ def test_rope_dot_products_depend_only_on_relative_position(qk, m, n, shift, the
 
 
 def rope_reference(x, start, theta):
-    """SPEC.md's RoPE, a loop: component m pairs with m + h/2 and turns by pos * theta^(-2m/h)."""
+    """RoPE as docs/design.md defines it, a loop: component m pairs with m + h/2 and turns by pos * theta^(-2m/h)."""
     B, T, H, h = x.shape
     out = np.empty_like(x)
     for t in range(T):
@@ -124,7 +124,7 @@ def rope_reference(x, start, theta):
        st.integers(0, 50), thetas)
 def test_rope_rotates_the_spec_pairs(x, start, theta):
     """Operator law (RoPE): rope(x, *rope_tables(T, h, theta, start)) rotates each pair (m, m + h/2) by
-    angle pos * theta^(-2m/h), as SPEC.md says, and so keeps every vector's length."""
+    angle pos * theta^(-2m/h), as docs/design.md says, and so keeps every vector's length."""
     B, T, H, h = x.shape
     cos, sin = formulas.rope_tables(T, h, theta, start)
     assert cos.shape == sin.shape == (T, h // 2)

@@ -1,9 +1,9 @@
-"""Laws of model merging (SPEC.md section 4): merge puts children on the diagonal blocks and changes
+"""Laws of model merging (docs/design.md §8.2): merge puts children on the diagonal blocks and changes
 nothing about them; extract takes them back out; frozen training moves only the new blocks.
 
 Children are drawn from random valid configs (tests/strategies.py) with every gain and bias nonzero,
 so a child placed in the wrong slice gives different numbers. Which entries are new is computed
-from SPEC.md's table (strategies.spec_mask), not from tree.py.
+from the role table of docs/design.md (strategies.spec_mask), not from tree.py.
 """
 import tinyfractal as tf
 import dataclasses
@@ -38,7 +38,7 @@ def batch(cfg, seed, B=2):
 
 
 def new_entries_from_spec(params, cfg):
-    """{flat name: bool}: entries no level-1 model owns, by SPEC.md's table (not tree.py)."""
+    """{flat name: bool}: entries no level-1 model owns, by docs/design.md's role table (not tree.py)."""
     covered = {}
     for level, j in [(1, r) for r in range(cfg.split)]:
         for path, m in spec_mask(params, cfg, level, j).items():
@@ -111,7 +111,7 @@ def test_merge_config_is_one_level_up(family):
 @examples(25)
 @given(families(dtype=np.float32))
 def test_new_entries_are_exactly_the_off_diagonal_blocks(family):
-    """trainable_mask is True exactly where no child owns an entry (SPEC.md's blocks); those entries are
+    """trainable_mask is True exactly where no child owns an entry (docs/design.md's blocks); those entries are
     0 with off_diagonal='zero' and within +-scale/sqrt(fan_in) with 'random'; gains, biases and E are
     wholly the children's."""
     cfg, children, off_diagonal, seed = family

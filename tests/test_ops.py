@@ -1,4 +1,4 @@
-"""The fused primitives of tinyfractal/core/ops.py prove themselves (STYLE.md section 6).
+"""The fused primitives of tinyfractal/core/ops.py prove themselves: values, check_grads, float32.
 
 For every primitive: its values equal the plain autograd.numpy reference next to it (float64), its
 hand-written VJP passes autograd's check_grads in float64, and a float32 run agrees with the

@@ -17,7 +17,7 @@ IDS = np.array([[5, 17, 64, 3, 99, 0, 41]])
 
 
 def spec_index(name, shape, cfg, level, j):
-    """Model (level, j)'s slice of a shared array, written out by hand from SPEC.md's table."""
+    """Model (level, j)'s slice of a shared array, written out by hand from the role table of docs/design.md."""
     d, f, h = cfg.hidden // cfg.split ** level, cfg.mlp_hidden // cfg.split ** level, cfg.head_dim // cfg.split ** level
     R, M, C = slice(j * d, (j + 1) * d), slice(j * f, (j + 1) * f), slice(j * h, (j + 1) * h)
     whole = [slice(0, n) for n in shape]
@@ -33,7 +33,7 @@ def spec_index(name, shape, cfg, level, j):
 
 @pytest.mark.parametrize("node", nodes(TINY))
 def test_trace_of_every_tiny_node_reads_exactly_its_spec_slices(node):
-    """Every node of tiny traces, and each op reads the slice SPEC's table gives that node, and
+    """Every node of tiny traces, and each op reads the slice the role table (docs/design.md) gives that node, and
     together the ops read every shared array."""
     level, j = node
     lines = []
