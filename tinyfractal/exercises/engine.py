@@ -5,15 +5,15 @@ moves only these imports change. Every name here is the engine's own code, never
 """
 from tinyfractal import (Config, Tokenizer, children, count_params, extract, forward, index_mask, init_params,
                          merge, node_losses, nodes, tree_loss, view)
-from tinyfractal.concepts import concept_embedding, context_bytes
-from tinyfractal.coupling import concat_children, needed_nodes, split_to_children
-from tinyfractal.merge import parent_config, trainable_mask
-from tinyfractal.model import attention, mlp, rmsnorm, rope, rope_tables
+from tinyfractal.variants.byte_model import concept_embedding, context_bytes
+from tinyfractal.variants.coupled import concat_children, needed_nodes, split_to_children
+from tinyfractal.training.merge import parent_config, trainable_mask
+from tinyfractal.core.model import attention, mlp, rmsnorm, rope, rope_tables
 from tinyfractal.paths import CORPUS
-from tinyfractal.speculative import accept_greedy, accept_sampled, resolve_drafters
-from tinyfractal.tokenizer import _merge_list as merge_list
-from tinyfractal.tokenizer import train as train_bpe
-from tinyfractal.tree import flatten, group_size, node_slices, slot_offset
+from tinyfractal.inference.speculative import accept_greedy, accept_sampled, resolve_drafters
+from tinyfractal.text.bpe import _merge_list as merge_list
+from tinyfractal.text.bpe import train as train_bpe
+from tinyfractal.core.tree import flatten, group_size, node_slices, slot_offset
 
 __all__ = ["Config", "Tokenizer", "children", "count_params", "extract", "forward", "index_mask", "init_params",
            "merge", "node_losses", "nodes", "tree_loss", "view", "concept_embedding", "context_bytes",
