@@ -17,7 +17,7 @@ import numpy as np
 from tinyfractal import Config, Tokenizer, count_params, forward, generate, init_params, node_losses, trace_node
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
-from tinyfractal.core.model import cross_entropy, gelu, rmsnorm, rope, rope_tables, softmax
+from tinyfractal.core.model import attention, cross_entropy, gelu, mlp, rmsnorm, rope, rope_tables, softmax
 from tinyfractal.training.train import TrainConfig, format_duration, loss_table, save_run, train
 
 PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou R"
@@ -204,7 +204,6 @@ def one_pass_by_hand(cfg, params, tokenizer, ids):
     x = x + mlp_out
     print(f", |x + MLP out| = {np.linalg.norm(x, axis=-1).mean():.2f}")
 
-    from tinyfractal.core.model import attention, mlp
     for i, p in enumerate(params["layers"][1:], start=1):
         x = x + attention(rmsnorm(x, p["attn_norm"], eps), p, cfg)
         x = x + mlp(rmsnorm(x, p["mlp_norm"], eps), p)
@@ -224,7 +223,6 @@ def one_pass_by_hand(cfg, params, tokenizer, ids):
 
 def residual_stream(cfg, params, ids):
     """The residual stream before the layers and after them, for (B,T) ids: two (B,T,D) arrays."""
-    from tinyfractal.core.model import attention, mlp
     x0 = rmsnorm(params["E"][ids], params["emb_norm"], cfg.eps)
     x = x0
     for p in params["layers"]:
