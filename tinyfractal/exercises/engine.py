@@ -8,7 +8,8 @@ from tinyfractal import (Config, Tokenizer, children, count_params, extract, for
 from tinyfractal.variants.byte_model import concept_embedding, context_bytes
 from tinyfractal.variants.coupled import concat_children, needed_nodes, split_to_children
 from tinyfractal.training.merge import parent_config, trainable_mask
-from tinyfractal.core.model import attention, mlp, rmsnorm, rope, rope_tables
+from tinyfractal.core.formulas import rmsnorm, rope, rope_tables, tied_logits
+from tinyfractal.core.model import attention, mlp
 from tinyfractal.paths import CORPUS
 from tinyfractal.inference.speculative import accept_greedy, accept_sampled, resolve_drafters
 from tinyfractal.text.bpe import _merge_list as merge_list
@@ -18,5 +19,5 @@ from tinyfractal.core.tree import flatten, group_size, node_slices, slot_offset
 __all__ = ["Config", "Tokenizer", "children", "count_params", "extract", "forward", "index_mask", "init_params",
            "merge", "node_losses", "nodes", "tree_loss", "view", "concept_embedding", "context_bytes",
            "concat_children", "needed_nodes", "split_to_children", "parent_config", "trainable_mask",
-           "attention", "mlp", "rmsnorm", "rope", "rope_tables", "CORPUS", "accept_greedy", "accept_sampled",
+           "attention", "mlp", "rmsnorm", "rope", "rope_tables", "tied_logits", "CORPUS", "accept_greedy", "accept_sampled",
            "resolve_drafters", "merge_list", "train_bpe", "flatten", "group_size", "node_slices", "slot_offset"]

@@ -17,7 +17,8 @@ import numpy as np
 from tinyfractal import Config, Tokenizer, count_params, forward, generate, init_params, node_losses, trace_node
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
-from tinyfractal.core.model import attention, cross_entropy, gelu, mlp, rmsnorm, rope, rope_tables, softmax
+from tinyfractal.core.formulas import cross_entropy, gelu, rmsnorm, rope, rope_tables, softmax
+from tinyfractal.core.model import attention, mlp
 from tinyfractal.training.train import TrainConfig, format_duration, loss_table, save_run, train
 
 PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou R"
