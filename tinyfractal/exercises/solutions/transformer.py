@@ -5,7 +5,7 @@ A teacher may delete this folder (tinyfractal/exercises/solutions). Checked with
     python -m tinyfractal.exercises check transformer --solutions
 
 Each check runs your function on random inputs and compares it with the engine's own code. Use NumPy
-(imported below as np); read tinyfractal/core/model.py only after you have tried.
+(imported below as np); read tinyfractal/core/formulas.py only after you have tried.
 Shapes: T positions, D width, H query heads, K key/value heads, h head dim, F MLP width, V vocabulary.
 """
 import numpy as np
