@@ -79,8 +79,11 @@ def standardise(x):
 
 
 def integral_process(x):
-    """X_t = sum_{k <= t} x_k of the standardised series: (N,) -> (N,)."""
-    return onp.cumsum(standardise(x))
+    """X_0 = 0, X_t = x_1 + ... + x_t of the standardised series: (N,) -> (N+1,).
+
+    Starting at 0 makes X_{t+tau} - X_t run over every stretch of tau consecutive steps exactly once.
+    """
+    return onp.concatenate([[0.0], onp.cumsum(standardise(x))])
 
 
 def log_scales(lo, hi, count=24):
