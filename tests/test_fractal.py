@@ -134,30 +134,39 @@ def test_fgn_refuses_bad_arguments(n, hurst):
 
 
 MICRO = tf.Config.preset("micro")
+TOKEN_VARIANTS = {"base": MICRO, "upstream": MICRO.override(coupling="upstream"),
+                  "downstream": MICRO.override(coupling="downstream")}
 
 
+@pytest.mark.parametrize("variant", TOKEN_VARIANTS)
 @given(st.lists(st.integers(0, 127), min_size=2, max_size=60), st.integers(1, MICRO.context), st.integers(1, 7))
-@examples(15)
-def test_batched_windows_equal_cached_decoding(ids, keep, batch):
+@examples(10)
+def test_batched_windows_equal_cached_decoding(variant, ids, keep, batch):
     """The fast path (windows as rows of batched prefills) gives every token the bits that
-    teacher-forced decoding with the KV cache gives it, for any keep and any batch size."""
-    params = tf.init_params(MICRO, 1)
+    teacher-forced decoding with the KV cache gives it, for any keep and batch size, in every token
+    variant (a coupled node decodes with the relatives it needs)."""
+    cfg = TOKEN_VARIANTS[variant]
+    params = tf.init_params(cfg, 1)
     for level, index in ((0, 0), (1, 1)):
-        fast = F.surprisal_bits(params, MICRO, ids, level, index, keep, batch)
-        reference = F.surprisal_bits_reference(params, MICRO, ids, level, index, keep)
+        fast = F.surprisal_bits(params, cfg, ids, level, index, keep, batch)
+        reference = F.surprisal_bits_reference(params, cfg, ids, level, index, keep)
         assert fast.shape == (len(ids) - 1,)
         np.testing.assert_allclose(fast, reference, atol=1e-4)
 
 
-def test_the_first_window_is_read_by_the_plain_forward_pass():
-    """Within the first window, the bits of token t are -log2 softmax(forward(view, ids[:t]))[ids[t]],
-    computed here with the readable model code and no cache."""
-    params = tf.init_params(MICRO, 2)
-    ids = list(np.random.default_rng(0).integers(0, 128, MICRO.context))
-    logits = tf.forward(tf.view(params, MICRO, 1, 0), MICRO.sub(1), np.asarray([ids]))[0]    # (T,V)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-    want = -logp[np.arange(len(ids) - 1), ids[1:]] / np.log(2)
-    np.testing.assert_allclose(F.surprisal_bits(params, MICRO, ids, 1, 0), want, atol=1e-4)
+@pytest.mark.parametrize("variant", TOKEN_VARIANTS)
+def test_the_first_window_is_read_by_the_reference_forward_pass(variant):
+    """Within the first window, the bits of token t are -log2 softmax(forward_node(ids[:t]))[ids[t]],
+    computed with the readable reference path of the variant and no cache."""
+    cfg = TOKEN_VARIANTS[variant]
+    params = tf.init_params(cfg, 2)
+    ids = list(np.random.default_rng(0).integers(0, 128, cfg.context))
+    for level, index in ((0, 0), (1, 0)):
+        logits = np.asarray(tf.forward_node(params, cfg, level, index, np.asarray([ids]))[0], dtype=float)   # (T,V)
+        top = logits.max(-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        want = -logp[np.arange(len(ids) - 1), ids[1:]] / np.log(2)
+        np.testing.assert_allclose(F.surprisal_bits(params, cfg, ids, level, index), want, atol=1e-4)
 
 
 def test_a_model_that_knows_nothing_pays_log2_v_bits_per_token():
@@ -181,17 +190,13 @@ def test_bits_per_character_divides_each_token_by_its_own_length():
         F.bits_per_character([1.0], [the[0], a[0]], tok)
 
 
-@pytest.mark.parametrize("changes, words", [({"coupling": "upstream"}, "coupling"),
-                                            ({"coupling": "downstream"}, "coupling"),
-                                            ({"tokenizer": "bytes", "vocab_size": 256}, "bytes")])
-def test_surprisal_refuses_variants_it_cannot_decode(changes, words):
-    """Coupled and byte models have no KV cache here: a ValueError naming the variant, not wrong bits."""
-    cfg = MICRO.override(**changes)
+def test_surprisal_refuses_byte_models():
+    """A byte model's positions are groups of bytes: a ValueError naming the variant, not wrong bits."""
+    cfg = MICRO.override(tokenizer="bytes", vocab_size=256)
     params = tf.init_params(cfg, 0)
-    with pytest.raises(ValueError, match=words):
-        F.surprisal_bits(params, cfg, [1, 2, 3])
-    with pytest.raises(ValueError, match=words):
-        F.surprisal_bits_reference(params, cfg, [1, 2, 3])
+    for reader in (F.surprisal_bits, F.surprisal_bits_reference):
+        with pytest.raises(ValueError, match="bytes variant"):
+            reader(params, cfg, [1, 2, 3])
 
 
 @pytest.mark.parametrize("ids, words", [([5], "at least 2"), ([1, 200], "0..127"), ([[1, 2]], "1-D")])

@@ -24,15 +24,17 @@ dividing each surprisal by one constant (bits per token -> bits per average char
 nothing. What matters is dividing each token by ITS OWN length, `bits_per_character`.
 
 The surprisal series of a node (`surprisal_bits`) runs the node over the text with a KV cache and a
-sliding window (`infer.decode`, teacher-forced: the "chosen" next token is the real one), and a fast
-path runs the same windows as one batched prefill; a test proves the two equal.
+sliding window (`decoder.decode`, teacher-forced: the "chosen" next token is the real one), and a fast
+path runs the same windows as one batched prefill; a test proves the two equal. Token variants (base,
+upstream, downstream: a coupled node runs with the relatives it needs) are read; byte models are refused.
 """
 from dataclasses import dataclass
 
 import numpy as onp
 
-from tinyfractal.inference import decoder as infer
+from tinyfractal.inference import decoder
 from tinyfractal.inference.sample import generate
+from tinyfractal.variants import unsupported, variant_of
 
 MIN_LENGTH = 64       # fewer points than this cannot support a log-log fit over more than one decade
 LN2 = float(onp.log(2.0))
@@ -241,9 +243,15 @@ def check_ids(ids, cfg):
 
 
 def check_keep(keep, cfg):
-    """The tokens a full window slides back to: default context // 2 (see `surprisal_bits`)."""
-    infer.check_base(cfg)   # coupled and byte models have no cache here: ValueError naming the variant
-    return infer.check_keep(max(1, cfg.context // 2) if keep is None else keep, cfg.context)
+    """The tokens a full window slides back to: default context // 2 (see `surprisal_bits`).
+
+    Token variants (base, upstream, downstream) are read here; byte models raise a ValueError.
+    """
+    v = variant_of(cfg)
+    if v.name == "bytes":
+        raise unsupported(v, "a surprisal series per token", "its positions are groups of bytes, one "
+                          "distribution per slot; this module reads one token per position")
+    return decoder.check_keep(max(1, cfg.context // 2) if keep is None else keep, cfg.context)
 
 
 def token_bits(logits, target):
@@ -256,7 +264,7 @@ def token_bits(logits, target):
 def surprisal_bits_reference(params, cfg, ids, level=0, index=0, keep=None):
     """Bits of ids[1:] under node (level, index), decoding one token at a time with the KV cache.
 
-    Teacher forcing: `infer.decode` starts from ids[0] and its `choose` returns the real next token
+    Teacher forcing: `decoder.decode` starts from ids[0] and its `choose` returns the real next token
     after reading the bits the model gave it. Windows slide as in decoding: when `context` tokens are
     cached, the cache restarts from the last `keep` of them. (N-1,) float64.
     """
@@ -268,7 +276,7 @@ def surprisal_bits_reference(params, cfg, ids, level=0, index=0, keep=None):
         bits.append(token_bits(logits, target))
         return target
 
-    infer.decode(infer.node_models(params, cfg, level, index), ids[:1], len(ids) - 1, choose, keep)
+    decoder.decode(decoder.node_decoder(params, cfg, level, index), ids[:1], len(ids) - 1, choose, keep)
     return onp.asarray(bits)
 
 
@@ -295,7 +303,7 @@ def surprisal_bits(params, cfg, ids, level=0, index=0, keep=None, batch=64):
     first window is predicted from between keep and context tokens of text before it.
     """
     ids, keep = check_ids(ids, cfg), check_keep(keep, cfg)
-    m = infer.node_models(params, cfg, level, index)
+    dec = decoder.node_decoder(params, cfg, level, index)
     arr, bits = onp.asarray(ids), onp.empty(len(ids) - 1)
     spans = windows(len(ids), cfg.context, keep)
     groups = {}                                   # windows of one length run together
@@ -305,7 +313,7 @@ def surprisal_bits(params, cfg, ids, level=0, index=0, keep=None, batch=64):
         for b in range(0, len(group), batch):
             part = group[b:b + batch]
             rows = onp.stack([arr[s:s + length] for s, _, _ in part])            # (B,length)
-            logits, _ = infer.prefill(m, rows)                                   # (1,B,length,V)
+            logits, _ = decoder.prefill(dec, rows)                               # (1,B,length,V)
             logp = log_softmax(logits[0])                                        # (B,length,V)
             for row, (s, first, end) in enumerate(part):
                 j = onp.arange(first, end)
