@@ -100,6 +100,8 @@ def main(argv=None):
     try:
         params, cfg, source = get_model(args, out, tokenizer)
         keep = fractal.check_keep(None, cfg)
+        if cfg.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"the model reads {cfg.vocab_size} token ids, the BPE tokenizer has {tokenizer.vocab_size}")
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -308,6 +310,7 @@ def save_figures(root, shuffled, fits, rows, use, summary, calibration, cfg, out
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     paths = []
     fig, axes = plt.subplots(3, 2, figsize=(11, 7.5))
@@ -342,6 +345,8 @@ def save_figures(root, shuffled, fits, rows, use, summary, calibration, cfg, out
         ax.set_xlabel(labels[key][0])
         ax.set_ylabel(labels[key][1])
         ax.set_title(f"{fit.name}: {fit.exponent:.3f}")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.legend()
     fig.suptitle("The root's surprisal of the val text: four power laws")
     fig.tight_layout()
