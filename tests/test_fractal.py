@@ -208,8 +208,8 @@ def test_surprisal_refuses_bad_ids(ids, words):
 def test_generated_surprisal_has_the_requested_length():
     """A sample is re-encoded and read by the observer: exactly `length` finite values per sample."""
     params, tok = tf.init_params(MICRO, 0), tf.Tokenizer.default()
-    text, z = F.generated_surprisal(params, MICRO, tok, 80, 1, 1, 1.0, seed=3)
-    assert isinstance(text, str) and z.shape == (80,) and np.all(np.isfinite(z)) and np.all(z >= 0)
+    text, z = F.generated_surprisal(params, MICRO, tok, 130, 1, 1, 1.0, seed=3)
+    assert isinstance(text, str) and z.shape == (130,) and np.all(np.isfinite(z)) and np.all(z >= 0)
 
 
 def test_lesson_command_line_mistakes_are_one_line_and_exit_code_2(tmp_path, capsys):

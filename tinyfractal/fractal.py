@@ -36,7 +36,7 @@ from tinyfractal.inference import decoder
 from tinyfractal.inference.sample import generate
 from tinyfractal.variants import unsupported, variant_of
 
-MIN_LENGTH = 64       # fewer points than this cannot support a log-log fit over more than one decade
+MIN_LENGTH = 128      # R/S and DFA fit windows of 16 .. N/4 points: fewer than 128 leaves under a factor 2
 LN2 = float(onp.log(2.0))
 EPS = 0.2             # the ball of S, in standard deviations of one step: measured on fGn, 0.1 fails on
                       # short series (no return within eps at some tau) and 0.5 starts to bias S downwards
@@ -158,8 +158,8 @@ def joseph(x, max_scale=None):
 
     sigma_tau = std over t of (X_{t+tau} - X_t) ~ tau^J, for tau = 1 .. max_scale (default N/32),
     the quantity the paper plots against tau for J. Brownian motion gives 1/2; fractional Brownian
-    motion gives its H. (Elsewhere, e.g. Chen et al. 2017, "Joseph exponent" names the R/S slope
-    that this module calls H; the names follow Alabdulmohsin et al.)
+    motion gives its H. (Some work on the Joseph, Noah and Moses effects measures a "Joseph exponent"
+    with the rescaled range instead, which is this module's H; the names here follow Alabdulmohsin et al.)
     """
     X = integral_process(x)
     taus = log_scales(1, max_scale or default_max_scale(len(X)))
