@@ -70,8 +70,11 @@ def get_model(args, out, tokenizer):
     print(f"No trained model found: training the 'tiny' preset for {steps} steps (every node at once).")
     t0 = time.perf_counter()
     state, metrics = train(params, cfg, tc, train_tokens, val_tokens)
+    took = format_duration(time.perf_counter() - t0)
+    if args.quick:   # a 20-step model must never be mistaken for a trained one by a later full run
+        return params, cfg, f"trained here in {took} (not saved: --quick)"
     save_run(own, params, cfg, tc, state, metrics)
-    return params, cfg, f"trained here in {format_duration(time.perf_counter() - t0)}, saved to {own}"
+    return params, cfg, f"trained here in {took}, saved to {own}"
 
 
 def main(argv=None):
