@@ -261,3 +261,35 @@ def invalid_configs(draw, kind=None):
     d["kv_heads"] = draw(st.integers(2, 3))
     d["heads"] = d["kv_heads"] * draw(st.integers(0, 2)) + draw(st.integers(1, d["kv_heads"] - 1))
     return d, ("heads", "kv_heads"), kind
+
+
+BAD_TOKEN_KINDS = ["negative", "too_large", "float", "bool", "rank", "empty", "too_long"]
+
+
+@st.composite
+def bad_token_arrays(draw, cfg, kind=None):
+    """(ids, kind): token ids a token model of cfg must refuse, and what is wrong with them, one of
+    BAD_TOKEN_KINDS: a negative id, an id >= vocab_size, a float or bool dtype, not two axes (B, T),
+    an empty batch or time axis, or more positions than the context."""
+    kind = kind or draw(st.sampled_from(BAD_TOKEN_KINDS))
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(cfg.context + 1, cfg.context + 3)) if kind == "too_long" else draw(st.integers(1, cfg.context))
+    ids = np.array(draw(st.lists(st.integers(0, cfg.vocab_size - 1), min_size=B * T, max_size=B * T)),
+                   dtype=draw(st.sampled_from([np.int64, np.int32, np.uint8 if cfg.vocab_size <= 256 else np.int64])))
+    ids = ids.reshape(B, T)
+    at = (draw(st.integers(0, B - 1)), draw(st.integers(0, T - 1)))
+    if kind == "negative":
+        ids = ids.astype(np.int64)
+        ids[at] = draw(st.integers(-10 ** 6, -1))
+    elif kind == "too_large":
+        ids = ids.astype(np.int64)
+        ids[at] = draw(st.integers(cfg.vocab_size, 2 ** 40))
+    elif kind == "float":
+        ids = ids.astype(draw(st.sampled_from([np.float16, np.float32, np.float64])))
+    elif kind == "bool":
+        ids = ids > 0
+    elif kind == "rank":
+        ids = draw(st.sampled_from([ids.reshape(-1), ids[..., None], ids[None], ids.reshape(-1)[0]]))
+    elif kind == "empty":
+        ids = draw(st.sampled_from([ids[:0], ids[:, :0]]))
+    return ids, kind

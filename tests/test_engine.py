@@ -224,23 +224,23 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
 def test_corrupt_truncated_or_mismatched_checkpoint_is_refused(tmp_path):
     """A truncated npz, an edited meta.json or a config that does not fit the arrays is a ValueError."""
     cfg = micro()
-    tf.save(tmp_path / "c", tf.init_params(cfg, 0), cfg, {})
-    npz = tmp_path / "c" / "params.npz"
+    step = tf.save(tmp_path / "c", tf.init_params(cfg, 0), cfg, {})    # the step folder holding the files
+    npz = step / "params.npz"
     data = npz.read_bytes()
     npz.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="checksum"):
         tf.load(tmp_path / "c")
     npz.write_bytes(data)
-    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    meta = json.loads((step / "meta.json").read_text())
     meta["config"]["hidden"] = 32
-    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
+    (step / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="edited"):
         tf.load(tmp_path / "c")
     meta["meta_sha256"] = _digest(meta)
-    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
+    (step / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="shape"):
         tf.load(tmp_path / "c")
-    (tmp_path / "c" / "meta.json").write_text("{not json")
+    (step / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="JSON"):
         tf.load(tmp_path / "c")
     with pytest.raises(ValueError, match="not a folder"):

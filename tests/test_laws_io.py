@@ -153,6 +153,11 @@ def saved(cfg, params):
     return tmp
 
 
+def files(folder):
+    """The folder holding the current checkpoint's params.npz and meta.json (its step folder)."""
+    return checkpoint.resolve(folder)
+
+
 def assert_refused(folder):
     with pytest.raises(Exception) as err:
         checkpoint.load(folder)
@@ -168,7 +173,7 @@ def test_checkpoint_truncated_or_altered_params_are_rejected(args, data):
     """Checkpoints: params.npz cut short, or with any one byte changed, is refused with a ValueError."""
     cfg, params = args
     with saved(cfg, params) as folder:
-        f = Path(folder) / "params.npz"
+        f = files(folder) / "params.npz"
         good = f.read_bytes()
         cut = data.draw(st.integers(0, len(good) - 1), label="truncate at")
         f.write_bytes(good[:cut])
@@ -191,7 +196,7 @@ def test_checkpoint_params_from_another_save_are_rejected(args, data):
         flat[name].reshape(-1)[data.draw(st.integers(0, flat[name].size - 1))] += 1.0
         buf = io.BytesIO()
         np.savez(buf, **flat)
-        (Path(folder) / "params.npz").write_bytes(buf.getvalue())
+        (files(folder) / "params.npz").write_bytes(buf.getvalue())
         assert_refused(folder)
 
 
@@ -202,7 +207,7 @@ def test_checkpoint_truncated_or_corrupt_meta_is_rejected(args, data):
     fields altered, is refused with a ValueError."""
     cfg, params = args
     with saved(cfg, params) as folder:
-        f = Path(folder) / "meta.json"
+        f = files(folder) / "meta.json"
         good = f.read_text()
         f.write_text(good[:data.draw(st.integers(0, len(good.rstrip()) - 1), label="truncate at")])
         assert_refused(folder)
@@ -233,7 +238,7 @@ def test_checkpoint_altered_meta_values_are_rejected(field):
     (an altered file is never loaded silently)."""
     cfg = Config.preset("micro")
     with saved(cfg, init_params(cfg, 0)) as folder:
-        f = Path(folder) / "meta.json"
+        f = files(folder) / "meta.json"
         info = json.loads(f.read_text())
         if field == "meta.step":
             info["meta"]["step"] = 8
@@ -276,7 +281,7 @@ def test_every_invalid_config_raises_a_value_error_naming_the_constraint(kind, d
     fields, keywords, kind = data.draw(invalid_configs(kind))
     makers = [lambda: Config(**fields)]
     if kind not in ("integer", "positive_float", "dropout", "coupling_flag", "coupling_scale_init"):
-        makers.append(lambda: Config.from_dict(fields))      # from_dict parses strings, so only plain values
+        makers.append(lambda: Config.from_dict({**Config().to_dict(), **fields}))   # plain values only; all fields
     for make in makers:
         with pytest.raises(Exception) as err:
             make()

@@ -88,8 +88,7 @@ def test_tree_shape_nodes_outside_the_tree_are_rejected(cfg, data):
     level = data.draw(st.integers(-2, cfg.levels + 2))
     index = data.draw(st.integers(-2, cfg.split ** max(level, 0) + 2))
     inside = 0 <= level < cfg.levels and 0 <= index < cfg.split ** level
-    params = {"E": np.zeros((cfg.vocab_size, cfg.hidden), np.float32), "emb_norm": np.zeros(cfg.hidden),
-              "final_norm": np.zeros(cfg.hidden), "out_norm": np.zeros(cfg.hidden), "layers": []}
+    params = random_params(cfg, 0)     # view needs a full parameter set of cfg (it checks the shapes first)
     for fn in (lambda: parent(cfg, level, index), lambda: children(cfg, level, index),
                lambda: view(params, cfg, level, index)):
         if inside:

@@ -4,6 +4,7 @@ Everything about sizes lives here, so the rest of the code asks the config inste
 recomputing `D // split**level` in many places.
 """
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -89,7 +90,7 @@ class Config:
 
     def sub(self, level):
         """The config of one model at `level`: width D/s^l, head dim hd/s^l, levels L-l."""
-        self.check_level(level)
+        level = self.check_level(level)
         return dataclasses.replace(self, hidden=self.width(level), head_dim=self.head_width(level),
                                    levels=self.levels - level)
 
@@ -98,13 +99,22 @@ class Config:
 
     @staticmethod
     def from_dict(d):
-        """Rebuild a config from `to_dict()` output, refusing unknown or missing fields."""
+        """Rebuild a config from `to_dict()` output, refusing unknown or missing fields.
+
+        Every field must be present: a dict that lacks one is not a config this code wrote, and
+        filling in a default could silently build another model. (Checkpoints from before a field
+        existed are completed explicitly by checkpoint.py, which knows what those versions meant.)
+        """
         if not isinstance(d, dict):
             raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(Config)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; known fields are {sorted(names)}")
+        missing = sorted(names - set(d))
+        if missing:
+            raise ValueError(f"the config is missing fields {missing}; Config.to_dict() writes all of "
+                             f"{sorted(names)}")
         return Config(**{k: _coerce(k, v) for k, v in d.items()})
 
     def override(self, **changes):
@@ -179,6 +189,25 @@ def _coerce(name, value):
     return value
 
 
+# Sizes beyond these are refused as absurd rather than attempted: a NumPy engine on a CPU cannot
+# hold or train them, and a typo (vocab_size=1e12) should not start allocating terabytes.
+MAX_FIELD = 1 << 24        # any one integer field (context, hidden, vocab_size, ...)
+MAX_PARAMS = 1 << 31       # numbers in the shared arrays: 8 GiB as float32, 32 GiB with gradients and AdamW
+
+
+def parameter_count(cfg):
+    """Numbers in the shared arrays of this config, from the shapes init_params builds (model.py)."""
+    D, H, K, hd, F, V, L = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size, cfg.layers
+    per_layer = 2 * D + D * H * hd + 2 * D * K * hd + H * hd * D + 2 * D * F + 2 * F + F * D + D
+    total = V * D + 3 * D + L * per_layer
+    if cfg.coupling != "none":
+        total += cfg.levels * L
+    if cfg.tokenizer == "bytes":
+        slots = sum(cfg.split ** (cfg.levels - 1 - k) for k in range(cfg.levels - 1))
+        total += 2 * slots * D
+    return total
+
+
 def validate(cfg):
     """Raise ValueError naming the first broken constraint of a config."""
     for name in _INT_FIELDS:
@@ -187,10 +216,15 @@ def validate(cfg):
             raise ValueError(f"config field {name} must be an integer, got {v!r}")
         if v <= 0:
             raise ValueError(f"config field {name} must be positive, got {v}")
+        if v > MAX_FIELD:
+            raise ValueError(f"config field {name}={v} is absurdly large; the limit is {MAX_FIELD} (2**24)")
     for name in ("rope_theta", "eps"):
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"config field {name} must be a positive number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise ValueError(f"config field {name} must be a positive finite number, got {v!r}")
+    if cfg.eps > 1:   # rmsnorm divides by sqrt(mean(x^2) + eps); a huge eps flattens every activation to 0
+        raise ValueError(f"config field eps must be a positive number <= 1 (it is added to the mean square of "
+                         f"unit-scale activations; typical values are 1e-6 to 1e-5), got {cfg.eps!r}")
     if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, (int, float)) or not 0 <= cfg.dropout < 1:
         raise ValueError(f"config field dropout must be in [0, 1), got {cfg.dropout!r}")
     if cfg.tokenizer not in TOKENIZERS:
@@ -220,3 +254,8 @@ def validate(cfg):
         raise ValueError(f"config field coupling_scale_init must be a finite number, got {v!r}")
     from tinyfractal.variants import variant_of
     variant_of(cfg).validate(cfg)
+    n = parameter_count(cfg)
+    if n > MAX_PARAMS:
+        raise ValueError(f"this config has {n:.3g} parameters ({4 * n / 2 ** 30:.3g} GiB as float32); the limit "
+                         f"is 2**31 = {MAX_PARAMS:.3g} (vocab_size={cfg.vocab_size}, hidden={cfg.hidden}, "
+                         f"layers={cfg.layers}, mlp_mult={cfg.mlp_mult}, heads={cfg.heads}, head_dim={cfg.head_dim})")

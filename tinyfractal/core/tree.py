@@ -16,6 +16,8 @@ basic slices of the full arrays, which NumPy returns as views: no copies, one se
 import numpy as onp
 from autograd.extend import primitive, defvjp
 
+from tinyfractal.validate import check_params
+
 ROLES = {
     "E": (None, "R"),
     "emb_norm": ("R",), "final_norm": ("R",), "out_norm": ("R",),
@@ -126,7 +128,8 @@ def view(params, cfg, level, index):
 
     The result is a params dict for `cfg.sub(level)`, so the same forward code runs it.
     """
-    cfg.check_node(level, index)
+    check_params(params, cfg, allow_extra=True)
+    level, index = cfg.check_node(level, index)
     return map_roles(lambda a, roles: a[node_slices(cfg, level, index, roles)], params)
 
 
@@ -171,7 +174,8 @@ def level_view(params, cfg, level):
 
     Entry [j] of each stacked array is the same memory as `view(params, cfg, level, j)`.
     """
-    cfg.check_level(level)
+    check_params(params, cfg, allow_extra=True)
+    level = cfg.check_level(level)
     n = cfg.n_models(level)
 
     def stack(a, roles):

@@ -5,21 +5,34 @@ window for every position with the variant's reference forward: the readable def
 is tested against. A position is a token, or for byte models a group of g bytes sampled slot by slot
 (the slots come from the same state, so given the past they are drawn independently).
 """
+import math
+import numbers
+
 import numpy as onp
 
 from tinyfractal.inference import decoder
 from tinyfractal.variants import variant_of
 
 
+MIN_TEMPERATURE = 1e-6
+
+
 def check_sampling(temperature, top_k, top_p, max_new_tokens=0):
-    """Raise ValueError for sampling settings outside their ranges."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    """Raise ValueError for sampling settings outside their ranges.
+
+    temperature: 0 (greedy) or a finite number >= MIN_TEMPERATURE = 1e-6. Below that, sampling is
+    greedy in all but name, and the smallest floats (1e-320) overflow logits / temperature to inf,
+    whose softmax is nan. NumPy integer and float scalars are accepted like Python numbers.
+    """
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+            or not math.isfinite(temperature) or not (temperature == 0 or temperature >= MIN_TEMPERATURE)):
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
+                         f"got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
 

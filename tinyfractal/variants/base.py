@@ -8,24 +8,13 @@ import numpy as onp
 
 from tinyfractal.core import fast, flops, model
 from tinyfractal.core.tree import view
+from tinyfractal.validate import check_ids
 from tinyfractal.variants import FEATURES, Variant, unsupported
 
 
 def check_token_ids(cfg, ids, what="ids"):
     """ids must be a (B,T) array of integer token ids in [0, vocab_size) with 1 <= T <= context."""
-    a = onp.asarray(ids)
-    if a.dtype.kind not in "iu":
-        raise ValueError(f"{what} must be integer token ids, got an array of dtype {a.dtype}")
-    if a.ndim != 2:
-        raise ValueError(f"{what} must have shape (B, T) = (batch, time), got shape {a.shape}")
-    B, T = a.shape
-    if B < 1 or not 1 <= T <= cfg.context:
-        raise ValueError(f"{what} has shape {a.shape}: need B >= 1 and 1 <= T <= context = {cfg.context}")
-    lo, hi = int(a.min()), int(a.max())
-    if lo < 0 or hi >= cfg.vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"{what} holds token id {bad}; ids must be in [0, {cfg.vocab_size})")
-    return a
+    return check_ids(cfg, ids, what)
 
 
 class Base(Variant):

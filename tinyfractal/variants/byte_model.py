@@ -27,6 +27,7 @@ import autograd.numpy as np
 from tinyfractal.core import fast, flops, formulas, model
 from tinyfractal.core.tree import group_size, level_view, view
 from tinyfractal.text.byte_tokenizer import DECODE_NOTE, ByteTokenizer  # noqa: F401  (DECODE_NOTE: for lessons)
+from tinyfractal.validate import check_ids
 from tinyfractal.variants import FEATURES
 from tinyfractal.variants.base import Base
 
@@ -45,16 +46,7 @@ def bits(nats):
 
 def check_groups(cfg, groups, level=0, what="groups"):
     """groups must be (B, T, g_level) integer byte values in [0, 256) with 1 <= T <= context."""
-    groups = onp.asarray(groups)
-    g = group_size(cfg, level)
-    if groups.dtype.kind not in "iu":
-        raise ValueError(f"{what} must be integer byte values, got an array of dtype {groups.dtype}")
-    if groups.ndim != 3 or groups.shape[2] != g or groups.shape[0] < 1 or not 1 <= groups.shape[1] <= cfg.context:
-        raise ValueError(f"a level-{level} byte model of this config reads {what} of shape (B, T, {g}) with "
-                         f"B >= 1 and 1 <= T <= context={cfg.context}; got shape {groups.shape}")
-    if groups.min() < 0 or groups.max() > 255:
-        raise ValueError(f"byte ids must be in [0, 256), got values {groups.min()}..{groups.max()}")
-    return groups
+    return check_ids(cfg, groups, what, group=group_size(cfg, level))
 
 
 def slot_gain(params, name, g):
