@@ -22,7 +22,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tinyfractal as tf                                  # noqa: E402
-from tinyfractal import checkpoint                        # noqa: E402
+from tinyfractal.core.tree import flatten                 # noqa: E402
+from tinyfractal.training import checkpoint               # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 MICRO = ["--preset", "micro", "--eval_batches=1", "--batch_size=2"]
@@ -144,14 +145,14 @@ def main():
     straight = WORK / "straight"
     r, _ = cli("train", *MICRO, "--steps", "40", "--warmup=5", "--eval_interval=20", "--out", straight)
     cut = WORK / "cut"
-    driver = ("import os, signal, sys\nimport tinyfractal.train as T\nfrom tinyfractal import cli\nreal = T.save_run\n"
+    driver = ("import os, signal, sys\nimport tinyfractal.training.train as T\nfrom tinyfractal import cli\nreal = T.save_run\n"
               "def save_run(*a, **k):\n    real(*a, **k)\n    if a[4]['t'] == 20:\n"
               "        os.kill(os.getpid(), signal.SIGKILL)\nT.save_run = save_run\nsys.exit(cli.main(sys.argv[1:]))\n")
     args = ["train", *MICRO, "--steps", "40", "--warmup=5", "--eval_interval=20", "--out", str(cut)]
     subprocess.run([sys.executable, "-c", driver, *args], env=ENV, cwd=ROOT, capture_output=True)
     r, _ = cli(*args, "--resume")
     a, b = tf.load(straight)[0], tf.load(cut)[0]
-    diff = max(float(np.abs(a_ - b_).max()) for a_, b_ in zip(tf.tree.flatten(a).values(), tf.tree.flatten(b).values()))
+    diff = max(float(np.abs(a_ - b_).max()) for a_, b_ in zip(flatten(a).values(), flatten(b).values()))
     same_meta = tf.load(straight)[2] == tf.load(cut)[2]
     show("`--warmup=5`: 40 steps killed after the step-20 checkpoint, resumed with the same command, vs 40 "
          "straight", f"max |Δparam| {diff}, metrics and settings equal: {same_meta}")
@@ -204,7 +205,7 @@ def main():
         show(f"`Config(..., {k}={v})`", api(lambda: tf.Config(**{**tf.Config().to_dict(), k: v})))
     show("`Config.from_dict({})`", api(lambda: tf.Config.from_dict({})))
     nan_run = Path(tempfile.mkdtemp(dir=WORK))
-    flat = {f"param/{k}": v.copy() for k, v in tf.tree.flatten(p).items()}
+    flat = {f"param/{k}": v.copy() for k, v in flatten(p).items()}
     flat["param/E"][0, 0] = np.nan
     T.crafted(nan_run, flat)
     r, _ = cli("eval", "--ckpt", nan_run / "crafted", "--batches", "1")

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 import tinyfractal as tf
-from tinyfractal import checkpoint, runlock
+from tinyfractal import runlock
+from tinyfractal.core.tree import flatten
+from tinyfractal.training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # a checkpoint after every step, so a kill lands inside a save often
@@ -209,7 +211,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_finite_checkpoint(tmp
     assert line.startswith("error: training diverged ") and "learning rate" in line and "the last finite one" in line
     bad_step = int(line.split(" step ")[1].split(":")[0])
     params, _, meta = tf.load(out)             # load refuses non-finite arrays, so this also proves finiteness
-    assert all(np.isfinite(a).all() for a in tf.tree.flatten(params).values())
+    assert all(np.isfinite(a).all() for a in flatten(params).values())
     assert 10 <= meta["step"] < bad_step and f"keeps the checkpoint of step {meta['step']}" in line
     r = run(*base, "--steps", str(meta["step"] + 3), "--out", out, "--resume", "--allow-changes", "--lr=1e-3",
             "--min_lr=1e-4")

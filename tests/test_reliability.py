@@ -21,13 +21,13 @@ from hypothesis import strategies as st
 
 import tinyfractal as tf
 from strategies import BAD_TOKEN_KINDS, bad_token_arrays, configs, examples
-from tinyfractal import checkpoint, cli, validate
-from tinyfractal.checkpoint import _digest
+from tinyfractal import cli, validate
+from tinyfractal.training import checkpoint
+from tinyfractal.training.checkpoint import _digest
 from tinyfractal.config import Config
-from tinyfractal.model import param_shapes
-from tinyfractal.sample import check_sampling
-from tinyfractal.train import TrainConfig, adamw_init, save_run
-from tinyfractal.tree import flatten
+from tinyfractal.inference.sample import check_sampling
+from tinyfractal.training.train import TrainConfig, adamw_init, save_run
+from tinyfractal.core.tree import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "legacy_micro_run"
@@ -413,14 +413,14 @@ def test_a_checkpoint_refuses_another_tokenizer(tmp_path, monkeypatch, capsys):
         tf.load(tmp_path / "run", tokenizer=other)
     path = tmp_path / "changed.json"
     other.save(path)
-    from tinyfractal import tokenizer as tokenizer_module
+    from tinyfractal.text import bpe as tokenizer_module
     monkeypatch.setattr(tokenizer_module, "DEFAULT_PATH", path)     # as if tokenizer/tokenizer.json changed
     for argv in (["eval", "--ckpt", str(tmp_path / "run"), "--batches", "1"],
                  ["sample", "--ckpt", str(tmp_path / "run"), "--max-new-tokens", "2"]):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "tokenizer" in err
-    byte_cfg = micro(tokenizer="bytes", vocab_size=256)
+    byte_cfg = micro(tokenizer="bytes")
     q = tf.init_params(byte_cfg, 0)
     tf.save(tmp_path / "bytes", q, byte_cfg, {"step": 1})
     with pytest.raises(ValueError, match="'bytes' tokenizer"):
@@ -467,13 +467,13 @@ def test_config_refuses_non_finite_values_and_absurd_sizes(changes, words):
 @examples(40)
 @given(configs())
 def test_parameter_count_formula_equals_the_arrays(cfg):
-    """config.parameter_count (used to refuse absurd configs) and validate.expected_shapes (used by view
-    and checkpoints) agree with the arrays init_params really builds, for base, coupled and byte models."""
-    for c in (cfg, cfg.override(coupling="upstream"), cfg.override(tokenizer="bytes", vocab_size=256)):
-        shapes = flatten(param_shapes(c))
-        assert validate.expected_shapes(c) == {k: tuple(v) for k, v in shapes.items()}
-        assert sum(math.prod(s) for s in shapes.values()) == tf.config.parameter_count(c) == \
-            tf.count_params(tf.init_params(c, 0))
+    """config.parameter_count (used to refuse absurd configs before any array exists) and the shapes that
+    view and checkpoints check against (validate.expected_shapes) agree with the arrays init_params
+    really builds, for base, coupled and byte models."""
+    for c in (cfg, cfg.override(coupling="upstream"), cfg.override(tokenizer="bytes")):
+        arrays = flatten(tf.init_params(c, 0))
+        assert validate.expected_shapes(c) == {k: a.shape for k, a in arrays.items()}
+        assert tf.config.parameter_count(c) == sum(a.size for a in arrays.values())
 
 
 # The API refuses what it cannot do right.
@@ -526,33 +526,23 @@ def test_valid_token_arrays_pass_the_check_unchanged(data):
 
 @pytest.mark.parametrize("kind", ["rank", "too_large", "negative", "float"])
 def test_byte_models_check_their_groups_too(kind):
-    """A byte model's tree losses take (B, T, g_0) groups of byte values in [0, 256): other shapes and values
-    are ValueErrors; forward of a byte model above its leaves is refused, naming the byte variant."""
-    cfg = micro(tokenizer="bytes", vocab_size=256)
+    """A byte model reads (B, T, g) groups of byte values in [0, 256): other shapes and values are
+    ValueErrors naming the offending value or shape, for the whole model and for one level (whose
+    groups are g_level bytes long: single bytes at the leaves)."""
+    cfg = micro(tokenizer="bytes")
     params = tf.init_params(cfg, 0)
     groups = np.zeros((2, cfg.context, 2), dtype=np.int64)
     bad = {"rank": groups[:, :, 0], "too_large": groups + 256, "negative": groups - 1,
            "float": groups.astype(float)}[kind]
-    with pytest.raises(ValueError, match=r"\(B, T, 2\)|256|negative|dtype"):
-        tf.tree_loss(params, cfg, bad, groups)
-    assert np.isfinite(float(tf.tree_loss(params, cfg, groups, groups)))
-    with pytest.raises(ValueError, match="byte model"):
-        tf.forward(params, cfg, groups[:, :, 0])
-    leaf = tf.forward_level(params, cfg, 1, groups[:, :, 0])        # leaves read single bytes: the base model
-    assert leaf.shape == (2, 2, cfg.context, 256)
-
-
-def test_coupled_configs_are_refused_by_the_single_model_forward():
-    """tinyfractal.forward and forward_level run uncoupled models: a coupled config is a ValueError naming
-    the coupling (its nodes read other nodes' states), not the base model's logits."""
-    cfg = micro(coupling="upstream")
-    params = tf.init_params(cfg, 0)
-    ids = np.zeros((1, 4), dtype=np.int64)
-    for call in (lambda: tf.forward(params, cfg, ids), lambda: tf.forward_level(params, cfg, 1, ids),
-                 lambda: tf.tree_loss_reference(params, cfg, ids, ids)):
-        with pytest.raises(ValueError, match="coupled"):
+    words = {"rank": r"\(B, T, 2\)", "too_large": r"256 at \(0, 0, 0\)", "negative": r"-1 at \(0, 0, 0\)",
+             "float": "float64"}[kind]
+    for call in (lambda: tf.tree_loss(params, cfg, bad, groups), lambda: tf.forward(params, cfg, bad)):
+        with pytest.raises(ValueError, match=words):
             call()
-    assert np.isfinite(float(tf.tree_loss(params, cfg, ids, ids)))       # the dispatching loss runs it right
+    assert np.isfinite(float(tf.tree_loss(params, cfg, groups, groups)))
+    with pytest.raises(ValueError, match=r"\(B, T, 1\)"):
+        tf.forward_level(params, cfg, 1, groups)
+    assert tf.forward_level(params, cfg, 1, groups[:, :, :1]).shape == (2, 2, cfg.context, 1, 256)
 
 
 def test_view_refuses_the_params_of_another_config():
@@ -618,7 +608,7 @@ def test_generate_refuses_a_tokenizer_of_another_size():
     """A token model's prompt must come from a tokenizer of its vocabulary size (else ids would be out of
     range or mean other text)."""
     cfg = micro(vocab_size=64)
-    with pytest.raises(ValueError, match="vocab_size is 64"):
+    with pytest.raises(ValueError, match="reads 64"):
         tf.generate(tf.init_params(cfg, 0), cfg, tf.Tokenizer.default(), "a", max_new_tokens=1)
 
 
@@ -642,7 +632,7 @@ def test_an_impossible_batch_is_refused_up_front():
 
 
 @pytest.mark.parametrize("preset, changes, B", [("micro", {}, 64), ("sierpinski", {}, 4),
-                                                 ("micro", {"tokenizer": "bytes", "vocab_size": 256}, 16)])
+                                                 ("micro", {"tokenizer": "bytes"}, 16)])
 def test_the_memory_estimate_is_a_lower_bound_of_a_real_step(preset, changes, B):
     """The NumPy memory a training step really holds at its peak (measured with tracemalloc, which sees
     every NumPy array) is at least the estimate's activation memory, so a batch that the estimate

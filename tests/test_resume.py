@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import tinyfractal as tf
-from tinyfractal import checkpoint, cli
-from tinyfractal.train import TrainConfig, fit, lr_at
+from tinyfractal import cli
+from tinyfractal.training import checkpoint
+from tinyfractal.training.train import TrainConfig, fit, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +28,8 @@ RUN = ["train", "--preset", "micro", "--steps", "40", "--warmup=5", "--lr=1e-2",
 #   ctrl-c N       SIGINT (Ctrl-C) while step N computes its loss
 DRIVER = r"""
 import os, signal, sys
-import tinyfractal.checkpoint as C
-import tinyfractal.train as T
+import tinyfractal.training.checkpoint as C
+import tinyfractal.training.train as T
 from tinyfractal import cli
 mode, at = sys.argv[1], int(sys.argv[2])
 kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
