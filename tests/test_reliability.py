@@ -653,3 +653,16 @@ def test_the_memory_estimate_is_a_lower_bound_of_a_real_step(preset, changes, B)
         tracemalloc.stop()
     estimate = validate.FLOAT * validate.activation_floats(cfg, B)
     assert peak >= estimate > 0, (peak, estimate)
+
+
+def test_eval_and_sample_use_the_checkpoints_own_tokenizer(tmp_path, capsys):
+    """eval and sample read a checkpoint with its variant's tokenizer: a byte model samples bytes (it is
+    not handed the 128-token BPE), and its recorded tokenizer kind is checked."""
+    cfg = micro(tokenizer="bytes")
+    p = tf.init_params(cfg, 0)
+    save_run(tmp_path / "bytes", p, cfg, TrainConfig(steps=1), adamw_init(p),
+             {"step": [], "loss": [], "eval_step": [], "train": {}, "val": {}})
+    assert cli.main(["sample", "--ckpt", str(tmp_path / "bytes"), "--prompt", "ab", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+    assert cli.main(["eval", "--ckpt", str(tmp_path / "bytes"), "--batches", "1", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"0.0", "1.0", "1.1"}
