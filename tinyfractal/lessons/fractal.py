@@ -16,7 +16,7 @@ import numpy as np
 
 from tinyfractal import Config, Tokenizer, init_params, nodes
 from tinyfractal import fractal
-from tinyfractal.training.checkpoint import atomic_write_bytes, atomic_write_json, load
+from tinyfractal.training.checkpoint import atomic_write_bytes, atomic_write_json, exists, load
 from tinyfractal.training.data import load_tokens, train_val_split
 from tinyfractal.training.train import TrainConfig, format_duration, save_run, train
 
@@ -55,7 +55,7 @@ def get_model(args, out, tokenizer):
     own = out / "checkpoint"
     candidates = [Path(args.ckpt)] if args.ckpt else ([] if args.quick else [Path("lesson_output/base/checkpoint"), own])
     for path in candidates:
-        if (path / "meta.json").exists() or args.ckpt:
+        if exists(path) or args.ckpt:   # a run folder (step folders + checkpoint.json) or an old one
             params, cfg, meta = load(path)
             return params, cfg, f"loaded {path} (trained {meta.get('step', '?')} steps)"
     cfg = Config.preset("tiny")

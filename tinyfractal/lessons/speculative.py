@@ -13,7 +13,7 @@ import numpy as np
 
 from tinyfractal import Config, Tokenizer, init_params
 from tinyfractal.inference import decoder as infer
-from tinyfractal.training.checkpoint import atomic_write_json, load
+from tinyfractal.training.checkpoint import atomic_write_json, exists, load
 from tinyfractal.training.data import load_tokens, train_val_split
 from tinyfractal.inference.ensemble import ensemble_losses, ensemble_table
 from tinyfractal.tools.infer_bench import call_times, cache_vs_recompute, default_choices, spec_table, timed
@@ -46,7 +46,7 @@ def get_model(args, out, tokenizer):
     own = out / "checkpoint"
     candidates = [Path(args.ckpt)] if args.ckpt else ([] if args.quick else [own, Path("lesson_output/base/checkpoint")])
     for path in candidates:
-        if (path / "meta.json").exists() or args.ckpt:
+        if exists(path) or args.ckpt:   # a run folder (step folders + checkpoint.json) or an old one
             params, cfg, meta = load(path)
             return params, cfg, f"loaded {path} (trained {meta.get('step', '?')} steps)"
     cfg = Config.preset("tiny")
