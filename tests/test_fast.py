@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from strategies import examples
 from tinyfractal.core import fast
 from tinyfractal.core import model
-from tinyfractal.core import ops
+from tinyfractal.core import machinery, ops
 from tinyfractal.config import Config
 from tinyfractal.core.tree import flatten, unflatten, view
 
@@ -70,13 +70,8 @@ def test_level_batched_loss_and_every_gradient_equal_the_per_node_path_in_float6
     per-node reference (tf.tree_loss_reference) to float64 rounding, with or without level weights,
     with the ops running in one thread or forced to split their work over two."""
     cfg, params, ids, targets, block = case
-    saved = ops.THREADS, ops.MIN_WORK, ops._free_cores
-    ops.THREADS, ops.MIN_WORK = (2, 0) if split else (1, saved[1])
-    ops._free_cores = lambda: 2.0          # use both threads even if the machine is busy right now
-    try:
+    with machinery.forced_split(2 if split else 1):
         check_same_as_reference(cfg, params, ids, targets, block, weights)
-    finally:
-        ops.THREADS, ops.MIN_WORK, ops._free_cores = saved
 
 
 def check_same_as_reference(cfg, params, ids, targets, block, weights):

@@ -26,34 +26,15 @@ import time
 import numpy as onp
 from autograd import value_and_grad
 
-from tinyfractal.core import fast
-from tinyfractal.core import model
-from tinyfractal.core import ops
+from tinyfractal import api
 from tinyfractal.config import Config
-from tinyfractal.training.train import TrainConfig, adamw_init, adamw_step, clip_by_global_norm
+from tinyfractal.core import machinery
+from tinyfractal.core.flops import step_flops_by_kind
+from tinyfractal.core.model import init_params
 from tinyfractal.core.tree import flatten, unflatten
+from tinyfractal.training.train import TrainConfig, adamw_init, adamw_step, clip_by_global_norm
 
 PATHS = ("fast", "reference")
-
-
-def step_flops(cfg, batch):
-    """Matmul FLOPs of one training step, by kind: {kind: flops}; backward counted as 2x forward.
-
-    Also 'attention (causal half)': QK and PV counting only the T(T+1)/2 unmasked pairs.
-    """
-    T, V, H, K, L = cfg.context, cfg.vocab_size, cfg.heads, cfg.kv_heads, cfg.layers
-    M = batch * T
-    out = dict.fromkeys(["projections q k v o", "mlp gate up down", "attention QK PV", "output logits"], 0)
-    causal = 0
-    for level in range(cfg.levels):
-        N, d, h, f = cfg.n_models(level), cfg.width(level), cfg.head_width(level), cfg.mlp_width(level)
-        out["projections q k v o"] += 3 * L * N * 2 * M * d * (2 * H * h + 2 * K * h)
-        out["mlp gate up down"] += 3 * L * N * 2 * M * 3 * d * f
-        out["attention QK PV"] += 3 * L * N * 2 * 2 * batch * H * T * T * h
-        causal += 3 * L * N * 2 * 2 * batch * H * (T * (T + 1) // 2) * h
-        out["output logits"] += 3 * N * 2 * M * d * V
-    total = sum(out.values())
-    return {**out, "total": total, "total (attention causal half)": total - out["attention QK PV"] + causal}
 
 
 def matmul_shapes(cfg, batch):
@@ -74,7 +55,7 @@ def measure_peak(cfg, batch, budget=0.05):
     """Best float32 GFLOP/s over the model's matmul shapes: (GFLOP/s, shape, how).
 
     Each shape is timed for about `budget` seconds two ways, as plain np.matmul (BLAS's own threads)
-    and as ops.batched_matmul (our threads, single-threaded BLAS); the fastest run counts.
+    and as machinery.batched_matmul (our threads, single-threaded BLAS); the fastest run counts.
     """
     rng = onp.random.default_rng(0)
     best = (0.0, None, None)
@@ -84,7 +65,7 @@ def measure_peak(cfg, batch, budget=0.05):
         out = onp.empty((Bm, m, n), dtype=onp.float32)
         flops = 2.0 * Bm * m * k * n
         for how, run in (("np.matmul", lambda: onp.matmul(a, b, out=out)),
-                         ("ops.batched_matmul", lambda: ops.batched_matmul(a, b))):
+                         ("machinery.batched_matmul", lambda: machinery.batched_matmul(a, b))):
             run()
             reps, fastest, start = 0, float("inf"), time.perf_counter()
             while reps < 3 or time.perf_counter() - start < budget:
@@ -99,8 +80,8 @@ def measure_peak(cfg, batch, budget=0.05):
 
 def training_step(path, cfg, tc, seed=0):
     """A function running one full training step of `path` on its own fresh parameters."""
-    params = model.init_params(cfg, seed)
-    loss = fast.tree_loss if path == "fast" else model.tree_loss_reference
+    params = init_params(cfg, seed)
+    loss = api.tree_loss if path == "fast" else api.tree_loss_reference
     value_grad = value_and_grad(lambda p, ids, targets: loss(p, cfg, ids, targets))
     state = adamw_init(params)
     timings = {}
@@ -151,7 +132,7 @@ def profile_fast_step(cfg, tc, steps=3):
     data = list(batches(cfg, tc.batch_size, steps + 1, seed=1))
     run(*data[0])
     total, optimizer = 0.0, 0.0
-    with ops.profiling() as seconds:
+    with machinery.profiling() as seconds:
         for ids, targets in data[1:]:
             t0 = time.perf_counter()
             run(ids, targets)
@@ -167,8 +148,8 @@ def peak_memory(preset, path, batch, steps=2):
     """Peak resident memory (bytes) of a fresh process running `steps` training steps of `path`."""
     cmd = [sys.executable, "-m", "tinyfractal.tools.bench", "--preset", preset, "--batch", str(batch),
            "--steps", str(steps), "--memory-of", path]
-    if ops._blas:
-        cmd += ["--blas-threads", str(ops._blas[1]())]
+    if machinery.blas_threads() is not None:
+        cmd += ["--blas-threads", str(machinery.blas_threads())]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the memory probe for {path} failed: {done.stderr.strip()[-500:]}")
@@ -203,14 +184,14 @@ def run_bench(preset, steps, warmup, batch=None, paths=PATHS, memory=True, profi
     tc = TrainConfig.preset(preset)
     if batch is not None:
         tc = tc.override(batch_size=batch)
-    flops = step_flops(cfg, tc.batch_size)
+    flops = step_flops_by_kind(cfg, tc.batch_size)
     memory = {path: peak_memory(preset, path, tc.batch_size) for path in paths} if memory else {}
     peak, peak_shape, peak_how = measure_peak(cfg, tc.batch_size)
     wall, cpu = time_steps(cfg, tc, steps, warmup, paths)
     medians = {path: statistics.median(t) for path, t in wall.items()}
     tokens = tc.batch_size * cfg.context
     result = {"preset": preset, "batch": tc.batch_size, "context": cfg.context, "tokens_per_step": tokens,
-              "models": cfg.n_nodes, "steps": steps, "warmup": warmup, "threads": ops.THREADS,
+              "models": cfg.n_nodes, "steps": steps, "warmup": warmup, "threads": machinery.THREADS,
               "load_average_1min": os.getloadavg()[0], "flops_per_step": flops,
               "matmul_peak_gflops": peak, "matmul_peak_shape": list(peak_shape), "matmul_peak_by": peak_how,
               "paths": {}}
@@ -289,10 +270,14 @@ def main(argv=None):
             parser.error(f"--{name} must be a positive integer, got {value}")
     if args.warmup < 0 or args.profile_steps < 0:
         parser.error("--warmup and --profile-steps must be >= 0")
+    try:
+        machinery.tune()
+    except ValueError as e:
+        parser.error(str(e))
     if args.blas_threads is not None:
-        if args.blas_threads < 1 or ops._blas is None:
+        if args.blas_threads < 1 or machinery.blas_threads() is None:
             parser.error("--blas-threads needs a positive count and numpy's bundled OpenBLAS")
-        ops._blas[0](args.blas_threads)
+        machinery.set_blas_threads(args.blas_threads)
     if args.memory_of:
         cfg, tc = Config.preset(args.preset), TrainConfig.preset(args.preset)
         tc = tc.override(batch_size=args.batch) if args.batch else tc
@@ -300,7 +285,7 @@ def main(argv=None):
         return 0
     result = run_bench(args.preset, args.steps, args.warmup, args.batch, paths, not args.no_memory,
                        args.profile_steps)
-    result["blas_threads"] = ops._blas[1]() if ops._blas else None
+    result["blas_threads"] = machinery.blas_threads()
     print(json.dumps(result, indent=1) if args.json else report(result))
     return 0
 

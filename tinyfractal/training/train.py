@@ -12,6 +12,7 @@ import numpy as onp
 from autograd import value_and_grad
 
 from tinyfractal.api import node_losses, tree_loss
+from tinyfractal.core import machinery
 from tinyfractal.training.data import batch_at
 from tinyfractal.variants import variant_of
 from tinyfractal.core.tree import NO_DECAY, flatten, nodes, unflatten
@@ -236,6 +237,7 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     `on_interrupt(step, metrics, state)` is called first, so the caller can save exactly where the
     run stopped. Then KeyboardInterrupt propagates.
     """
+    machinery.tune()      # threads for the fused ops, malloc that keeps freed memory (core/machinery.py)
     check_memory(cfg, tc.batch_size)
     loss_fn = loss_fn or (lambda p, c, i, t, rng: tree_loss(p, c, i, t, level_weights, rng))
     value_grad = value_and_grad(loss_fn)
@@ -396,6 +398,7 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
     (step >= steps) logs one line and writes nothing. Divergence stops the run (Diverged), naming
     the step, and the checkpoint on disk stays the last finite one.
     """
+    machinery.tune()      # here too, so a bad TINYFRACTAL_THREADS is reported before the data is read
     from tinyfractal import runlock
     from tinyfractal.api import level_weight_table
     from tinyfractal.core.model import init_params
