@@ -104,7 +104,7 @@ def test_command_line_bad_input_is_one_line_and_exit_2(argv, capsys, tmp_path):
     """A bad argument or unreadable input gives exit code 2 and exactly one line on stderr."""
     assert main(argv + ["--out", str(tmp_path / "t.json")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("tokenizer: error:")
+    assert err.count("\n") == 1 and err.startswith("error: ")
 
 
 def test_command_line_too_many_merges_is_exit_2(tmp_path, capsys):

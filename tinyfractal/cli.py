@@ -1,70 +1,36 @@
 """The command line: `python -m tinyfractal COMMAND ...`.
 
-Each command is a function that adds its subparser and sets `run`. Commands from other modules are
-listed in PLUGINS as (module, function) and added the same way.
+COMMANDS is the table of every command: its name, the "module:function" that declares its arguments,
+and a one-line help. A command's module is imported only when that command runs (as tinygrad's
+device table does), so `eval`, `train` and `sample` never import matplotlib, and a module that adds a
+command never imports this one (no import cycle). The declaring function receives its subparser, adds
+the arguments and sets `run(args, extra) -> exit code` (and `overrides=True` if it takes --key=value).
+
+Parsing and error reporting are shared with the other command lines (cli_args.py): a mistake is one
+line on stderr and exit code 2.
 """
-import argparse
 import importlib
 import json
 import math
 import sys
 import warnings
 
-PLUGINS = [
-    # ("tinyfractal.some_module", "add_command"),
-    ("tinyfractal.tools.trace", "add_command"),
-    ("tinyfractal.tools.plots", "add_command"),
-    ("tinyfractal.training.grow", "add_command"),
-]
+from tinyfractal.cli_args import Parser, UsageError, fail, parse_overrides, reporting, split_overrides
+
+COMMANDS = {
+    "train": ("tinyfractal.cli:train_arguments", "train a FractalFormer and write a checkpoint and metrics.json"),
+    "eval": ("tinyfractal.cli:eval_arguments", "per-node validation loss of a checkpoint"),
+    "sample": ("tinyfractal.cli:sample_arguments", "generate text from one node of a checkpoint"),
+    "trace": ("tinyfractal.tools.trace:arguments", "one forward pass of one node, printing every op's slices and shapes"),
+    "figures": ("tinyfractal.tools.plots:arguments", "ownership maps, tree, attention maps (and loss curves) of a config"),
+    "grow": ("tinyfractal.training.grow:arguments",
+             "grow a FractalFormer: train leaves apart, merge, train the new blocks, repeat"),
+}
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr and exit code 2."""
-
-    def error(self, message):
-        raise SystemExit(_fail(f"{self.prog}: {message}"))
-
-
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def parse_overrides(extra):
-    """['--lr=0.01', '--levels=2'] -> {'lr': '0.01', 'levels': '2'}; anything else is an error."""
-    out = {}
-    for item in extra:
-        if not item.startswith("--") or "=" not in item:
-            raise ValueError(f"unrecognised argument {item!r}; overrides are written --key=value")
-        key, value = item[2:].split("=", 1)
-        out[key.replace("-", "_")] = value
-    return out
-
-
-def split_overrides(overrides):
-    """Send each --key=value to the model Config or to the TrainConfig, by field name."""
-    import dataclasses
-    from tinyfractal.config import Config
-    from tinyfractal.training.train import TrainConfig
-    model_fields = {f.name for f in dataclasses.fields(Config)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    model, train = {}, {}
-    for k, v in overrides.items():
-        if k in model_fields:
-            model[k] = v
-        elif k in train_fields:
-            train[k] = v
-        else:
-            raise ValueError(f"unknown setting --{k}; model settings are {sorted(model_fields)}, "
-                             f"training settings are {sorted(train_fields)}")
-    return model, train
-
-
-def add_train(sub):
-    p = sub.add_parser("train", help="train a FractalFormer and write a checkpoint and metrics.json",
-                       description="Train, saving a checkpoint at every evaluation. Exit codes: 0 done, 2 bad "
-                                   "input or a refused folder, 3 training diverged (the checkpoint on disk stays "
-                                   "the last finite one).")
+def train_arguments(p):
+    p.description = ("Train, saving a checkpoint at every evaluation. Exit codes: 0 done, 2 bad input or a refused "
+                     "folder, 3 training diverged (the checkpoint on disk stays the last finite one).")
     p.add_argument("--preset", default=None, help="model preset (default tiny; with --resume, the saved model)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.json)")
@@ -98,7 +64,7 @@ def train_settings(args, extra):
     from the saved run: settings not given come from the checkpoint, and those given are compared."""
     from tinyfractal.config import Config
     from tinyfractal.training.train import TrainConfig, saved_settings
-    model_over, train_over = split_overrides(parse_overrides(extra))
+    model_over, train_over = split_overrides(parse_overrides(extra), ("model", Config), ("training", TrainConfig))
     weights = None if args.level_weights is None else parse_level_weights(args.level_weights)
     if args.keep < 1:
         raise ValueError(f"--keep must be >= 1, got {args.keep}")
@@ -141,7 +107,7 @@ def run_train(args, extra):
         print(f"error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt as e:
-        return _fail(str(e) or "interrupted")
+        return fail(str(e) or "interrupted")
     if data is None:   # a finished run, resumed: fit said so in one line
         return 0
     print("\n".join(loss_table(metrics, cfg)))
@@ -149,8 +115,7 @@ def run_train(args, extra):
     return 0
 
 
-def add_eval(sub):
-    p = sub.add_parser("eval", help="per-node validation loss of a checkpoint")
+def eval_arguments(p):
     p.add_argument("--ckpt", required=True, help="a run folder (its latest checkpoint) or one of its step folders")
     p.add_argument("--batches", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
@@ -186,8 +151,7 @@ def run_eval(args, extra):
     return 0
 
 
-def add_sample(sub):
-    p = sub.add_parser("sample", help="generate text from one node of a checkpoint")
+def sample_arguments(p):
     p.add_argument("--ckpt", required=True, help="a run folder (its latest checkpoint) or one of its step folders")
     p.add_argument("--level", type=int, default=0)
     p.add_argument("--index", type=int, default=0)
@@ -235,24 +199,29 @@ def run_sample(args, extra):
     return 0
 
 
-def build_parser():
+def load(target):
+    """The function named by a "module:function" string of COMMANDS, importing its module now."""
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def build_parser(command=None):
+    """The parser of every command; only `command`'s module is imported and only its arguments declared."""
     parser = Parser(prog="python -m tinyfractal", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in (add_train, add_eval, add_sample):
-        add(sub)
-    for module, function in PLUGINS:
-        getattr(importlib.import_module(module), function)(sub)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND",
+                                title="commands")
+    for name, (target, help) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        if name == command:
+            load(target)(p)
     return parser
 
 
+@reporting
 def main(argv=None):
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "overrides", False):
-        return _fail(f"unrecognised arguments: {' '.join(extra)}")
-    try:
-        return args.run(args, extra)
-    except (ValueError, FileNotFoundError) as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return _fail("interrupted")
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
+    return args.run(args, extra)

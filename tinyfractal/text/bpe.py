@@ -23,7 +23,6 @@ Command line: python -m tinyfractal.text.bpe [--input input.txt] [--merges 63]
                                               [--out tokenizer/tokenizer.json] [--check]
 """
 
-import argparse
 import json
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyfractal.cli_args import Parser, UsageError, reporting
 from tinyfractal.paths import CORPUS, TOKENIZER
 
 DEFAULT_INPUT = CORPUS
@@ -343,56 +343,43 @@ def train_reference(text, num_merges=63):
     return Tokenizer(chars, merges)
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # argparse prints the usage and exits; we want one line on stderr and main() to return 2.
-        raise _UsageError(message)
-
-
 def _read_text(path):
     try:
         with open(path, encoding="utf-8", newline="") as f:  # newline="": keep "\r" if the file has it
             return f.read()
     except OSError as e:
-        raise _UsageError(f"cannot read {path}: {e.strerror}") from None
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise _UsageError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UsageError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+@reporting
 def main(argv=None):
     """Train on --input and write --out (or, with --check, compare with it). Returns the exit code:
-    0 ok, 1 --check found a difference, 2 bad input."""
-    parser = _Parser(prog="python -m tinyfractal.text.bpe", description="Train the character-pair BPE tokenizer.")
+    0 ok, 1 --check found a difference, 2 bad input (one line on stderr, cli_args.py)."""
+    parser = Parser(prog="python -m tinyfractal.text.bpe", description="Train the character-pair BPE tokenizer.")
     parser.add_argument("--input", default=str(DEFAULT_INPUT), help="training text (default: input.txt)")
     parser.add_argument("--merges", type=int, default=63, help="number of merges (default 63 -> 128 tokens)")
     parser.add_argument("--out", default=str(DEFAULT_PATH), help="output JSON (default: tokenizer/tokenizer.json)")
     parser.add_argument("--check", action="store_true", help="compare with --out instead of writing; exit 1 if different")
-    try:
-        args = parser.parse_args(argv)
-        if args.merges < 0:
-            raise _UsageError(f"--merges must be >= 0, got {args.merges}")
-        text = _read_text(args.input)
-        print(f"training BPE on {args.input}: {len(text):,} characters, {len(set(text))} base symbols, {args.merges} merges")
-        n_base = len(set(text))
+    args = parser.parse_args(argv)
+    if args.merges < 0:
+        raise UsageError(f"--merges must be >= 0, got {args.merges}")
+    text = _read_text(args.input)
+    print(f"training BPE on {args.input}: {len(text):,} characters, {len(set(text))} base symbols, {args.merges} merges")
+    n_base = len(set(text))
 
-        def show(rank, pair, count):
-            a, b = pair
-            print(f"  {rank:3d}  id {n_base + rank:4d}  {a!r:>8} + {b!r:<8} -> {a + b!r:<10} {count:7d} times")
+    def show(rank, pair, count):
+        a, b = pair
+        print(f"  {rank:3d}  id {n_base + rank:4d}  {a!r:>8} + {b!r:<8} -> {a + b!r:<10} {count:7d} times")
 
-        t0 = time.perf_counter()
-        tok = train(text, args.merges, on_merge=show)
-        t1 = time.perf_counter()
-        n_tokens = len(tok.encode_array(text))
-        t2 = time.perf_counter()
-        print(f"trained in {t1 - t0:.2f} s; the text is {n_tokens:,} tokens ({len(text) / n_tokens:.3f} characters "
-              f"per token), encoded in {t2 - t1:.2f} s")
-    except (_UsageError, ValueError) as e:
-        print(f"tokenizer: error: {e}", file=sys.stderr)
-        return 2
+    t0 = time.perf_counter()
+    tok = train(text, args.merges, on_merge=show)
+    t1 = time.perf_counter()
+    n_tokens = len(tok.encode_array(text))
+    t2 = time.perf_counter()
+    print(f"trained in {t1 - t0:.2f} s; the text is {n_tokens:,} tokens ({len(text) / n_tokens:.3f} characters "
+          f"per token), encoded in {t2 - t1:.2f} s")
     out = Path(args.out)
     if args.check:
         if not out.exists():
@@ -406,8 +393,7 @@ def main(argv=None):
     try:
         tok.save(out)
     except OSError as e:
-        print(f"tokenizer: error: cannot write {out}: {e.strerror}", file=sys.stderr)
-        return 2
+        raise UsageError(f"cannot write {out}: {e.strerror}") from None
     print(f"wrote {out} ({tok.vocab_size} tokens)")
     return 0
 

@@ -27,6 +27,7 @@ import numpy as onp
 from autograd import value_and_grad
 
 from tinyfractal import api
+from tinyfractal.cli_args import Parser, reporting
 from tinyfractal.config import Config
 from tinyfractal.core import machinery
 from tinyfractal.core.flops import step_flops_by_kind
@@ -239,14 +240,7 @@ def report(r):
     return "\n".join(lines)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr and exit code 2."""
-
-    def error(self, message):
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
+@reporting
 def main(argv=None):
     parser = Parser(prog="python -m tinyfractal.tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny", choices=sorted(("tiny", "original", "sierpinski", "micro")))
@@ -270,10 +264,7 @@ def main(argv=None):
             parser.error(f"--{name} must be a positive integer, got {value}")
     if args.warmup < 0 or args.profile_steps < 0:
         parser.error("--warmup and --profile-steps must be >= 0")
-    try:
-        machinery.tune()
-    except ValueError as e:
-        parser.error(str(e))
+    machinery.tune()
     if args.blas_threads is not None:
         if args.blas_threads < 1 or machinery.blas_threads() is None:
             parser.error("--blas-threads needs a positive count and numpy's bundled OpenBLAS")

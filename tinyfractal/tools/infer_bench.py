@@ -8,12 +8,13 @@ Timings run with one BLAS thread (set before NumPy loads, by re-running this com
 process): on a shared CPU, multi-threaded BLAS stalls for milliseconds on the tiny matrices of
 decoding. Every ratio compares runs made back to back in the same process, in alternating order.
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+
+from tinyfractal.cli_args import Parser, reporting
 
 CHILD = "TINYFRACTAL_BENCH_CHILD"
 
@@ -250,10 +251,10 @@ def add_stats(a, b):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m tinyfractal.tools.infer_bench", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m tinyfractal.tools.infer_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads for the timings (default 1)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     c = sub.add_parser("cache", help="KV cache vs full recompute")
     c.add_argument("--preset", default="original")
     c.add_argument("--prompt-tokens", type=int, default=56)
@@ -279,6 +280,7 @@ def build_parser():
     return parser
 
 
+@reporting
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -286,11 +288,7 @@ def main(argv=None):
         env = dict(os.environ, **{CHILD: "1", "OPENBLAS_NUM_THREADS": str(args.threads),
                                   "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)})
         return subprocess.call([sys.executable, "-m", "tinyfractal.tools.infer_bench", *argv], env=env)
-    try:
-        result = {"cache": bench_cache, "spec": bench_spec, "calls": bench_calls}[args.command](args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = {"cache": bench_cache, "spec": bench_spec, "calls": bench_calls}[args.command](args)
     if args.json:
         from tinyfractal.training.checkpoint import atomic_write_json
         atomic_write_json(args.json, result)

@@ -391,8 +391,8 @@ def merge_counts(merges, path, label_first=63):
     return _save(fig, path)
 
 
-def add_command(sub):
-    p = sub.add_parser("figures", help="ownership maps, tree, attention maps (and loss curves) of a config")
+def arguments(p):
+    """The arguments of `python -m tinyfractal figures` (cli.py's command table names this function)."""
     p.add_argument("--preset", default="tiny")
     p.add_argument("--ckpt", default=None, help="draw a trained checkpoint (and its metrics.json if present)")
     p.add_argument("--out", required=True, help="folder for the PNG files")
@@ -402,7 +402,7 @@ def add_command(sub):
 
 
 def run_figures(args, extra):
-    from tinyfractal.cli import parse_overrides
+    from tinyfractal.cli_args import parse_overrides
     from tinyfractal.config import Config
     from tinyfractal.text.bpe import Tokenizer
     metrics = None

@@ -218,8 +218,8 @@ def format_trace(steps, cfg, level, index, n_params, logits_shape):
     return lines
 
 
-def add_command(sub):
-    p = sub.add_parser("trace", help="one forward pass of one node, printing every op's slices and shapes")
+def arguments(p):
+    """The arguments of `python -m tinyfractal trace` (cli.py's command table names this function)."""
     p.add_argument("--preset", default="tiny")
     p.add_argument("--ckpt", default=None, help="trace a trained checkpoint instead of a fresh preset")
     p.add_argument("--level", type=int, default=0)
@@ -230,7 +230,7 @@ def add_command(sub):
 
 
 def run_trace(args, extra):
-    from tinyfractal.cli import parse_overrides
+    from tinyfractal.cli_args import parse_overrides
     from tinyfractal.config import Config
     from tinyfractal.core.model import init_params
     from tinyfractal.text.bpe import Tokenizer

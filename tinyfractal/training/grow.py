@@ -168,8 +168,8 @@ def grow(cfg, tc, steps, tokens=None, off_diagonal="zero", scale=0.1, out=None, 
     return params, stages
 
 
-def add_command(sub):
-    p = sub.add_parser("grow", help="grow a FractalFormer: train leaves apart, merge, train the new blocks, repeat")
+def arguments(p):
+    """The arguments of `python -m tinyfractal grow` (cli.py's command table names this function)."""
     p.add_argument("--preset", default="tiny")
     p.add_argument("--out", required=True, help="folder for the final checkpoint and stage{t}.json metrics")
     p.add_argument("--steps-per-stage", default=None,
@@ -189,9 +189,9 @@ def parse_steps(text, levels):
 
 
 def run_grow(args, extra):
-    from tinyfractal.cli import parse_overrides, split_overrides
+    from tinyfractal.cli_args import parse_overrides, split_overrides
     from tinyfractal.config import Config
-    model_over, train_over = split_overrides(parse_overrides(extra))
+    model_over, train_over = split_overrides(parse_overrides(extra), ("model", Config), ("training", TrainConfig))
     cfg = Config.preset(args.preset).override(**model_over)
     tc = TrainConfig.preset(args.preset).override(**train_over)
     steps = parse_steps(args.steps_per_stage, cfg.levels) if args.steps_per_stage else tc.steps
