@@ -18,7 +18,7 @@ from tinyfractal.variants import byte_model as C
 from tinyfractal.training.checkpoint import load, save
 from tinyfractal.config import Config
 from tinyfractal.training.data import batch_at
-from tinyfractal.core.model import init_params, param_shapes
+from tinyfractal.api import init_params, param_shapes
 from tinyfractal.core.tree import flatten, group_size, index_mask, level_view, map_roles, slot_offset, view
 from tinyfractal.training.train import TrainConfig, train
 

@@ -18,7 +18,9 @@ from tinyfractal.training.checkpoint import load, save
 from tinyfractal.config import Config
 import tinyfractal as tf
 from tinyfractal.core.formulas import rmsnorm
-from tinyfractal.core.model import attention, cross_entropy, forward, init_params, mlp
+from tinyfractal.api import init_params
+from tinyfractal.core.model import attention, cross_entropy, forward, mlp
+from tinyfractal import api
 from tinyfractal.core import flops
 from tinyfractal.inference import decoder
 from tinyfractal.inference.sample import generate_reference as sample_generate_reference
@@ -215,7 +217,7 @@ def test_running_one_node_equals_its_place_in_the_tree(args):
     np.testing.assert_allclose(C.forward_node(params, cfg, level, index, ids), whole, **CLOSE)
     np.testing.assert_allclose(C.forward_node_reference(params, cfg, level, index, ids), whole,
                                **CLOSE)
-    need = C.needed_nodes(cfg, level, index)
+    need = api.needed_nodes(cfg, level, index)
     if cfg.coupling == "upstream":
         assert need == [(m, j) for m in range(level, cfg.levels) for j in range(cfg.n_models(m))
                         if j // cfg.split ** (m - level) == index]
@@ -246,7 +248,7 @@ def node_loss_in_tree(cfg, level, index, ids, targets):
 def allowed_mask(params, cfg, level, index):
     """{path: bool}: the union of the index sets (docs/design.md) the node may depend on, and its coupling_scale rows
     (upstream: its subtree's levels l..; downstream: levels 0..l of its chain)."""
-    chain = [(level, index)] if cfg.coupling == "upstream" else C.needed_nodes(cfg, level, index)
+    chain = [(level, index)] if cfg.coupling == "upstream" else api.needed_nodes(cfg, level, index)
     base = {k: v for k, v in params.items() if k != "coupling_scale"}
     masks = [spec_mask(base, cfg, *n) for n in chain]
     out = {path: np.logical_or.reduce([m[path] for m in masks]) for path in masks[0]}
@@ -402,8 +404,8 @@ def test_flop_formula_matches_the_counted_matmuls(args, T):
     dec = decoder.node_decoder(params, cfg, level, index)
     decoder.prefill(dec, np.zeros((1, T), dtype=int))
     receives = (lambda m: m < cfg.levels - 1) if cfg.coupling == "upstream" else (lambda m: m > 0)
-    adds = sum(flops.coupling_add_flops(cfg, m, T) for m, _ in C.needed_nodes(cfg, level, index) if receives(m))
-    assert dec.flops == C.node_run_flops(cfg, level, index, T) - adds
+    adds = sum(flops.coupling_add_flops(cfg, m, T) for m, _ in api.needed_nodes(cfg, level, index) if receives(m))
+    assert dec.flops == api.node_run_flops(cfg, level, index, T) - adds
 
 
 # Config, tree roles and checkpoints

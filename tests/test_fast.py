@@ -32,7 +32,7 @@ def configs(draw):
 def random_params(cfg, seed, dtype):
     """init_params, then nonzero gains and biases, so a wrong slice of any of them shows."""
     rng = np.random.default_rng(seed)
-    params = model.init_params(cfg, seed)
+    params = tf.init_params(cfg, seed)
     flat = {k: (v + (rng.normal(0, 0.3, v.shape) if v.ndim == 1 else 0)).astype(dtype)
             for k, v in flatten(params).items()}
     return unflatten(flat)
@@ -126,7 +126,7 @@ def test_tiny_preset_matches_the_reference_in_float32_on_a_real_step():
     """Same-program law at the classroom size: one tiny-preset training batch gives the same loss and
     gradients on both paths (float32, default attention blocks and threads)."""
     cfg = Config.preset("tiny")
-    params = model.init_params(cfg, 0)
+    params = tf.init_params(cfg, 0)
     rng = np.random.default_rng(0)
     ids, targets = rng.integers(0, cfg.vocab_size, (2, cfg.context)), rng.integers(0, cfg.vocab_size, (2, cfg.context))
     (loss, g), (ref_loss, ref_g) = both_paths(cfg, params, ids, targets, ops.ATTENTION_BLOCK, None)

@@ -19,7 +19,8 @@ from strategies import (INVALID_KINDS, arrays_with_roles, config_dicts, configs,
 from tinyfractal.training import checkpoint
 from tinyfractal.core import fast
 from tinyfractal.config import Config
-from tinyfractal.core.model import count_params, forward, init_params
+from tinyfractal.api import init_params
+from tinyfractal.core.model import count_params, forward
 from tinyfractal.text.bpe import Tokenizer, train
 from tinyfractal.core.tree import flatten
 

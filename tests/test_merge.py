@@ -288,7 +288,7 @@ def test_merge_other_mismatches_are_errors():
 
 def byte_child(cfg, seed):
     """float64 byte-model params with random slot gains and norm gains (zero at init would hide slips)."""
-    from tinyfractal.core.model import init_params
+    from tinyfractal.api import init_params
     from tinyfractal.core.tree import map_roles
     rng = np.random.default_rng(seed)
     params = map_roles(lambda a, roles: a.astype(np.float64), init_params(cfg, seed))

@@ -10,7 +10,7 @@ from strategies import arrays_with_roles, configs, get, spec_mask
 from tinyfractal.tools import plots
 from tinyfractal.cli import main
 from tinyfractal.config import Config
-from tinyfractal.core.model import init_params
+from tinyfractal.api import init_params
 from tinyfractal.text.bpe import Tokenizer
 from tinyfractal.core.tree import index_mask, nodes, view
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import tinyfractal as tf
 from strategies import BAD_TOKEN_KINDS, bad_token_arrays, configs, examples
-from tinyfractal import cli, validate
+from tinyfractal import api, cli, validate
 from tinyfractal.training import checkpoint
 from tinyfractal.training.checkpoint import _digest
 from tinyfractal.config import Config
@@ -109,14 +109,14 @@ def test_an_exception_between_the_two_writes_leaves_the_previous_checkpoint(tmp_
     monkeypatch.undo()
 
     calls = []
-    real = checkpoint._write_new
+    real = checkpoint.write_new
 
     def fail_second(path, data, mode):
         calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt   # as a Ctrl-C between params.npz and meta.json would
         real(path, data, mode)
-    monkeypatch.setattr(checkpoint, "_write_new", fail_second)
+    monkeypatch.setattr(checkpoint, "write_new", fail_second)
     with pytest.raises(KeyboardInterrupt):
         tf.save(folder, other, cfg, {"step": 3})
     monkeypatch.undo()
@@ -468,11 +468,11 @@ def test_config_refuses_non_finite_values_and_absurd_sizes(changes, words):
 @given(configs())
 def test_parameter_count_formula_equals_the_arrays(cfg):
     """config.parameter_count (used to refuse absurd configs before any array exists) and the shapes that
-    view and checkpoints check against (validate.expected_shapes) agree with the arrays init_params
+    view and checkpoints check against (api.expected_shapes) agree with the arrays init_params
     really builds, for base, coupled and byte models."""
     for c in (cfg, cfg.override(coupling="upstream"), cfg.override(tokenizer="bytes")):
         arrays = flatten(tf.init_params(c, 0))
-        assert validate.expected_shapes(c) == {k: a.shape for k, a in arrays.items()}
+        assert api.expected_shapes(c) == {k: a.shape for k, a in arrays.items()}
         assert tf.config.parameter_count(c) == sum(a.size for a in arrays.values())
 
 

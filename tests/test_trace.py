@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from tinyfractal.tools import trace as trace_module
 from tinyfractal.cli import main
 from tinyfractal.config import Config
-from tinyfractal.core.model import forward, init_params
+from tinyfractal.api import init_params
+from tinyfractal.core.model import forward
 from tinyfractal.tools.trace import Tracer, locate, trace_node
 from tinyfractal.core.tree import flatten, nodes, view
 

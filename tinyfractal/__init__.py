@@ -1,8 +1,9 @@
 """tinyfractal: a small NumPy + autograd engine for FractalFormer, a transformer of nested transformers."""
 from tinyfractal.config import Config
-from tinyfractal.core.tree import nodes, parent, children, view, level_view, index_mask
-from tinyfractal.core.model import init_params, count_params
-from tinyfractal.api import forward, forward_node, forward_level, node_losses, tree_loss, tree_loss_reference
+from tinyfractal.core.tree import nodes, parent, children, index_mask
+from tinyfractal.core.model import count_params
+from tinyfractal.api import (init_params, view, level_view, forward, forward_node, forward_level, node_losses,
+                             tree_loss, tree_loss_reference)
 from tinyfractal.inference.sample import generate
 from tinyfractal.training.checkpoint import save, load
 from tinyfractal.text.bpe import Tokenizer

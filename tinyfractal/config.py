@@ -8,6 +8,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from tinyfractal.validate import parameter_count
+
 
 @dataclass(frozen=True)
 class Config:
@@ -193,19 +195,6 @@ def _coerce(name, value):
 # hold or train them, and a typo (vocab_size=1e12) should not start allocating terabytes.
 MAX_FIELD = 1 << 24        # any one integer field (context, hidden, vocab_size, ...)
 MAX_PARAMS = 1 << 31       # numbers in the shared arrays: 8 GiB as float32, 32 GiB with gradients and AdamW
-
-
-def parameter_count(cfg):
-    """Numbers in the shared arrays of this config, from the shapes init_params builds (model.py)."""
-    D, H, K, hd, F, V, L = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size, cfg.layers
-    per_layer = 2 * D + D * H * hd + 2 * D * K * hd + H * hd * D + 2 * D * F + 2 * F + F * D + D
-    total = V * D + 3 * D + L * per_layer
-    if cfg.coupling != "none":
-        total += cfg.levels * L
-    if cfg.tokenizer == "bytes":
-        slots = sum(cfg.split ** (cfg.levels - 1 - k) for k in range(cfg.levels - 1))
-        total += 2 * slots * D
-    return total
 
 
 def validate(cfg):

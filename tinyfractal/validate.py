@@ -1,18 +1,16 @@
-"""Input checks for the public API: token ids, parameter shapes, and the memory a step needs.
+"""Input checks for the public API: token ids, integer arguments, and the memory a step needs.
 
-Each check is one call at the top of an entry point (the variants' id checks, `view`, training and
-evaluation). It raises a ValueError naming what was
-wrong and what is allowed, so nothing reaches NumPy that would wrap around (a negative id indexes the
-last embedding row), fail deep inside (an IndexError from E[ids]), or quietly compute another model
-(arrays of another config cut into wrong blocks by `view`).
+Each check is one call at the top of an entry point (the variants' id checks, training and evaluation).
+It raises a ValueError naming what was wrong and what is allowed, so nothing reaches NumPy that would
+wrap around (a negative id indexes the last embedding row) or fail deep inside (an IndexError from
+E[ids]). The check that parameters are arrays of the config (`check_params`) needs the config's variant,
+so it sits above the variants, in api.py; this module imports only core/tree.py, so the variants
+themselves can use it.
 """
-import functools
-import math
 import numbers
 import os
 
 import numpy as onp
-from autograd.tracer import getval
 
 
 def _plain(v):
@@ -50,52 +48,6 @@ def check_ids(cfg, ids, name="ids", group=None):
             at = tuple(int(i) for i in onp.argwhere(bad)[0])
             raise ValueError(f"{name} holds token id {_plain(a[at])} at {at} ({what}); ids must be in [0, {V})")
     return a
-
-
-@functools.lru_cache(maxsize=64)
-def expected_shapes(cfg):
-    """{flat name: shape} of every array a full parameter set of this config holds (core.model.param_shapes)."""
-    from tinyfractal.core.model import param_shapes
-    from tinyfractal.core.tree import flatten
-    return {k: tuple(v) for k, v in flatten(param_shapes(cfg)).items()}
-
-
-def check_params(params, cfg, allow_extra=False):
-    """Raise ValueError unless params is a full parameter set of this config (names and shapes).
-
-    `view` cuts blocks by the config's sizes, so the arrays of another config would give a wrong model
-    without any error (a view of a wider model's arrays has exactly the shapes of a narrower one's
-    node); this is checked first. With `allow_extra`, arrays this config does not use (such as a
-    coupled model's coupling_scale, read by a base config) may come along unchecked, since the model
-    of this config never reads them; more layers, or unknown arrays inside a layer, never may.
-    """
-    params = getval(params)   # under autograd the dict is boxed; only shapes are read, so no op is recorded
-    if not isinstance(params, dict) or not isinstance(getval(params.get("layers")), (list, tuple)):
-        raise ValueError(f"params must be a dict of arrays with a 'layers' list (from init_params or load), "
-                         f"got {type(params).__name__}")
-    n_layers = len(getval(params["layers"]))
-    if n_layers != cfg.layers:
-        raise ValueError(f"params have {n_layers} layers but the config has layers={cfg.layers}; are these the "
-                         f"params of another config?")
-    want = expected_shapes(cfg)
-    have = {k: v for k, v in params.items() if k != "layers"}
-    for i, layer in enumerate(getval(params["layers"])):
-        layer = getval(layer)
-        if not isinstance(layer, dict):
-            raise ValueError(f"params['layers'][{i}] must be a dict of arrays, got {type(layer).__name__}")
-        have.update({f"layers.{i}.{k}": v for k, v in layer.items()})
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if allow_extra:
-        extra = [k for k in extra if k.startswith("layers.")]   # more layers, or unknown ones, are another model
-    if missing or extra:
-        raise ValueError(f"params do not match the config (layers={cfg.layers}, coupling={cfg.coupling!r}, "
-                         f"tokenizer={cfg.tokenizer!r}): missing {missing[:6]}, unexpected {extra[:6]}")
-    for k, shape in want.items():
-        got = tuple(getattr(have[k], "shape", ()))
-        if got != shape:
-            raise ValueError(f"params do not match the config: {k} has shape {got}, the config (hidden="
-                             f"{cfg.hidden}, heads={cfg.heads}, head_dim={cfg.head_dim}, vocab_size="
-                             f"{cfg.vocab_size}, ...) needs {shape}; are these the params of another config?")
 
 
 def check_index(value, name):
@@ -155,10 +107,22 @@ def memory_limit():
     return min(limits) if limits else None
 
 
+def parameter_count(cfg):
+    """Numbers in the shared arrays of this config, from the shapes init_params builds (model.py)."""
+    D, H, K, hd, F, V, L = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size, cfg.layers
+    per_layer = 2 * D + D * H * hd + 2 * D * K * hd + H * hd * D + 2 * D * F + 2 * F + F * D + D
+    total = V * D + 3 * D + L * per_layer
+    if cfg.coupling != "none":
+        total += cfg.levels * L
+    if cfg.tokenizer == "bytes":
+        slots = sum(cfg.split ** (cfg.levels - 1 - k) for k in range(cfg.levels - 1))
+        total += 2 * slots * D
+    return total
+
+
 def step_bytes(cfg, batch_size, training=True):
     """Lower bound on the bytes of one step: activations (activation_floats) plus, when training, the
     parameters, their gradients and AdamW's two moments (4 copies of the shared arrays)."""
-    from .config import parameter_count
     arrays = 4 * parameter_count(cfg) if training else parameter_count(cfg)
     return FLOAT * (activation_floats(cfg, batch_size, training) + arrays)
 

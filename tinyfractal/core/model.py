@@ -8,14 +8,15 @@ import numpy as onp
 import autograd.numpy as np
 
 from tinyfractal.core import formulas
-from tinyfractal.core.tree import flatten, map_roles
+from tinyfractal.core.tree import map_roles
 
 
-def init_params(cfg, seed=0):
-    """Fresh float32 parameters, as the original: weights and biases uniform in +-1/sqrt(fan_in),
-    E standard normal, norm gains zero (so each norm starts as the identity gain 1 + 0), plus the
-    arrays the config's variant adds (its `extra_params`)."""
-    from tinyfractal.variants import variant_of
+def base_params(cfg, seed=0):
+    """Fresh float32 parameters of the base transformer, as the original: weights and biases uniform in
+    +-1/sqrt(fan_in), E standard normal, norm gains zero (so each norm starts as the identity gain 1 + 0).
+
+    A variant may add arrays of its own: `api.init_params` (the public `tinyfractal.init_params`) adds them.
+    """
     rng = onp.random.default_rng(seed)
     D, H, K, hd, Fw, V = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size
 
@@ -38,35 +39,17 @@ def init_params(cfg, seed=0):
             "Wup": uniform((D, Fw), D), "bup": uniform((Fw,), D),
             "Wdown": uniform((Fw, D), Fw), "bdown": uniform((D,), Fw),
         })
-    params.update(variant_of(cfg).extra_params(cfg))
     return params
 
 
-def param_shapes(cfg):
-    """The shape every array must have for this config (checkpoints and `check_params` compare to it)."""
-    from tinyfractal.variants import variant_of
+def base_param_shapes(cfg):
+    """The shape of every array of the base transformer of this config (`api.param_shapes` adds the variant's)."""
     D, H, K, hd, Fw, V = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size
     layer = {"attn_norm": (D,), "Wq": (D, H, hd), "Wk": (D, K, hd), "Wv": (D, K, hd), "Wo": (H, hd, D),
              "mlp_norm": (D,), "Wgate": (D, Fw), "bgate": (Fw,), "Wup": (D, Fw), "bup": (Fw,),
              "Wdown": (Fw, D), "bdown": (D,)}
-    shapes = {"E": (V, D), "emb_norm": (D,), "final_norm": (D,), "out_norm": (D,),
-              "layers": [dict(layer) for _ in range(cfg.layers)]}
-    shapes.update({k: tuple(a.shape) for k, a in variant_of(cfg).extra_params(cfg).items()})
-    return shapes
-
-
-def check_params(params, cfg):
-    """Raise ValueError unless params has exactly the arrays of this config, with their shapes."""
-    if not isinstance(params, dict) or not isinstance(params.get("layers"), (list, tuple)):
-        raise ValueError("params must be a dict of arrays with a 'layers' list, as init_params returns")
-    want, got = flatten(param_shapes(cfg)), flatten(params)
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing or extra:
-        raise ValueError(f"params do not match the config: missing {missing}, unexpected {extra}")
-    for name, shape in want.items():
-        if tuple(onp.shape(got[name])) != shape:
-            raise ValueError(f"params array {name} has shape {tuple(onp.shape(got[name]))}, but this config "
-                             f"needs {shape}; were the params made for another config?")
+    return {"E": (V, D), "emb_norm": (D,), "final_norm": (D,), "out_norm": (D,),
+            "layers": [dict(layer) for _ in range(cfg.layers)]}
 
 
 def count_params(params):

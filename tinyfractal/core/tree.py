@@ -16,7 +16,6 @@ basic slices of the full arrays, which NumPy returns as views: no copies, one se
 import numpy as onp
 from autograd.extend import primitive, defvjp
 
-from tinyfractal.validate import check_params
 
 ROLES = {
     "E": (None, "R"),
@@ -128,7 +127,6 @@ def view(params, cfg, level, index):
 
     The result is a params dict for `cfg.sub(level)`, so the same forward code runs it.
     """
-    check_params(params, cfg, allow_extra=True)
     level, index = cfg.check_node(level, index)
     return map_roles(lambda a, roles: a[node_slices(cfg, level, index, roles)], params)
 
@@ -174,7 +172,6 @@ def level_view(params, cfg, level):
 
     Entry [j] of each stacked array is the same memory as `view(params, cfg, level, j)`.
     """
-    check_params(params, cfg, allow_extra=True)
     level = cfg.check_level(level)
     n = cfg.n_models(level)
 

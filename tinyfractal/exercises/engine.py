@@ -6,7 +6,8 @@ moves only these imports change. Every name here is the engine's own code, never
 from tinyfractal import (Config, Tokenizer, children, count_params, extract, forward, index_mask, init_params,
                          merge, node_losses, nodes, tree_loss, view)
 from tinyfractal.variants.byte_model import concept_embedding, context_bytes
-from tinyfractal.variants.coupled import concat_children, needed_nodes, split_to_children
+from tinyfractal.api import needed_nodes
+from tinyfractal.variants.coupled import concat_children, split_to_children
 from tinyfractal.training.merge import parent_config, trainable_mask
 from tinyfractal.core.formulas import rmsnorm, rope, rope_tables, tied_logits
 from tinyfractal.core.model import attention, mlp

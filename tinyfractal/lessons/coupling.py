@@ -15,7 +15,7 @@ from tinyfractal.variants import coupled as C
 from tinyfractal.variants import variant_of
 from tinyfractal.inference import decoder
 from tinyfractal.core.flops import coupling_add_flops
-from tinyfractal.api import tree_loss
+from tinyfractal.api import needed_nodes, node_run_flops, tree_loss
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
 from tinyfractal.inference.sample import generate
@@ -77,7 +77,7 @@ downstream  after every layer, each child (l,k) adds scale[l,i] * (its slice of 
 scale       coupling_scale, one learnable number per (receiving level, layer), starting at 1.0.""")
     print(f"\n{'node':>6}  {'base runs':<12} {'upstream runs':<44} downstream runs")
     for node in (root, (1, 1), (cfg.levels - 1, cfg.n_models(cfg.levels - 1) - 1)):
-        runs = {v: " ".join(name(n) for n in C.needed_nodes(c, *node)) for v, c in cfgs.items()}
+        runs = {v: " ".join(name(n) for n in needed_nodes(c, *node)) for v, c in cfgs.items()}
         print(f"{name(node):>6}  {runs['base']:<12} {runs['upstream']:<44} {runs['downstream']}")
 
     # %% 2. Whole levels at once
@@ -119,13 +119,13 @@ scale       coupling_scale, one learnable number per (receiving level, layer), s
     print(f"{'node':>6} {'width':>5}  " + "  ".join(f"{v:>18}" for v in VARIANTS))
     run_flops = {}
     for node in nodes(cfg):
-        run_flops[node] = {v: C.node_run_flops(c, *node, T) for v, c in cfgs.items()}
+        run_flops[node] = {v: node_run_flops(c, *node, T) for v, c in cfgs.items()}
         cells = [f"{run_flops[node][v] / 1e6:8.2f} M ({run_flops[node][v] / run_flops[node]['base']:4.2f}x)"
                  for v in VARIANTS]
         print(f"{name(node):>6} {cfg.width(node[0]):5d}  " + "  ".join(f"{c:>18}" for c in cells))
     counted = decoder.node_decoder(init_params(cfgs["downstream"], 0), cfgs["downstream"], *leaf)
     decoder.prefill(counted, ids[:, :1].repeat(T, axis=1))
-    adds = sum(coupling_add_flops(cfgs["downstream"], m, T) for m, _ in C.needed_nodes(cfgs["downstream"], *leaf) if m > 0)
+    adds = sum(coupling_add_flops(cfgs["downstream"], m, T) for m, _ in needed_nodes(cfgs["downstream"], *leaf) if m > 0)
     print(f"Check: the decoder counted {counted.flops:,} matmul FLOPs for leaf {name(leaf)} under downstream;"
           f" the formula says {run_flops[leaf]['downstream'] - adds:,} (+ {adds:,} for the coupling adds).")
     print("Upstream makes the root cost its whole subtree; downstream makes every leaf pay for its\n"

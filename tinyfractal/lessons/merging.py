@@ -16,7 +16,8 @@ from tinyfractal.training.data import batch_at, load_tokens
 from tinyfractal.training.grow import chunk_data, grow, parse_steps, step_flops, union
 from tinyfractal.training.merge import merge, root_loss
 from tinyfractal.core.formulas import rmsnorm, rope, rope_tables, softmax
-from tinyfractal.core.model import cross_entropy, forward, init_params
+from tinyfractal.api import init_params
+from tinyfractal.core.model import cross_entropy, forward
 from tinyfractal.training.train import TrainConfig, evaluate, format_duration, node_key, train
 from tinyfractal.core.tree import nodes
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyfractal.cli_args import Parser, UsageError, reporting
+from tinyfractal.files import atomic_write_bytes
 from tinyfractal.paths import CORPUS, TOKENIZER
 
 DEFAULT_INPUT = CORPUS
@@ -229,7 +230,6 @@ class Tokenizer:
     def save(self, path):
         """Write to_json() to path atomically: a temp file in the same directory, then os.replace,
         so a crash never leaves a half-written tokenizer behind."""
-        from tinyfractal.training.checkpoint import atomic_write_bytes
         atomic_write_bytes(path, self.to_json().encode("utf-8"))
 
     @classmethod

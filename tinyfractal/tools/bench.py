@@ -31,7 +31,6 @@ from tinyfractal.cli_args import Parser, reporting
 from tinyfractal.config import Config
 from tinyfractal.core import machinery
 from tinyfractal.core.flops import step_flops_by_kind
-from tinyfractal.core.model import init_params
 from tinyfractal.core.tree import flatten, unflatten
 from tinyfractal.training.train import TrainConfig, adamw_init, adamw_step, clip_by_global_norm
 
@@ -81,7 +80,7 @@ def measure_peak(cfg, batch, budget=0.05):
 
 def training_step(path, cfg, tc, seed=0):
     """A function running one full training step of `path` on its own fresh parameters."""
-    params = init_params(cfg, seed)
+    params = api.init_params(cfg, seed)
     loss = api.tree_loss if path == "fast" else api.tree_loss_reference
     value_grad = value_and_grad(lambda p, ids, targets: loss(p, cfg, ids, targets))
     state = adamw_init(params)

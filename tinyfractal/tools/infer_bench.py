@@ -8,7 +8,6 @@ Timings run with one BLAS thread (set before NumPy loads, by re-running this com
 process): on a shared CPU, multi-threaded BLAS stalls for milliseconds on the tiny matrices of
 decoding. Every ratio compares runs made back to back in the same process, in alternating order.
 """
-import json
 import os
 import subprocess
 import sys
@@ -57,7 +56,7 @@ def cache_vs_recompute(params, cfg, tokenizer, prompt, new, repeats=1, log=print
 def bench_cache(args, log=print):
     """The cache target: `original` preset (random init), a corpus prompt, `new` greedy tokens."""
     from tinyfractal.config import Config
-    from tinyfractal.core.model import init_params
+    from tinyfractal.api import init_params
     from tinyfractal.text.bpe import Tokenizer
     cfg = Config.preset(args.preset)
     params = init_params(cfg, 0)
@@ -185,7 +184,7 @@ def break_even(times):
 def bench_calls(args, log=print):
     """Per-call times for a config (random init: no acceptance is measured) and the break-even acceptance."""
     from tinyfractal.config import Config
-    from tinyfractal.core.model import init_params
+    from tinyfractal.api import init_params
     cfg = Config.preset(args.preset).override(**dict(item.split("=", 1) for item in args.set))
     params = init_params(cfg, 0)
     log(f"{cfg}\nmedian time of one cached call, {args.calls} calls each, one BLAS thread:")
@@ -290,7 +289,7 @@ def main(argv=None):
         return subprocess.call([sys.executable, "-m", "tinyfractal.tools.infer_bench", *argv], env=env)
     result = {"cache": bench_cache, "spec": bench_spec, "calls": bench_calls}[args.command](args)
     if args.json:
-        from tinyfractal.training.checkpoint import atomic_write_json
+        from tinyfractal.files import atomic_write_json
         atomic_write_json(args.json, result)
     return 0
 

@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as onp  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from tinyfractal.core.model import count_params, forward, init_params, param_shapes  # noqa: E402
+from tinyfractal.api import init_params, param_shapes  # noqa: E402
+from tinyfractal.core.model import count_params, forward  # noqa: E402
 from tinyfractal.core.tree import map_roles, nodes, parent, view  # noqa: E402
 
 # Each kind is one figure: its panels are (title, flat name of layer 0's array or a top-level array).

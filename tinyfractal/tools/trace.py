@@ -232,7 +232,7 @@ def arguments(p):
 def run_trace(args, extra):
     from tinyfractal.cli_args import parse_overrides
     from tinyfractal.config import Config
-    from tinyfractal.core.model import init_params
+    from tinyfractal.api import init_params
     from tinyfractal.text.bpe import Tokenizer
     if args.ckpt:
         if extra:

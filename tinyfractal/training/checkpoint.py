@@ -44,8 +44,10 @@ import numpy as onp
 
 from tinyfractal import runlock
 from tinyfractal.config import Config
+from tinyfractal.files import (atomic_write_bytes, atomic_write_json, fsync_dir, json_text, umask,  # noqa: F401
+                               write_new)  # (atomic_write_*: re-exported for the lessons and tools)
 from tinyfractal.core.tree import flatten, unflatten
-from tinyfractal.validate import check_params, expected_shapes
+from tinyfractal.api import check_params, expected_shapes
 
 FORMAT = "tinyfractal-checkpoint"
 VERSION = 1
@@ -63,72 +65,7 @@ LATER_FIELDS = {"coupling": "none", "coupling_cumulative": False, "coupling_subl
                 "coupling_scale_init": 1.0, "tokenizer": "bpe"}
 
 
-# Writing files.
-
-def _umask():
-    """The process umask, read without changing it where Linux allows (else set and restored)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder):
-    """Make a rename in `folder` durable (not possible on every filesystem: then skipped)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_new(path, data, mode):
-    """Write bytes to a path that does not exist yet, fsynced, with the given permissions."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), mode)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path, data):
-    """Write bytes to path via a temporary file in the same folder and a rename (0666 minus umask)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _dumps(obj):
-    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
-
-
-def atomic_write_json(path, obj):
-    atomic_write_bytes(path, _dumps(obj).encode("utf-8"))
-
+# Checking what is written.
 
 def _plain_json(meta):
     """meta as plain JSON values (NumPy scalars become numbers), or a ValueError naming what is not."""
@@ -226,7 +163,7 @@ def save(path, params, cfg, meta=None, opt_state=None, tokenizer=None, keep=2, n
             "optimizer_step": None if opt_state is None else int(opt_state["t"]),
             "tokenizer": tokenizer_record(cfg, tokenizer)}
     info["meta_sha256"] = _digest(info)
-    text = _dumps(info).encode("utf-8")
+    text = json_text(info).encode("utf-8")
     folder = Path(path)
     try:
         with runlock.hold(folder):
@@ -263,18 +200,18 @@ def _fresh_name(folder, step):
 
 def _write_step(folder, name, files):
     """Write files into a hidden temporary folder, then rename it to `name` (a complete step or none)."""
-    mask = _umask()
+    mask = umask()
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o777 & ~mask)
         for filename, data in files.items():
-            _write_new(tmp / filename, data, 0o666 & ~mask)
-        _fsync_dir(tmp)
+            write_new(tmp / filename, data, 0o666 & ~mask)
+        fsync_dir(tmp)
         os.rename(tmp, folder / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _write_pointer(folder, latest, kept):

@@ -20,7 +20,8 @@ from tinyfractal.core.flops import model_flops
 from tinyfractal.variants import variant_of
 from tinyfractal.training.data import batch_at, train_val_split
 from tinyfractal.training.merge import OFF_DIAGONAL, extract, frozen_loss, merge, trainable_mask
-from tinyfractal.core.model import forward, init_params
+from tinyfractal.api import init_params
+from tinyfractal.core.model import forward
 from tinyfractal.training.train import TrainConfig, evaluate, node_key, train
 from tinyfractal.core.tree import flatten, view
 

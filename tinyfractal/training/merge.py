@@ -13,7 +13,7 @@ from autograd.extend import defvjp, primitive
 
 from tinyfractal.core import fast
 from tinyfractal.config import Config
-from tinyfractal.core.model import init_params, param_shapes
+from tinyfractal.api import init_params, param_shapes
 from tinyfractal.variants import variant_of
 from tinyfractal.core.tree import flatten, index_mask, map_roles, unflatten, view
 

@@ -401,7 +401,7 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
     machinery.tune()      # here too, so a bad TINYFRACTAL_THREADS is reported before the data is read
     from tinyfractal import runlock
     from tinyfractal.api import level_weight_table
-    from tinyfractal.core.model import init_params
+    from tinyfractal.api import init_params
     from tinyfractal.training import checkpoint
     tokenizer = tokenizer or default_tokenizer(cfg)
     if tokenizer.vocab_size != cfg.vocab_size:

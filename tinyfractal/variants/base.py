@@ -9,7 +9,7 @@ import numpy as onp
 from tinyfractal.core import fast, flops, model
 from tinyfractal.core.tree import view
 from tinyfractal.validate import check_ids
-from tinyfractal.variants import FEATURES, Variant, unsupported
+from tinyfractal.variants.interface import FEATURES, Variant, unsupported
 
 
 def check_token_ids(cfg, ids, what="ids"):

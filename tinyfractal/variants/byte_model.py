@@ -28,7 +28,7 @@ from tinyfractal.core import fast, flops, formulas, model
 from tinyfractal.core.tree import group_size, level_view, view
 from tinyfractal.text.byte_tokenizer import DECODE_NOTE, ByteTokenizer  # noqa: F401  (DECODE_NOTE: for lessons)
 from tinyfractal.validate import check_ids
-from tinyfractal.variants import FEATURES
+from tinyfractal.variants.interface import FEATURES
 from tinyfractal.variants.base import Base
 
 PAD_BYTE = ord("\n")   # left padding of a prompt to whole groups: the start of a line, as in the corpus

@@ -29,7 +29,7 @@ import autograd.numpy as np
 
 from tinyfractal.core import fast, flops, model
 from tinyfractal.core.tree import children, level_view, map_roles, nodes, parent, view
-from tinyfractal.variants import FEATURES, unsupported
+from tinyfractal.variants.interface import FEATURES, unsupported
 from tinyfractal.variants.base import Base
 
 
@@ -280,14 +280,18 @@ def is_partial_view(params):
     return isinstance(base, onp.ndarray) and base.size > E.size
 
 
-# Module-level shortcuts for lessons and tests: the coupled variant of `cfg`, asked directly.
+# Module-level shortcuts for lessons and tests: the coupled variant of `cfg`, asked directly. (The
+# shortcuts that serve every variant, such as the nodes a node needs and its FLOPs, are in api.py:
+# this module may not ask the registry, which imports it.)
+
+COUPLED = {"upstream": Upstream(), "downstream": Downstream()}
+
 
 def coupled_variant(cfg):
     """The variant object of a coupled config; ValueError for any other."""
-    from tinyfractal.variants import variant_of
-    v = variant_of(cfg)
-    if not isinstance(v, Coupled):
-        raise ValueError(f"this is a coupled-model function, but the config is the {v.name} variant; "
+    v = COUPLED.get(cfg.variant)
+    if v is None:
+        raise ValueError(f"this is a coupled-model function, but the config is the {cfg.variant} variant; "
                          f"use coupling='upstream' or 'downstream'")
     return v
 
@@ -295,13 +299,6 @@ def coupled_variant(cfg):
 def forward_tree(params, cfg, ids, rng=None):
     """Logits of every node of a coupled tree, level-batched: [(1,B,T,V), (s,B,T,V), ...]."""
     return coupled_variant(cfg).forward_tree(params, cfg, ids, rng)
-
-
-def needed_nodes(cfg, level, index):
-    """The nodes that must run to get node (level, index)'s logits, level by level."""
-    from tinyfractal.variants import variant_of
-    cfg.check_node(level, index)
-    return [(m, j) for m, idx in variant_of(cfg).members(cfg, level, [index]).items() for j in idx]
 
 
 def forward_node(params, cfg, level, index, ids, rng=None):
@@ -321,9 +318,3 @@ def forward_node_reference(params, cfg, level, index, ids):
     """Logits of node (level, index) by the reference path, running needed_nodes."""
     return coupled_variant(cfg).forward_node(params, cfg, level, index, ids)
 
-
-def node_run_flops(cfg, level, index, T):
-    """Forward FLOPs to get node (level, index)'s logits for T positions (the same for every index)."""
-    from tinyfractal.variants import variant_of
-    cfg.check_node(level, index)
-    return variant_of(cfg).node_flops(cfg, level, T)
