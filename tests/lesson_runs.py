@@ -1,0 +1,80 @@
+"""Shared by the lesson tests: one --quick run of each lesson per test session, and the handouts' parts.
+
+`quick_run(name)` runs `python -m tinyfractal.lessons.NAME --quick --out DIR` once in a subprocess (the
+module entry point, as a student types it), from a scratch folder, with this repository's package
+first on the path, and caches what it printed for every test that reads it.
+"""
+import atexit
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HANDOUTS = REPO / "lessons"
+RECORDED = HANDOUTS / "recorded"
+_scratch = Path(tempfile.mkdtemp(prefix="tinyfractal-lessons-"))
+atexit.register(shutil.rmtree, _scratch, True)
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+    folder: Path
+
+
+def env():
+    """The environment of a subprocess that must run this worktree's package, not an installed one."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
+
+
+@functools.lru_cache(maxsize=None)
+def quick_run(name):
+    """`python -m tinyfractal.lessons.NAME --quick --out DIR`, run once per session: Run."""
+    folder = _scratch / name
+    folder.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run([sys.executable, "-m", f"tinyfractal.lessons.{name}", "--quick", "--out", str(folder / "out")],
+                       cwd=folder, env=env(), capture_output=True, text=True, timeout=600)
+    return Run(p.returncode, p.stdout, p.stderr, folder / "out")
+
+
+def fenced(path, languages):
+    """The fenced code blocks of a markdown file whose language is one of `languages` (also those
+    indented inside a list): [str], dedented."""
+    blocks = re.findall(r"^([ \t]*)```(\w*)\n(.*?)^\1```", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    return [textwrap.dedent(body) for _, lang, body in blocks if lang in languages]
+
+
+def excerpt_blocks(path):
+    """The handout's ```text blocks (excerpts of real output) as lists of lines, '...' and blanks dropped."""
+    return [[line.rstrip() for line in block.splitlines() if line.strip() and line.strip() != "..."]
+            for block in fenced(path, {"text"})]
+
+
+def shell_commands(path):
+    """Every command of the ```bash blocks: continuation lines joined, comments and blank lines dropped,
+    'a && b' and 'a; b' split into a and b."""
+    commands = []
+    for block in fenced(path, {"bash", "sh", "shell", "console"}):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line).strip()
+            commands += [part.strip() for part in re.split(r"\s*(?:&&|;)\s*", line) if part.strip()]
+    return commands
+
+
+def recordings():
+    """lessons/recorded/*.txt: {command: output lines}, the command being the '$ ...' first line."""
+    out = {}
+    for path in sorted(RECORDED.glob("*.txt")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if lines and lines[0].startswith("$ "):
+            out[lines[0][2:].strip()] = [line.rstrip() for line in lines[1:] if not line.startswith("# recorded ")]
+    return out
