@@ -234,7 +234,6 @@ def resume_state(args, path, params, cfg, tc):
     target = flatten(params)
     for name, value in flatten(saved).items():
         target[name][...] = value
-    print(f"--resume: continuing from {path} at step {state['t']} of {tc.steps}.")
     return state, meta.get("metrics")
 
 
@@ -248,6 +247,8 @@ def train_with_checkpoints(args, path, params, cfg, tc, train_tokens, val_tokens
     if state is not None and state["t"] >= tc.steps:
         print(f"--resume: {path} is already trained ({tc.steps} steps).")
         return state, metrics
+    if state is not None:
+        print(f"--resume: continuing from {path} at step {state['t']} of {tc.steps}.")
 
     def checkpoint(step, metrics, state):
         save_checkpoint(args, path, params, cfg, tc, state, metrics)
