@@ -3,6 +3,7 @@ Ctrl-C keeps a loadable checkpoint and prints one line, --resume continues bit f
 tokenizer is not overwritten, and the loss-curve figure shows the unigram baseline."""
 import argparse
 import dataclasses
+import os
 import signal
 import subprocess
 import sys
@@ -76,6 +77,19 @@ def test_ctrl_c_keeps_a_loadable_checkpoint_and_prints_one_line(tmp_path):
     params, cfg, meta = load(out / "checkpoint")
     assert meta["quick"] is True and meta["step"] % 40 == 0 and 40 <= meta["step"] < 400
     assert f"(step {meta['step']} of 400)" in lines[0]
+
+
+def test_ctrl_c_during_a_save_waits_until_the_save_is_done():
+    """SIGINT inside `uninterrupted()` (the block that writes a checkpoint) is held until the block ends,
+    then raised as KeyboardInterrupt; the handler in force before is restored."""
+    before = signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _common.uninterrupted():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("written")
+    assert done == ["written"] and signal.getsignal(signal.SIGINT) is before
 
 
 def micro_run(tmp_path, name):

@@ -184,7 +184,7 @@ def save_checkpoint(args, path, params, cfg, tc, state, metrics, extra=None):
     """train.save_run, with the lesson and whether this is a --quick run recorded in the meta."""
     with uninterrupted():
         save_run(path, params, cfg, tc, state, metrics, extra={"lesson": args.name, "quick": args.quick, **(extra or {})})
-    _saved[str(path)] = (int(state["t"]), tc.steps)
+        _saved[str(path)] = (int(state["t"]), tc.steps)
 
 
 def is_quick(meta):
