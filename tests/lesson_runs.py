@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +47,10 @@ def quick_run(name):
 
 def fenced(path, languages):
     """The fenced code blocks of a markdown file whose language is one of `languages` (also those
-    indented inside a list): [str], dedented."""
+    indented inside a list, with the fence's indent removed): [str]."""
     blocks = re.findall(r"^([ \t]*)```(\w*)\n(.*?)^\1```", path.read_text(encoding="utf-8"), flags=re.S | re.M)
-    return [textwrap.dedent(body) for _, lang, body in blocks if lang in languages]
+    return ["".join(line[len(indent):] if line.startswith(indent) else line for line in body.splitlines(True))
+            for indent, lang, body in blocks if lang in languages]
 
 
 def excerpt_blocks(path):
