@@ -22,6 +22,27 @@ _scratch = Path(tempfile.mkdtemp(prefix="tinyfractal-lessons-"))
 atexit.register(shutil.rmtree, _scratch, True)
 
 
+# Lessons whose module or handout has not caught up with the course's rules yet, and what is missing:
+#   "workflow"  the module does not use tinyfractal/lessons/_common.py (no quick banner, own arguments)
+#   "handout"   the handout lacks the opening (prerequisites, three takeaways) or the closing self-check
+#   "excerpts"  the handout quotes output that no recording in lessons/recorded/ or --quick run holds
+# Their tests are marked xfail(strict=True): when the lesson catches up the test passes, the strict
+# xfail fails the suite, and the entry must be removed here.
+PENDING = {
+    "transformer": {"workflow"},
+    "fractal": {"workflow", "handout"},
+    "tax": {"workflow", "handout", "excerpts"},
+}
+
+
+def lesson_param(name, what, value=None):
+    """pytest.param of a lesson's test, xfail(strict) if the lesson is PENDING on `what`."""
+    import pytest
+    marks = [pytest.mark.xfail(strict=True, reason=f"lesson {name} is pending on {what} (tests/lesson_runs.py)")] \
+        if what in PENDING.get(name, ()) else []
+    return pytest.param(name if value is None else value, marks=marks, id=name)
+
+
 @dataclass(frozen=True)
 class Run:
     code: int

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lesson_runs import REPO, env, quick_run
+from lesson_runs import REPO, env, lesson_param, quick_run
 from tinyfractal.lessons import ORDER, discover
 from tinyfractal.lessons.__main__ import main as index_main
 from tinyfractal.lessons._common import QUICK_BANNER
@@ -28,7 +28,7 @@ def test_discovery_finds_the_lesson_modules():
     assert {"base", "tokenizer"} <= set(files)
 
 
-@pytest.mark.parametrize("lesson", LESSONS, ids=[lesson.name for lesson in LESSONS])
+@pytest.mark.parametrize("lesson", [lesson_param(lesson.name, "workflow", lesson) for lesson in LESSONS])
 def test_lesson_runs_quick_and_saves_figures(lesson):
     """`python -m tinyfractal.lessons.NAME --quick --out DIR` exits 0 with nothing on stderr, opens with the
     one-line quick banner (printed once), tells its story in sections and saves its figures into DIR."""
