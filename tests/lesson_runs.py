@@ -80,15 +80,35 @@ def excerpt_blocks(path):
             for block in fenced(path, {"text"})]
 
 
+def split_commands(script):
+    """A shell script -> its commands: quotes respected (a quoted string may span lines), backslash
+    continuations joined, unquoted '# ...' comments dropped, and split at unquoted newlines, ';', '&&'."""
+    commands, current, quote, i = [], "", None, 0
+    while i < len(script):
+        c = script[i]
+        if quote:
+            current += c
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote, current = c, current + c
+        elif c == "\\" and script[i + 1:i + 2] == "\n":
+            current, i = current + " ", i + 1
+        elif c == "#" and (not current or current[-1].isspace()):
+            while i + 1 < len(script) and script[i + 1] != "\n":
+                i += 1
+        elif c in "\n;" or script.startswith("&&", i):
+            commands.append(current.strip())
+            current, i = "", i + (1 if script.startswith("&&", i) else 0)
+        else:
+            current += c
+        i += 1
+    commands.append(current.strip())
+    return [c for c in commands if c]
+
+
 def shell_commands(path):
-    """Every command of the ```bash blocks: continuation lines joined, comments and blank lines dropped,
-    'a && b' and 'a; b' split into a and b."""
-    commands = []
-    for block in fenced(path, {"bash", "sh", "shell", "console"}):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"(^|\s)#.*$", "", line).strip()
-            commands += [part.strip() for part in re.split(r"\s*(?:&&|;)\s*", line) if part.strip()]
-    return commands
+    """Every command of the file's ```bash blocks (see split_commands)."""
+    return [c for block in fenced(path, {"bash", "sh", "shell", "console"}) for c in split_commands(block)]
 
 
 def recordings():

@@ -48,8 +48,8 @@ def plain(command):
 
 
 def words(command):
-    """shlex words, with optional parts written [like this] taken as given."""
-    return shlex.split(re.sub(r"\[([^\]]*)\]", r"\1", command))
+    """shlex words, with optional options written [--like this] taken as given."""
+    return shlex.split(re.sub(r"\[(-[^\]]*)\]", r"\1", command))
 
 
 def set_option(argv, name, value):
@@ -138,6 +138,9 @@ def check_command(command, capsys, monkeypatch):
     if any(p.search(run) for p in SKIPPED):
         return
     argv = words(run)
+    if argv[:2] == ["python", "-c"]:        # a snippet: it must compile (it may need a trained model)
+        compile(argv[2], f"<{command[:40]}...>", "exec")
+        return
     assert argv[:2] == ["python", "-m"], f"no rule to check `{command}`: add one to {__file__}"
     module, rest = argv[2], argv[3:]
     if module.startswith("tinyfractal.lessons."):
@@ -215,7 +218,9 @@ def test_recordings_match_todays_sections():
     """A recorded lesson run has the section headers that the lesson prints today (numbers masked), so a
     change to a lesson's story shows up as a stale recording."""
     def headers(lines):
-        return [re.sub(r"\d+", "#", line) for prev, line in zip(lines, lines[1:]) if prev == "=" * 78 and line != "=" * 78]
+        rule = "=" * 78
+        return [re.sub(r"\d+", "#", line) for before, line, after in zip(lines, lines[1:], lines[2:])
+                if before == rule and after == rule]
     for command, lines in recordings().items():
         name = command.split("tinyfractal.lessons.")[-1] if command.startswith("python -m tinyfractal.lessons.") else None
         if name not in LESSON_NAMES:

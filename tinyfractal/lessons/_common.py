@@ -20,12 +20,12 @@ A lesson module reads
 A bad argument or a ValueError is one line on stderr, `error: ...`, exit code 2 (as the CLI's);
 Ctrl-C prints one line saying which checkpoints are kept, and exits with 130.
 
-Lessons that train save a checkpoint at every evaluation (`train_with_checkpoints`); its meta records
+Lessons that train save a checkpoint at every evaluation and where Ctrl-C stopped them
+(`train_with_checkpoints`); its meta records
 the lesson and whether it was a --quick run, and `load_trained` refuses a quick run's model where a
 trained one is wanted.
 """
 import argparse
-import dataclasses
 import signal
 import sys
 import threading
@@ -34,8 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tinyfractal.cli import Parser
-from tinyfractal.training.checkpoint import load, load_optimizer
-from tinyfractal.training.train import format_duration, save_run, train
+from tinyfractal.training.checkpoint import exists, load, load_optimizer
+from tinyfractal.training.train import Diverged, format_duration, save_run, train
 
 OUTPUT = Path("lesson_output")
 QUICK_BANNER = ("--quick: a plumbing check that runs in seconds; its numbers mean nothing "
@@ -122,7 +122,7 @@ def run(name, doc, lesson, argv=None, steps=None, trains=False, arguments=None):
         if args.quick:
             print(QUICK_BANNER)
         lesson(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, Diverged) as e:
         return fail(e)
     except KeyboardInterrupt:
         sys.stdout.flush()
@@ -180,10 +180,14 @@ def save_figure(fig, path):
     return _save(fig, path)
 
 
-def save_checkpoint(args, path, params, cfg, tc, state, metrics, extra=None):
-    """train.save_run, with the lesson and whether this is a --quick run recorded in the meta."""
+def save_checkpoint(args, path, params, cfg, tc, state, metrics, extra=None, new_run=False):
+    """train.save_run, with the lesson and whether this is a --quick run recorded in the meta.
+
+    `new_run` (the first save of a run that did not resume) drops the checkpoints of an earlier run
+    in the same folder once this one is in place."""
     with uninterrupted():
-        save_run(path, params, cfg, tc, state, metrics, extra={"lesson": args.name, "quick": args.quick, **(extra or {})})
+        save_run(path, params, cfg, tc, state, metrics, extra={"lesson": args.name, "quick": args.quick, **(extra or {})},
+                 new_run=new_run)
         _saved[str(path)] = (int(state["t"]), tc.steps)
 
 
@@ -212,7 +216,7 @@ def resume_state(args, path, params, cfg, tc):
     """
     if not args.resume:
         return None, None
-    if not (Path(path) / "meta.json").exists():
+    if not exists(path):
         print(f"--resume: nothing saved in {path} yet; training from step 0.")
         return None, None
     saved, saved_cfg, meta = load(path)
@@ -223,8 +227,8 @@ def resume_state(args, path, params, cfg, tc):
         kind = "a --quick run" if is_quick(meta) else "a full run"
         raise ValueError(f"cannot resume from {path}: it was saved by {kind}; use another --out, or run without "
                          f"--resume to start over")
-    if meta.get("train") != dataclasses.asdict(tc):
-        changed = sorted(k for k, v in dataclasses.asdict(tc).items() if meta.get("train", {}).get(k) != v)
+    if meta.get("train") != tc.to_dict():
+        changed = sorted(k for k, v in tc.to_dict().items() if meta.get("train", {}).get(k) != v)
         raise ValueError(f"cannot resume from {path}: it was trained with other settings ({', '.join(changed)} "
                          f"differ); use the same options, or run without --resume to start over")
     state = load_optimizer(path)
@@ -238,10 +242,12 @@ def resume_state(args, path, params, cfg, tc):
 
 
 def train_with_checkpoints(args, path, params, cfg, tc, train_tokens, val_tokens, **train_kwargs):
-    """Train params in place (train.train), saving a checkpoint to `path` at every evaluation.
+    """Train params in place (train.train), saving a checkpoint to `path` at every evaluation, and at
+    the step where Ctrl-C stopped it.
 
     With --resume it continues from the checkpoint there (a finished one is not trained again), so an
-    interrupted lesson loses at most one evaluation interval. Returns (state, metrics).
+    interrupted lesson loses nothing. Without --resume, an earlier run's checkpoints in `path` are
+    replaced by the first save of this one. Returns (state, metrics).
     """
     state, metrics = resume_state(args, path, params, cfg, tc)
     if state is not None and state["t"] >= tc.steps:
@@ -250,8 +256,13 @@ def train_with_checkpoints(args, path, params, cfg, tc, train_tokens, val_tokens
     if state is not None:
         print(f"--resume: continuing from {path} at step {state['t']} of {tc.steps}.")
 
-    def checkpoint(step, metrics, state):
-        save_checkpoint(args, path, params, cfg, tc, state, metrics)
+    first = [state is None]     # the first save of a fresh run starts the folder's history afresh
 
-    return train(params, cfg, tc, train_tokens, val_tokens, state, metrics, on_eval=checkpoint, **train_kwargs)
+    def checkpoint(step, metrics, state):
+        if state["t"] > 0:
+            save_checkpoint(args, path, params, cfg, tc, state, metrics, new_run=first[0])
+            first[0] = False
+
+    return train(params, cfg, tc, train_tokens, val_tokens, state, metrics, on_eval=checkpoint,
+                 on_interrupt=checkpoint, **train_kwargs)
 

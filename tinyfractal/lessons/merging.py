@@ -16,7 +16,7 @@ from tinyfractal.core.model import cross_entropy, forward, init_params
 from tinyfractal.core.tree import nodes
 from tinyfractal.lessons._common import (conclude, pyplot, run, save_figure, section, train_with_checkpoints,
                                          uninterrupted)
-from tinyfractal.training.checkpoint import atomic_write_json, load, save
+from tinyfractal.training.checkpoint import atomic_write_json, exists, load, save
 from tinyfractal.training.data import batch_at, load_tokens
 from tinyfractal.training.grow import chunk_data, grow, parse_steps, step_flops, union
 from tinyfractal.training.merge import extract, merge, root_loss
@@ -131,7 +131,7 @@ def show_trained(t, record, s):
 
 def saved_growth(args, cfg, steps, folder):
     """With --resume, a finished growth saved in `folder` by this lesson: (params, stages), else None."""
-    if not args.resume or not (folder / "meta.json").exists():
+    if not args.resume or not exists(folder):
         return None
     params, saved_cfg, meta = load(folder)
     grown = meta.get("grow", {})
