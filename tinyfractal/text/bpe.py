@@ -353,6 +353,12 @@ def _read_text(path):
         raise UsageError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _is_shipped(path):
+    """True if path is the shipped tokenizer (the repository's or the installed package's copy)."""
+    from tinyfractal.paths import SHIPPED_TOKENIZERS
+    return Path(path).resolve() in {p.resolve() for p in SHIPPED_TOKENIZERS}
+
+
 @reporting
 def main(argv=None):
     """Train on --input and write --out (or, with --check, compare with it). Returns the exit code:
@@ -362,9 +368,14 @@ def main(argv=None):
     parser.add_argument("--merges", type=int, default=63, help="number of merges (default 63 -> 128 tokens)")
     parser.add_argument("--out", default=str(DEFAULT_PATH), help="output JSON (default: tokenizer/tokenizer.json)")
     parser.add_argument("--check", action="store_true", help="compare with --out instead of writing; exit 1 if different")
+    parser.add_argument("--force", action="store_true",
+                        help="allow writing over the shipped tokenizer/tokenizer.json, which every model depends on")
     args = parser.parse_args(argv)
     if args.merges < 0:
         raise UsageError(f"--merges must be >= 0, got {args.merges}")
+    if not args.check and not args.force and _is_shipped(args.out):
+        raise UsageError(f"refusing to overwrite the shipped {args.out}: every model and checkpoint uses it. "
+                         f"Write elsewhere with --out FILE, compare with --check, or pass --force")
     text = _read_text(args.input)
     print(f"training BPE on {args.input}: {len(text):,} characters, {len(set(text))} base symbols, {args.merges} merges")
     n_base = len(set(text))

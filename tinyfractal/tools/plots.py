@@ -288,10 +288,14 @@ def _load_metrics(metrics):
     return metrics
 
 
-def loss_curves(metrics, cfg, path):
+def loss_curves(metrics, cfg, path, unigram=None):
     """Loss curves from a metrics dict or metrics.json path (train.save_run's format):
-    the tree loss per step, and every node's train (dashed) and val (solid) loss per eval."""
+    the tree loss per step, and every node's train (dashed) and val (solid) loss per eval.
+
+    `unigram` (default: the metrics' "unigram_entropy", if any) draws the loss of a model that ignores
+    context as a dotted line: a node below it has learned something from the context."""
     metrics = _load_metrics(metrics)
+    unigram = metrics.get("unigram_entropy") if unigram is None else unigram
     for key in ("step", "loss", "eval_step", "train", "val"):
         if key not in metrics:
             raise ValueError(f"metrics lack {key!r}; expected the keys step, loss, eval_step, train, val "
@@ -315,6 +319,11 @@ def loss_curves(metrics, cfg, path):
                    label=f"({level},{j}) width {cfg.width(level)}")
         right.plot(metrics["eval_step"], metrics["train"][key], color=colour, linewidth=width * 0.6,
                    linestyle="--")
+    if unigram is not None:
+        for ax in (left, right):
+            ax.axhline(unigram, color="grey", linestyle=":", linewidth=1.2,
+                       label=f"unigram entropy {unigram:.3f} (ignores context)")
+        left.legend(fontsize=8)
     right.set_xlabel("step")
     right.set_ylabel("loss (nats/token)")
     right.set_title("every node: val (solid), train (dashed)")
