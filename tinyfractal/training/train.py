@@ -191,6 +191,12 @@ def format_duration(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def progress_line(step, steps, loss, gnorm, rate, left):
+    """The progress line of a training run (both engines print it): step, loss, gradient norm, tokens/s, time left."""
+    return (f"step {step:5d}/{steps}  loss {loss:.4f}  |g| {gnorm:6.2f}  "
+            f"{rate:8.0f} tok/s  left {format_duration(left)}")
+
+
 class Diverged(RuntimeError):
     """Training met a non-finite loss, gradient norm, weight or evaluation loss. Nothing after the last
     good step was applied or saved; the message is one line naming the step and the likely cause."""
@@ -269,8 +275,7 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
                 elapsed = time.perf_counter() - t0
                 rate = done * tokens_per_step / elapsed
                 left = (tc.steps - step - 1) * elapsed / done
-                log(f"step {step + 1:5d}/{tc.steps}  loss {loss:.4f}  |g| {gnorm:6.2f}  "
-                    f"{rate:8.0f} tok/s  left {format_duration(left)}")
+                log(progress_line(step + 1, tc.steps, loss, gnorm, rate, left))
             if (step + 1) % tc.eval_interval == 0 or last:
                 record_eval(params, cfg, tc, train_tokens, val_tokens, metrics, step + 1, level_losses)
                 if on_eval:
