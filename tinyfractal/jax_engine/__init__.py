@@ -16,14 +16,16 @@ of `training/train.py`. Checkpoints are the NumPy engine's own format, so a run 
 Importing this package does not import jax, so `--backend jax` without jax installed can say how to
 install it. On a CPU the fused NumPy engine is faster; JAX pays off on a GPU, a TPU or many hosts.
 """
-import importlib.util
-
 INSTALL = "pip install 'tinyfractal[jax]' (or: pip install jax)"
 
 
 def available():
-    """True if jax can be imported here."""
-    return importlib.util.find_spec("jax") is not None
+    """True if jax can be imported here (this imports it: call it only when about to use it)."""
+    try:
+        import jax  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def require(what="the JAX backend"):
