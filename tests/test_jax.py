@@ -278,3 +278,23 @@ def test_without_jax_the_numpy_engine_imports_and_backend_jax_says_how_to_instal
     done = subprocess.run([sys.executable, "-c", blocked], env=CHILD_ENV, capture_output=True, text=True)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "pip install" in done.stderr, done.stderr
+
+
+def test_dropout_acts_in_training_only_and_other_variants_are_refused():
+    """Dropout law: with a key (training) dropout changes the tree loss; without one (evaluation) the loss is
+    exactly the same model's loss with dropout 0. Variant law: a coupled or byte config is a ValueError
+    naming the variant, never a base model's answer."""
+    cfg = tf.Config.preset("micro").override(dropout=0.5)
+    params = device(tf.init_params(cfg, 0))
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.context))
+    loss = jax.jit(lambda p, i, key: jmodel.tree_loss(p, cfg, i, i, key=key))
+    evaluate = jax.jit(lambda p, i: jmodel.tree_loss(p, cfg, i, i))
+    plain = jax.jit(lambda p, i: jmodel.tree_loss(p, cfg.override(dropout=0.0), i, i))
+    evaluated, undropped = float(evaluate(params, ids)), float(plain(params, ids))
+    assert evaluated == undropped
+    trained = [float(loss(params, ids, jax.random.PRNGKey(seed))) for seed in (0, 1)]
+    assert trained[0] != undropped and trained[0] != trained[1]
+    for changes, name in (({"coupling": "downstream"}, "downstream"), ({"tokenizer": "bytes"}, "bytes")):
+        other = tf.Config.preset("micro").override(**changes)
+        with pytest.raises(ValueError, match=name):
+            jmodel.tree_loss(device(tf.init_params(other, 0)), other, ids, ids)

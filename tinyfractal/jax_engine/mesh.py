@@ -59,6 +59,7 @@ class Layout:
                              f"got {model_axis!r}")
         self.mesh = Mesh(onp.array(devices).reshape(len(devices) // model_axis, model_axis), ("data", "model"))
         self.data_size, self.model_size = len(devices) // model_axis, model_axis
+        self.key = (tuple(d.id for d in devices), model_axis)     # equal keys: the same mesh
         self.replicated = NamedSharding(self.mesh, P())       # parameters, moments, scalars
         self.batch = NamedSharding(self.mesh, P("data"))      # (B,T) ids and targets: rows over "data"
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from tinyfractal.api import level_weight_table
 from tinyfractal.core import formulas as F
+from tinyfractal.jax_engine import check_variant
 from tinyfractal.jax_engine.blocks import level_view
 
 
@@ -80,6 +81,7 @@ def forward_stacked(stacked, cfg, ids, key=None, layout=None):
 
 def forward_level(params, cfg, level, ids, key=None, layout=None):
     """Logits of every model of one level. ids (B,T) -> (N,B,T,V), N = split**level."""
+    check_variant(cfg)                      # a coupled or byte config must not run as a base model
     stacked = level_view(params, cfg, level)
     if layout:
         stacked = jax.tree_util.tree_map(layout.models, stacked)

@@ -19,10 +19,21 @@ from tinyfractal.training.data import batch_at
 from tinyfractal.training.train import progress_line, record_eval
 
 
+_compiled_losses = {}
+
+
 def make_level_losses(cfg, layout):
-    """`evaluate`'s level_losses for the JAX engine: (device params, cfg, ids, targets) -> [(N,) arrays]."""
-    run = jax.jit(lambda flat, ids, targets: node_losses(unflatten(flat), cfg, ids, targets, layout=layout),
-                  in_shardings=(layout.replicated, layout.batch, layout.batch), out_shardings=layout.replicated)
+    """`evaluate`'s level_losses for the JAX engine: (device params, cfg, ids, targets) -> [(N,) arrays].
+
+    One jitted function per config and mesh, kept, so evaluating again does not compile again.
+    """
+    check_variant(cfg, "evaluating with the JAX engine")
+    key = (cfg, layout.key)
+    if key not in _compiled_losses:
+        _compiled_losses[key] = jax.jit(
+            lambda flat, ids, targets: node_losses(unflatten(flat), cfg, ids, targets, layout=layout),
+            in_shardings=(layout.replicated, layout.batch, layout.batch), out_shardings=layout.replicated)
+    run = _compiled_losses[key]
 
     def level_losses(flat, _cfg, ids, targets):
         layout.check_batch(len(ids))
