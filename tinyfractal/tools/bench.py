@@ -130,15 +130,13 @@ def batches(cfg, batch, count, seed=0):
         yield ids[:, :-1], ids[:, 1:]
 
 
-def time_steps(cfg, tc, steps, warmup, paths):
+def time_steps(cfg, tc, steps, warmup, paths, runners=None):
     """Wall and CPU seconds of every timed training step of each path, one step of each in turn.
 
     CPU seconds (all threads of this process) tell what the step costs when the machine is shared:
     on an idle machine with c cores the wall time could approach CPU / c.
     """
-    runners = {path: training_step(path, cfg, tc) for path in paths}
-    time_steps.compile_seconds = {path: run.compile_seconds for path, run in runners.items()
-                                  if hasattr(run, "compile_seconds")}
+    runners = runners or {path: training_step(path, cfg, tc) for path in paths}
     wall, cpu = {path: [] for path in paths}, {path: [] for path in paths}
     for i, (ids, targets) in enumerate(batches(cfg, tc.batch_size, warmup + steps)):
         for path, run in runners.items():
@@ -212,7 +210,8 @@ def run_bench(preset, steps, warmup, batch=None, paths=PATHS, memory=True, profi
     flops = step_flops(cfg, tc.batch_size)
     memory = {path: peak_memory(preset, path, tc.batch_size) for path in paths} if memory else {}
     peak, peak_shape, peak_how = measure_peak(cfg, tc.batch_size)
-    wall, cpu = time_steps(cfg, tc, steps, warmup, paths)
+    runners = {path: training_step(path, cfg, tc) for path in paths}
+    wall, cpu = time_steps(cfg, tc, steps, warmup, paths, runners)
     medians = {path: statistics.median(t) for path, t in wall.items()}
     tokens = tc.batch_size * cfg.context
     result = {"preset": preset, "batch": tc.batch_size, "context": cfg.context, "tokens_per_step": tokens,
@@ -233,18 +232,18 @@ def run_bench(preset, steps, warmup, batch=None, paths=PATHS, memory=True, profi
     if "fast" in medians and "reference" in medians:
         result["speedup"] = medians["reference"] / medians["fast"]
     if "jax" in paths:
-        add_jax(result, cfg, tc, medians)
+        add_jax(result, cfg, tc, medians, runners["jax"].compile_seconds)
     if profile_steps and "fast" in paths:
         step, table = profile_fast_step(cfg, tc, profile_steps)
         result["profile"] = {"step_seconds": step, "steps": profile_steps, "seconds": table}
     return result
 
 
-def add_jax(result, cfg, tc, medians):
+def add_jax(result, cfg, tc, medians, compile_seconds):
     """The JAX engine's extras: compile time, its devices, and MFU against its own device's matmul peak."""
     from tinyfractal.jax_engine.bench import measure_peak as jax_peak
     jax_path = result["paths"]["jax"]
-    jax_path["compile_seconds"] = time_steps.compile_seconds["jax"]
+    jax_path["compile_seconds"] = compile_seconds
     peak, shape, device = jax_peak(matmul_shapes(cfg, tc.batch_size))
     result.update(jax_matmul_peak_gflops=peak, jax_matmul_peak_shape=list(shape), jax_device=device)
     jax_path["mfu_own_peak"] = jax_path["gflops"] / peak
