@@ -239,9 +239,14 @@ def test_two_processes_over_localhost_train_like_one(tmp_path):
                               env={**CHILD_ENV, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                                    "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    single = subprocess.run(train + ["--out", str(tmp_path / "one")], cwd=ROOT, env=CHILD_ENV,
-                            capture_output=True, text=True, timeout=600)
-    outputs = [p.communicate(timeout=600) for p in procs]
+    try:
+        single = subprocess.run(train + ["--out", str(tmp_path / "one")], cwd=ROOT, env=CHILD_ENV,
+                                capture_output=True, text=True, timeout=600)
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:          # a hung pair (one side failed to start) must not outlive the test
+            if p.poll() is None:
+                p.kill()
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-2000:]
     assert single.returncode == 0, single.stderr[-2000:]

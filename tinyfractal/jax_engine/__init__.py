@@ -12,6 +12,7 @@ of `training/train.py`. Checkpoints are the NumPy engine's own format, so a run 
   train.py    `fit`: the training loop, evaluation, checkpoints and resume
   sample.py   `generate` from any node
   bench.py    the JAX side of `python -m tinyfractal.bench --backend numpy,jax`
+  cli.py      what `python -m tinyfractal train|eval|sample --backend jax` call
 
 Importing this package does not import jax, so `--backend jax` without jax installed can say how to
 install it. On a CPU the fused NumPy engine is faster; JAX pays off on a GPU, a TPU or many hosts.
