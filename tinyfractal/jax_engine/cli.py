@@ -10,23 +10,23 @@ def start(distributed=False):
         initialize()
 
 
-def train(cfg, tc, out, resume=False, level_weights=None, model_axis=1, distributed=False):
-    """Train with the JAX engine; process 0 prints the table and writes the checkpoint and metrics.json."""
+def fitter(cfg, model_axis=1, distributed=False):
+    """The `fit` that `train --backend jax` calls: the JAX engine's, on a mesh with this model axis.
+
+    Only process 0 of a distributed run logs; the others return data None (nothing to report there).
+    """
     start(distributed)
     check_variant(cfg)
     from tinyfractal.jax_engine.mesh import is_main
     from tinyfractal.jax_engine.train import fit
-    from tinyfractal.training.train import loss_table
-    say = print if is_main() else (lambda *a, **k: None)
-    say(f"training {cfg}\nwith {tc}\non the JAX engine")
-    _, _, metrics, _ = fit(cfg, tc, out=out, resume=resume, level_weights=level_weights, model_axis=model_axis)
-    say("\n".join(loss_table(metrics, cfg)))
-    say(f"saved checkpoint and metrics.json to {out}")
-    return 0
+
+    def fit_jax(cfg, tc, log=print, **kwargs):
+        return fit(cfg, tc, log=log if is_main() else (lambda *a, **k: None), model_axis=model_axis, **kwargs)
+    return fit_jax
 
 
 def level_losses(cfg):
-    """`evaluate`'s level_losses on one host's devices, and the params as that function wants them."""
+    """`evaluate`'s level_losses on one device, and the function putting host params where it wants them."""
     start()
     check_variant(cfg, "evaluating with the JAX engine")
     import jax

@@ -110,8 +110,9 @@ def main(argv=None):
     print("\nJAX engine (the first thing it does is compile the whole step):")
     lines = []
     t0 = time.perf_counter()
-    jax_params, jax_state, jax_metrics = jax_train(init_params(cfg, 0), cfg, tc, train_tokens, val_tokens,
-                                                   log=lambda s: (lines.append(s), print("  " + s)))
+    jax_params = init_params(cfg, 0)
+    jax_state, jax_metrics = jax_train(jax_params, cfg, tc, train_tokens, val_tokens,
+                                       log=lambda s: (lines.append(s), print("  " + s)))
     jax_seconds = time.perf_counter() - t0
     compile_seconds = float(lines[0].split(" in ")[1].split(" s")[0])
     gap = float(np.max(np.abs(np.array(np_metrics["loss"]) - np.array(jax_metrics["loss"]))))
@@ -129,9 +130,9 @@ def main(argv=None):
     # %% 2. The checkpoint passes between them
     section("2. The checkpoint passes between them")
     ckpt = out / "jax_checkpoint"
-    save_run(ckpt, jax_params, cfg, tc, jax_state, jax_metrics, extra={"backend": "jax"})
-    print(f"The JAX run saved {ckpt}/: params.npz (plain arrays, no pickle) and meta.json (config, metrics,")
-    print("SHA-256 checksums), the very format the NumPy engine writes. NumPy loads it with tinyfractal.load:")
+    save_run(ckpt, jax_params, cfg, tc, jax_state, jax_metrics, new_run=True)
+    print(f"The JAX run saved {ckpt}/ with the NumPy engine's own save_run: a step folder holding params.npz")
+    print("(plain arrays, no pickle) and meta.json (config, metrics, SHA-256 checksums). NumPy loads it:")
     params, loaded_cfg, _ = load(ckpt)
     by_numpy = evaluate(params, loaded_cfg, val_tokens, tc.batch_size, tc.eval_batches)
     level_losses = make_level_losses(cfg, Layout(devices=jax.devices()[:1]))

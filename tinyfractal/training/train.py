@@ -381,7 +381,7 @@ def _run_summary(out):
 
 
 def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weights=None, overwrite=False,
-        allow_changes=(), keep=2):
+        allow_changes=(), keep=2, trainer=None):
     """The whole job: data, init (or resume from `out`), train, save at every evaluation.
 
     Returns (params, state, metrics, data); data is None when a finished run was resumed and there
@@ -400,6 +400,7 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
     equal to one never interrupted: params, optimizer state and metrics. Resuming a finished run
     (step >= steps) logs one line and writes nothing. Divergence stops the run (Diverged), naming
     the step, and the checkpoint on disk stays the last finite one.
+    `trainer` replaces `train` (same arguments and contract); the JAX engine passes its own.
     """
     from tinyfractal import runlock
     from tinyfractal.api import level_weight_table
@@ -423,7 +424,7 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
     if out is None:
         log(f"training {cfg}\nwith {tc}")
         params, data = init_params(cfg, tc.seed), _load_data(cfg, tokenizer)
-        state, metrics = train(params, cfg, tc, *data, level_weights=weights, log=log)
+        state, metrics = (trainer or train)(params, cfg, tc, *data, level_weights=weights, log=log)
         return params, state, metrics, data
     with runlock.hold(out) as held:
         if held.stale is not None:
@@ -485,8 +486,8 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
                 checkpoint_at(step, metrics, state)
 
         try:
-            state, metrics = train(params, cfg, tc, *data, state, metrics, weights, log=log, on_eval=checkpoint_at,
-                                   on_interrupt=on_interrupt)
+            state, metrics = (trainer or train)(params, cfg, tc, *data, state, metrics, weights, log=log,
+                                                on_eval=checkpoint_at, on_interrupt=on_interrupt)
         except Diverged as e:
             kept = (f"{out} keeps the checkpoint of step {saved['step']}, the last finite one" if saved["step"]
                     else f"nothing was saved in {out}")
