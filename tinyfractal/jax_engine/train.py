@@ -91,7 +91,8 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     c0 = time.perf_counter()
     step_fn = make_train_step(cfg, tc, level_weights, layout).lower(
         flat, m, v, rows(ids), rows(targets), layout.put_tree(hyper(tc, start, t + 1)), masks).compile()
-    log(f"compiled the training step in {time.perf_counter() - c0:.1f} s ({layout.describe()})")
+    level_losses(flat, cfg, ids, targets)          # compiles the evaluation now, not inside the first timed steps
+    log(f"compiled the training step and the evaluation in {time.perf_counter() - c0:.1f} s ({layout.describe()})")
 
     tokens_per_step = tc.batch_size * cfg.context
     t0, done, consistent = time.perf_counter(), 0, True
