@@ -102,22 +102,27 @@ def test_stacked_blocks_by_reshape_and_diagonal_equal_numpy_level_view(case):
             assert np.array_equal(np.asarray(got[name]), w), name
 
 
-def assert_grads_close(got, want, rtol=1e-5):
-    """Each gradient array within rtol of the NumPy one in the L2 norm: |g - w| <= rtol |w|.
+def assert_grads_close(got, want, rtol=1e-5, array_rtol=1e-4):
+    """The gradients agree to rtol relative, as one vector (the L2 norm over every array), and each array
+    to array_rtol relative in its own L2 norm.
 
-    An array whose gradient is analytically zero (Wq and Wk when T = 1: one key, softmax is 1), or tiny
-    and made by cancellation (a gain of a 2-wide rmsnorm, whose output barely depends on it), comes out
-    as float32 rounding noise in both engines. So an array whose gradient is below 1% of the whole
-    gradient's norm is held to rtol times that 1% instead: still far below what a wrong slice, a wrong
-    formula or a missing term would give (errors the size of the gradient itself).
+    Per array the bound is looser because float32 rounding is not spread evenly: a small array whose
+    gradient comes out of a cancellation (Wo of a 2-wide model, a gain of a 2-wide rmsnorm, Wq and Wk
+    when T = 1, where the gradient is analytically zero) carries the rounding of larger terms. For the
+    same reason an array whose gradient is below 1% of the whole gradient's norm is held to that 1%.
+    A wrong slice, formula or missing term gives errors the size of the gradient itself, far above both.
     """
     want, got = flatten(want), flatten(got)
-    floor = 1e-2 * np.sqrt(sum(np.vdot(w, w) for w in want.values()))
+    total = np.sqrt(sum(np.vdot(w, w) for w in want.values()))
+    errors = {}
     for name, w in want.items():
         g = np.asarray(got[name])
         assert g.dtype == np.float32 and g.shape == w.shape, name
-        error, scale = np.linalg.norm(g - w), max(np.linalg.norm(w), floor)
-        assert error <= rtol * scale, f"{name}: error {error:.2e}, gradient norm {np.linalg.norm(w):.2e}"
+        errors[name] = np.linalg.norm(g - w)
+        scale = max(np.linalg.norm(w), 1e-2 * total)
+        assert errors[name] <= array_rtol * scale, f"{name}: error {errors[name]:.2e}, gradient norm {np.linalg.norm(w):.2e}"
+    overall = np.sqrt(sum(e * e for e in errors.values()))
+    assert overall <= rtol * total, f"whole gradient: error {overall:.2e}, norm {total:.2e}"
 
 
 @examples(3)
