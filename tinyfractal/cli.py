@@ -45,7 +45,18 @@ def train_arguments(p):
                    help="start a new run in an --out that holds one (its checkpoints go once the new run saves)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept in --out to roll back to (default 2)")
     p.add_argument("--level-weights", default=None, help="weight of each level's loss, e.g. 1,0,0 (default: all 1)")
+    add_backend(p)
+    p.add_argument("--model-axis", type=int, default=1,
+                   help="with --backend jax: devices per model group; the models of a level are spread over them")
+    p.add_argument("--distributed", action="store_true",
+                   help="with --backend jax: join a multi-host run (jax.distributed, from JAX_COORDINATOR_ADDRESS, "
+                        "JAX_NUM_PROCESSES, JAX_PROCESS_ID, or SLURM / TPU pod detection)")
     p.set_defaults(run=run_train, overrides=True)
+
+
+def add_backend(p):
+    p.add_argument("--backend", choices=("numpy", "jax"), default="numpy",
+                   help="numpy (the classroom engine) or jax (jit, GPUs, TPUs, many hosts: pip install 'tinyfractal[jax]')")
 
 
 def parse_level_weights(text):
@@ -97,6 +108,11 @@ def train_settings(args, extra):
 def run_train(args, extra):
     from tinyfractal.training.train import Diverged, fit, loss_table
     cfg, tc, weights, allowed = train_settings(args, extra)
+    if args.backend == "jax":
+        from tinyfractal.jax_engine import cli as jax_cli
+        fit = jax_cli.fitter(cfg, args.model_axis, args.distributed)
+    elif args.model_axis != 1 or args.distributed:
+        raise ValueError("--model-axis and --distributed only apply with --backend jax")
     try:
         with warnings.catch_warnings():
             # NumPy's overflow warnings come just before a divergence, whose one-line message says it all
@@ -108,7 +124,7 @@ def run_train(args, extra):
         return 3
     except KeyboardInterrupt as e:
         return fail(str(e) or "interrupted")
-    if data is None:   # a finished run, resumed: fit said so in one line
+    if data is None:   # a finished run, resumed (fit said so in one line), or not process 0 of a distributed run
         return 0
     print("\n".join(loss_table(metrics, cfg)))
     print(f"saved checkpoint and metrics.json to {args.out}")
@@ -120,6 +136,7 @@ def eval_arguments(p):
     p.add_argument("--batches", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true")
+    add_backend(p)
     p.set_defaults(run=run_eval)
 
 
@@ -137,7 +154,12 @@ def run_eval(args, extra):
     check_memory(cfg, args.batch_size, training=False)
     params, cfg, _ = load(args.ckpt, tokenizer=tokenizer)
     _, val = (variant.training_rows(cfg, part) for part in train_val_split(load_tokens(tokenizer)))
-    losses = evaluate(params, cfg, val, args.batch_size, args.batches)
+    if args.backend == "jax":
+        from tinyfractal.jax_engine import cli as jax_cli
+        level_losses, to_device = jax_cli.level_losses(cfg)
+        losses = evaluate(to_device(params), cfg, val, args.batch_size, args.batches, level_losses=level_losses)
+    else:
+        losses = evaluate(params, cfg, val, args.batch_size, args.batches)
     bad = {n: v for n, v in losses.items() if not math.isfinite(v)}
     if bad:
         raise ValueError(f"the checkpoint gives non-finite losses {bad} although its weights are finite; "
@@ -167,6 +189,7 @@ def sample_arguments(p):
                    help="with --speculative: a level ('2'), a node ('2.1') or a '+' set ('2.0+2.3', '1+2'); "
                         "default: the verifier's children")
     p.add_argument("--draft-k", type=int, default=4, help="with --speculative: tokens per draft (default 4)")
+    add_backend(p)
     p.set_defaults(run=run_sample)
 
 
@@ -178,6 +201,14 @@ def run_sample(args, extra):
     cfg, _, _ = read_meta(args.ckpt)
     tokenizer = variant_of(cfg).tokenizer(cfg)
     params, cfg, _ = load(args.ckpt, tokenizer=tokenizer)
+    if args.backend == "jax":
+        if args.speculative:
+            raise ValueError("--speculative runs on the numpy backend only")
+        from tinyfractal.jax_engine import cli as jax_cli
+        print(jax_cli.generate(params, cfg, tokenizer, args.prompt, level=args.level, index=args.index,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed))
+        return 0
     if args.speculative:
         from tinyfractal.inference.speculative import parse_drafters, speculative_generate
         verifier = (args.level, args.index)

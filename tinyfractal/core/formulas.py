@@ -111,4 +111,5 @@ def cross_entropy(logits, targets, xp=anp):
     V = logits.shape[-1]
     flat = xp.reshape(logits, (-1, V))
     rows = onp.arange(flat.shape[0])
-    return -xp.mean(log_softmax(flat, xp)[rows, onp.asarray(targets).reshape(-1)])
+    # xp.asarray, not onp.asarray: under jax.jit the targets are a traced array NumPy cannot read
+    return -xp.mean(log_softmax(flat, xp)[rows, xp.reshape(xp.asarray(targets), (-1,))])

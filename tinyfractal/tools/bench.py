@@ -34,7 +34,8 @@ from tinyfractal.core.flops import step_flops_by_kind
 from tinyfractal.core.tree import flatten, unflatten
 from tinyfractal.training.train import TrainConfig, adamw_init, adamw_step, clip_by_global_norm
 
-PATHS = ("fast", "reference")
+PATHS = ("fast", "reference")       # the NumPy engine's two paths
+BACKENDS = ("numpy", "jax")         # --backend jax adds the path "jax": the JAX engine (tinyfractal/jax_engine/bench.py)
 
 
 def matmul_shapes(cfg, batch):
@@ -80,6 +81,9 @@ def measure_peak(cfg, batch, budget=0.05):
 
 def training_step(path, cfg, tc, seed=0):
     """A function running one full training step of `path` on its own fresh parameters."""
+    if path == "jax":
+        from tinyfractal.jax_engine.bench import training_step as jax_step
+        return jax_step(cfg, tc, seed)
     params = api.init_params(cfg, seed)
     loss = api.tree_loss if path == "fast" else api.tree_loss_reference
     value_grad = value_and_grad(lambda p, ids, targets: loss(p, cfg, ids, targets))
@@ -107,13 +111,13 @@ def batches(cfg, batch, count, seed=0):
         yield ids[:, :-1], ids[:, 1:]
 
 
-def time_steps(cfg, tc, steps, warmup, paths):
+def time_steps(cfg, tc, steps, warmup, paths, runners=None):
     """Wall and CPU seconds of every timed training step of each path, one step of each in turn.
 
     CPU seconds (all threads of this process) tell what the step costs when the machine is shared:
     on an idle machine with c cores the wall time could approach CPU / c.
     """
-    runners = {path: training_step(path, cfg, tc) for path in paths}
+    runners = runners or {path: training_step(path, cfg, tc) for path in paths}
     wall, cpu = {path: [] for path in paths}, {path: [] for path in paths}
     for i, (ids, targets) in enumerate(batches(cfg, tc.batch_size, warmup + steps)):
         for path, run in runners.items():
@@ -187,7 +191,8 @@ def run_bench(preset, steps, warmup, batch=None, paths=PATHS, memory=True, profi
     flops = step_flops_by_kind(cfg, tc.batch_size)
     memory = {path: peak_memory(preset, path, tc.batch_size) for path in paths} if memory else {}
     peak, peak_shape, peak_how = measure_peak(cfg, tc.batch_size)
-    wall, cpu = time_steps(cfg, tc, steps, warmup, paths)
+    runners = {path: training_step(path, cfg, tc) for path in paths}
+    wall, cpu = time_steps(cfg, tc, steps, warmup, paths, runners)
     medians = {path: statistics.median(t) for path, t in wall.items()}
     tokens = tc.batch_size * cfg.context
     result = {"preset": preset, "batch": tc.batch_size, "context": cfg.context, "tokens_per_step": tokens,
@@ -207,10 +212,24 @@ def run_bench(preset, steps, warmup, batch=None, paths=PATHS, memory=True, profi
             result["paths"][path]["peak_rss_bytes"] = memory[path]
     if "fast" in medians and "reference" in medians:
         result["speedup"] = medians["reference"] / medians["fast"]
-    if profile_steps:
+    if "jax" in paths:
+        add_jax(result, cfg, tc, medians, runners["jax"].compile_seconds)
+    if profile_steps and "fast" in paths:
         step, table = profile_fast_step(cfg, tc, profile_steps)
         result["profile"] = {"step_seconds": step, "steps": profile_steps, "seconds": table}
     return result
+
+
+def add_jax(result, cfg, tc, medians, compile_seconds):
+    """The JAX engine's extras: compile time, its devices, and MFU against its own device's matmul peak."""
+    from tinyfractal.jax_engine.bench import measure_peak as jax_peak
+    jax_path = result["paths"]["jax"]
+    jax_path["compile_seconds"] = compile_seconds
+    peak, shape, device = jax_peak(matmul_shapes(cfg, tc.batch_size))
+    result.update(jax_matmul_peak_gflops=peak, jax_matmul_peak_shape=list(shape), jax_device=device)
+    jax_path["mfu_own_peak"] = jax_path["gflops"] / peak
+    if "fast" in medians:
+        result["jax_vs_fast"] = medians["fast"] / medians["jax"]
 
 
 def report(r):
@@ -231,6 +250,14 @@ def report(r):
                      f"{p['mfu']:6.1%} {p['mfu_causal_half']:10.1%} {rss:>9}")
     if "speedup" in r:
         lines.append(f"speed-up of the fast path over the reference: {r['speedup']:.2f}x")
+    if "jax" in r["paths"]:
+        j = r["paths"]["jax"]
+        lines.append(f"jax: compiling the step took {j['compile_seconds']:.1f} s (once, not in the step time); "
+                     f"jnp.matmul peak on {r['jax_device']}: {r['jax_matmul_peak_gflops']:.1f} GFLOP/s, "
+                     f"MFU against it {j['mfu_own_peak']:.1%}")
+        if "jax_vs_fast" in r:
+            lines.append(f"jax step time relative to the numpy fast path: {1 / r['jax_vs_fast']:.2f}x "
+                         f"({'faster' if r['jax_vs_fast'] > 1 else 'slower'})")
     if "profile" in r:
         step = r["profile"]["step_seconds"]
         lines += ["", f"profile of a fast step ({step:.3f} s wall, mean of {r['profile']['steps']} steps):"]
@@ -246,17 +273,29 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps per path (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per path first")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's training batch)")
-    parser.add_argument("--paths", default="fast,reference", help="comma-separated: fast, reference")
+    parser.add_argument("--paths", default="fast,reference", help="comma-separated: fast, reference (the numpy engine)")
+    parser.add_argument("--backend", default="numpy",
+                        help="comma-separated engines: numpy (the --paths), jax (pip install 'tinyfractal[jax]')")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--profile-steps", type=int, default=3, help="fast steps to profile (0: none)")
     parser.add_argument("--blas-threads", type=int, default=None,
                         help="set OpenBLAS's own thread count for the whole run (the reference path uses it)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
-    parser.add_argument("--memory-of", choices=PATHS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", choices=PATHS + ("jax",), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     paths = tuple(p for p in args.paths.split(",") if p)
     if not paths or any(p not in PATHS for p in paths):
         parser.error(f"--paths must be a comma-separated subset of {','.join(PATHS)}, got {args.paths!r}")
+    backends = tuple(b for b in args.backend.split(",") if b)
+    if not backends or any(b not in BACKENDS for b in backends):
+        parser.error(f"--backend must be a comma-separated subset of {','.join(BACKENDS)}, got {args.backend!r}")
+    if "jax" in backends or args.memory_of == "jax":
+        from tinyfractal.jax_engine import require
+        try:
+            require("--backend jax")
+        except ValueError as e:
+            parser.error(str(e))
+    paths = (paths if "numpy" in backends else ()) + (("jax",) if "jax" in backends else ())
     for name in ("steps", "batch"):
         value = getattr(args, name)
         if value is not None and value < 1:

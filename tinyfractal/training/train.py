@@ -192,6 +192,12 @@ def format_duration(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def progress_line(step, steps, loss, gnorm, rate, left):
+    """The progress line of a training run (both engines print it): step, loss, gradient norm, tokens/s, time left."""
+    return (f"step {step:5d}/{steps}  loss {loss:.4f}  |g| {gnorm:6.2f}  "
+            f"{rate:8.0f} tok/s  left {format_duration(left)}")
+
+
 class Diverged(RuntimeError):
     """Training met a non-finite loss, gradient norm, weight or evaluation loss. Nothing after the last
     good step was applied or saved; the message is one line naming the step and the likely cause."""
@@ -271,8 +277,7 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
                 elapsed = time.perf_counter() - t0
                 rate = done * tokens_per_step / elapsed
                 left = (tc.steps - step - 1) * elapsed / done
-                log(f"step {step + 1:5d}/{tc.steps}  loss {loss:.4f}  |g| {gnorm:6.2f}  "
-                    f"{rate:8.0f} tok/s  left {format_duration(left)}")
+                log(progress_line(step + 1, tc.steps, loss, gnorm, rate, left))
             if (step + 1) % tc.eval_interval == 0 or last:
                 record_eval(params, cfg, tc, train_tokens, val_tokens, metrics, step + 1, level_losses)
                 if on_eval:
@@ -378,7 +383,7 @@ def _run_summary(out):
 
 
 def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weights=None, overwrite=False,
-        allow_changes=(), keep=2):
+        allow_changes=(), keep=2, trainer=None):
     """The whole job: data, init (or resume from `out`), train, save at every evaluation.
 
     Returns (params, state, metrics, data); data is None when a finished run was resumed and there
@@ -397,6 +402,7 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
     equal to one never interrupted: params, optimizer state and metrics. Resuming a finished run
     (step >= steps) logs one line and writes nothing. Divergence stops the run (Diverged), naming
     the step, and the checkpoint on disk stays the last finite one.
+    `trainer` replaces `train` (same arguments and contract); the JAX engine passes its own.
     """
     machinery.tune()      # here too, so a bad TINYFRACTAL_THREADS is reported before the data is read
     from tinyfractal import runlock
@@ -421,7 +427,7 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
     if out is None:
         log(f"training {cfg}\nwith {tc}")
         params, data = init_params(cfg, tc.seed), _load_data(cfg, tokenizer)
-        state, metrics = train(params, cfg, tc, *data, level_weights=weights, log=log)
+        state, metrics = (trainer or train)(params, cfg, tc, *data, level_weights=weights, log=log)
         return params, state, metrics, data
     with runlock.hold(out) as held:
         if held.stale is not None:
@@ -483,8 +489,8 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
                 checkpoint_at(step, metrics, state)
 
         try:
-            state, metrics = train(params, cfg, tc, *data, state, metrics, weights, log=log, on_eval=checkpoint_at,
-                                   on_interrupt=on_interrupt)
+            state, metrics = (trainer or train)(params, cfg, tc, *data, state, metrics, weights, log=log,
+                                                on_eval=checkpoint_at, on_interrupt=on_interrupt)
         except Diverged as e:
             kept = (f"{out} keeps the checkpoint of step {saved['step']}, the last finite one" if saved["step"]
                     else f"nothing was saved in {out}")
