@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as onp
 
-from tinyfractal.core.model import init_params
+from tinyfractal.api import init_params
 from tinyfractal.core.tree import flatten
 from tinyfractal.jax_engine import check_variant
 from tinyfractal.jax_engine.mesh import Layout, host

@@ -149,7 +149,7 @@ def fit(cfg, tc, out=None, resume=False, log=print, tokenizer=None, level_weight
     if is_main():
         return numpy_fit(cfg, tc, out, resume, log, tokenizer, level_weights, overwrite, allow_changes, keep,
                          trainer=trainer)
-    from tinyfractal.core.model import init_params
+    from tinyfractal.api import init_params
     from tinyfractal.training import checkpoint
     from tinyfractal.training.data import load_tokens, train_val_split
     from tinyfractal.variants import variant_of
