@@ -282,15 +282,6 @@ def stacked_blocks_example(draw):
     return (lambda a: stacked_blocks(a, roles, n)), (a,)
 
 
-@st.composite
-def only_trainable_example(draw):
-    # A gradient mask by design (zero on frozen entries); where everything is trainable it must be
-    # the true gradient of the identity.
-    from tinyfractal.training.merge import only_trainable
-    shape = draw(small_shapes)
-    return (lambda a: only_trainable(a, np.ones(shape, dtype=bool))), (rng_of(draw).normal(size=shape),)
-
-
 def ops_module():
     return importlib.import_module("tinyfractal.core.ops")
 
@@ -361,7 +352,6 @@ def cross_entropy_example(draw):
 # the law below on purpose: every hand-written gradient must prove itself.
 CUSTOM_VJPS = {
     "tinyfractal.core.tree.stacked_blocks": stacked_blocks_example(),
-    "tinyfractal.training.merge.only_trainable": only_trainable_example(),
     "tinyfractal.core.ops.linear": linear_example(),
     "tinyfractal.core.ops.rmsnorm": rmsnorm_example(),
     "tinyfractal.core.ops.embedding": embedding_example(),

@@ -31,7 +31,7 @@ from tinyfractal.cli_args import Parser, reporting
 from tinyfractal.config import Config
 from tinyfractal.core import machinery
 from tinyfractal.core.flops import step_flops_by_kind
-from tinyfractal.core.tree import flatten, unflatten
+from tinyfractal.core.tree import flatten
 from tinyfractal.training.train import TrainConfig, adamw_init, adamw_step, clip_by_global_norm
 
 PATHS = ("fast", "reference")       # the NumPy engine's two paths
@@ -88,6 +88,7 @@ def training_step(path, cfg, tc, seed=0):
     loss = api.tree_loss if path == "fast" else api.tree_loss_reference
     value_grad = value_and_grad(lambda p, ids, targets: loss(p, cfg, ids, targets))
     state = adamw_init(params)
+    flat_params = flatten(params)
     timings = {}
 
     def step(ids, targets):
@@ -96,7 +97,7 @@ def training_step(path, cfg, tc, seed=0):
         t1 = time.perf_counter()
         flat_g = flatten(grads)
         clip_by_global_norm(flat_g, tc.grad_clip)
-        adamw_step(params, unflatten(flat_g), state, tc.lr, tc)
+        adamw_step(flat_params, flat_g, state, tc.lr, tc)
         timings["optimizer"] = time.perf_counter() - t1
         timings["forward+backward"] = t1 - t0
         return float(value)

@@ -19,7 +19,7 @@ from tinyfractal.training.checkpoint import atomic_write_json, save
 from tinyfractal.core.flops import model_flops, train_step_flops
 from tinyfractal.variants import variant_of
 from tinyfractal.training.data import batch_at, train_val_split
-from tinyfractal.training.merge import OFF_DIAGONAL, extract, frozen_loss, merge, trainable_mask
+from tinyfractal.training.merge import OFF_DIAGONAL, extract, merge, root_loss, trainable_mask
 from tinyfractal.api import init_params
 from tinyfractal.core.model import forward
 from tinyfractal.training.train import TrainConfig, evaluate, node_key, train
@@ -190,7 +190,7 @@ def merge_stage(stage, chunks, below, off_diagonal, scale, log=print, on_stage=N
         if on_merge:
             on_merge(stage.t, record, params, stage.model_cfg)
         records.append(train_model(stage, g, params, (train_tokens, val_tokens), record, trainable,
-                                   frozen_loss(trainable), children, log))
+                                   root_loss, children, log))
         models.append(params)
         if on_stage:
             on_stage(stage.t, record, params, stage.model_cfg)

@@ -9,13 +9,12 @@ marks exactly those entries so training can leave the children bit for bit as th
 import dataclasses
 
 import numpy as onp
-from autograd.extend import defvjp, primitive
 
 from tinyfractal.core import fast
 from tinyfractal.config import Config
 from tinyfractal.api import init_params, param_shapes
 from tinyfractal.variants import variant_of
-from tinyfractal.core.tree import flatten, index_mask, map_roles, unflatten, view
+from tinyfractal.core.tree import flatten, index_mask, map_roles, view
 
 OFF_DIAGONAL = ("zero", "random")
 
@@ -111,32 +110,6 @@ def trainable_mask(params, cfg, frozen_level=1):
     return {name: ~c for name, c in flatten(covered).items()}
 
 
-@primitive
-def only_trainable(a, mask):
-    """Identity on values; the gradient flowing back is zeroed outside `mask`.
-
-    Frozen entries then add nothing to the gradient norm that clipping measures, so clipping sees
-    the same gradient it would if the new blocks were the only parameters.
-    """
-    return a
-
-
-defvjp(only_trainable, lambda ans, a, mask: lambda g: g * mask)
-
-
-def mask_gradients(params, trainable):
-    """params with `only_trainable` applied to every array (flat names from `trainable`)."""
-    flat = flatten(params)
-    return unflatten({k: only_trainable(v, trainable[k]) if k in trainable else v for k, v in flat.items()})
-
-
 def root_loss(params, cfg, ids, targets, rng=None):
     """Cross-entropy of the root model (0, 0) alone: the tree loss with level_weights [1, 0, 0, ...]."""
     return fast.cross_entropy_per_model(fast.forward_level(params, cfg, 0, ids, rng), targets)[0]
-
-
-def frozen_loss(trainable, loss=root_loss):
-    """A train.train loss_fn whose gradient is zero on frozen entries (see `only_trainable`)."""
-    def loss_fn(params, cfg, ids, targets, rng=None):
-        return loss(mask_gradients(params, trainable), cfg, ids, targets, rng)
-    return loss_fn

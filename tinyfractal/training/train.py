@@ -15,7 +15,7 @@ from tinyfractal.api import node_losses, tree_loss
 from tinyfractal.core import machinery
 from tinyfractal.training.data import batch_at
 from tinyfractal.variants import variant_of
-from tinyfractal.core.tree import NO_DECAY, flatten, nodes, unflatten
+from tinyfractal.core.tree import NO_DECAY, flatten, nodes
 from tinyfractal.validate import check_memory
 
 
@@ -142,13 +142,14 @@ def clip_by_global_norm(grads, max_norm):
     return norm
 
 
-def adamw_step(params, grads, state, lr, tc, trainable=None):
-    """One AdamW update, in place, with bias correction; no weight decay on gains and biases.
+def adamw_step(flat, flat_g, state, lr, tc, trainable=None):
+    """One AdamW update of the flat name -> array dicts `flat` (in place) from `flat_g`, with bias
+    correction; no weight decay on gains and biases.
 
-    `trainable` (flat name -> bool array, or None) freezes entries: a frozen entry's value and its
-    moment estimates are never touched, so frozen sub-models stay bit for bit as they were.
+    `trainable` (flat name -> bool array, or None) is THE way to freeze entries: a frozen entry's value and
+    its moment estimates are never touched, so frozen sub-models stay bit for bit as they were (and
+    `train` zeroes their gradients before clipping, so they do not count towards its norm).
     """
-    flat, flat_g = flatten(params), flatten(grads)
     state["t"] += 1
     t = state["t"]
     b1, b2 = tc.beta1, tc.beta2
@@ -252,6 +253,7 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     start = state["t"]
     tokens_per_step = tc.batch_size * cfg.context
     t0, done = time.perf_counter(), 0
+    flat_params = flatten(params)   # the same arrays, by flat name: the optimizer updates them in place
     consistent = True
     try:
         for step in range(start, tc.steps if until is None else min(until, tc.steps)):
@@ -259,7 +261,7 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
             rng = onp.random.default_rng([tc.seed, step, 1]) if cfg.dropout > 0 else None
             loss, grads = value_grad(params, cfg, ids, targets, rng)
             loss = float(loss)
-            flat_g = flatten(grads)
+            flat_g = flatten(grads)     # once per step; flat_params was flattened once, before the loop
             if trainable is not None:   # frozen entries must not count towards the clipping norm
                 for name, mask in trainable.items():
                     flat_g[name] = onp.where(mask, flat_g[name], onp.float32(0))
@@ -268,7 +270,7 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
                 raise Diverged(f"training diverged at step {step + 1}: loss {loss:.4g}, |g| {gnorm:.4g}; likely "
                                f"cause: {divergence_cause(tc, step + 1, start, loss, gnorm)}")
             consistent = False
-            adamw_step(params, unflatten(flat_g), state, lr_at(tc, step), tc, trainable)
+            adamw_step(flat_params, flat_g, state, lr_at(tc, step), tc, trainable)
             done += 1
             metrics["step"].append(step + 1)
             metrics["loss"].append(loss)
