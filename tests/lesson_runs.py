@@ -33,6 +33,7 @@ PENDING = {
     "transformer": {"workflow", "excerpts"},
     "fractal": {"workflow", "handout"},
     "tax": {"workflow", "handout", "excerpts"},
+    "cluster": {"workflow", "handout", "excerpts"},
 }
 
 

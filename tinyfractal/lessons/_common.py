@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from tinyfractal.cli import Parser
+from tinyfractal.cli_args import Parser
 from tinyfractal.training.checkpoint import exists, load, load_optimizer
 from tinyfractal.training.train import Diverged, format_duration, save_run, train
 
@@ -114,7 +114,10 @@ def run(name, doc, lesson, argv=None, steps=None, trains=False, arguments=None):
     p = parser(name, doc, steps, trains)
     if arguments is not None:
         arguments(p)
-    args = parse(p, name, argv, steps)
+    try:
+        args = parse(p, name, argv, steps)
+    except ValueError as e:                     # a usage mistake (cli_args.UsageError): one line, exit 2
+        return fail(e)
     started = time.perf_counter()
     _saved.clear()
     try:
