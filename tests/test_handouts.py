@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lesson_runs import PENDING, HANDOUTS, REPO, excerpt_blocks, lesson_param, quick_run, recordings, shell_commands
+from lesson_runs import (PENDING, HANDOUTS, REPO, excerpt_blocks, lesson_param, quick_run, recordings,
+                         shell_commands, split_commands)
 from tinyfractal.lessons import discover
 
 LESSON_NAMES = [lesson.name for lesson in discover()]
@@ -25,10 +26,13 @@ HANDOUT_FILES = sorted(p for p in HANDOUTS.glob("*.md") if p.stem in LESSON_NAME
 DOCUMENTS = [REPO / "README.md", HANDOUTS / "README.md"] + HANDOUT_FILES
 ENV_PREFIX = re.compile(r"^(?:[A-Z_]+=\S*\s+)+")
 WRAPPERS = [re.compile(r"^nice(?:\s+-n\s*-?\d+)?\s+"), re.compile(r"^/usr/bin/time(?:\s+-v)?\s+"),
-            re.compile(r"^time\s+")]
+            re.compile(r"^time\s+"), re.compile(r"^srun\s+")]
+# Checked through --help: several hosts or devices, or the JAX engine, whose compile alone takes tens of
+# seconds (tests/test_jax.py runs it).
+CHECKED_BY_HELP = ("--distributed", "--model-axis", "--backend")
 HELP_ONLY = {"tinyfractal.bench", "tinyfractal.infer_bench", "tinyfractal.tools.bench", "tinyfractal.tools.infer_bench"}
 SKIPPED = [re.compile(r"^(?:python -m )?pip install "), re.compile(r"^python -m pytest\b"),
-           re.compile(r"^python tests/mutants\.py")]
+           re.compile(r"^python tests/mutants\.py"), re.compile(r"^cd\s")]
 
 
 def ids(paths):
@@ -101,6 +105,8 @@ def check_cli(argv, capsys):
     """`python -m tinyfractal COMMAND ...`, made cheap: few steps and batches, short samples."""
     from tinyfractal.cli import main
     command = argv[0]
+    if any(flag in argv for flag in CHECKED_BY_HELP):
+        return check_help("tinyfractal.cli", argv, capsys)
     if "--ckpt" in argv:
         path = argv[argv.index("--ckpt") + 1]
         lesson = re.fullmatch(r"lesson_output/(\w+)/checkpoint", path)
@@ -129,8 +135,8 @@ def check_help(module, argv, capsys):
     code, out, err = call(main, sub + ["--help"], capsys)
     assert code == 0 and "usage:" in out, err
     for word in argv:
-        if word.startswith("--"):
-            assert word.split("=")[0] in out, f"`{module} {' '.join(sub)}` has no option {word}"
+        if word.startswith("--") and "=" not in word:        # --key=value overrides are not in the help
+            assert word in out, f"`{module} {' '.join(sub)}` has no option {word}"
 
 
 def check_command(command, capsys, monkeypatch):
@@ -138,6 +144,12 @@ def check_command(command, capsys, monkeypatch):
     if any(p.search(run) for p in SKIPPED):
         return
     argv = words(run)
+    if argv[0] == "gcloud":                 # a remote launcher: the command it runs on the hosts is checked
+        remote = [w.split("=", 1)[1] for w in argv if w.startswith("--command=")]
+        assert remote, f"no --command=... in `{command}`"
+        for inner in split_commands(remote[0]):
+            check_command(inner, capsys, monkeypatch)
+        return
     if argv[:2] == ["python", "-c"]:        # a snippet: it must compile (it may need a trained model)
         compile(argv[2], f"<{command[:40]}...>", "exec")
         return

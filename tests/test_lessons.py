@@ -112,8 +112,11 @@ def test_a_missing_checkpoint_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "x"], ["--bogus"], ["--seed"]])
 def test_bad_options_are_one_line(argv, capsys):
-    """A bad option of a lesson is one line on stderr and exit code 2, as in the CLI."""
+    """A bad option of a lesson (or of the lesson index) is one line on stderr and exit code 2, as in
+    the CLI."""
     assert importlib.import_module("tinyfractal.lessons.base").main(argv) == 2
+    one_line_error(capsys.readouterr().err)
+    assert index_main(argv) == 2
     one_line_error(capsys.readouterr().err)
 
 

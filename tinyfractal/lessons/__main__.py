@@ -4,7 +4,7 @@ import difflib
 import importlib
 import sys
 
-from tinyfractal.cli import Parser
+from tinyfractal.cli_args import Parser, fail
 from tinyfractal.lessons import ORDER, discover
 from tinyfractal.paths import ROOT
 
@@ -16,9 +16,7 @@ def unknown(name):
     names = [lesson.name for lesson in discover()]
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    print(f"error: no lesson named {name!r}; {hint}the lessons are {', '.join(names)} ({PROG} lists them)",
-          file=sys.stderr)
-    return 2
+    return fail(f"no lesson named {name!r}; {hint}the lessons are {', '.join(names)} ({PROG} lists them)")
 
 
 def run_lesson(name, argv):
@@ -34,7 +32,10 @@ def main(argv=None):
         return run_lesson(argv[0], argv[1:])
     p = Parser(prog=PROG, description=__doc__.splitlines()[0],
                epilog=f"{PROG} NAME [options] runs lesson NAME, e.g. {PROG} base --quick")
-    p.parse_args(argv)
+    try:
+        p.parse_args(argv)
+    except ValueError as e:                       # a usage mistake (cli_args.UsageError)
+        return fail(e)
     lessons = discover()
     print("tinyfractal lessons, in course order (outline: lessons/README.md):\n")
     width = max(len(lesson.name) for lesson in lessons)

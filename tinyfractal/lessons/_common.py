@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from tinyfractal.cli_args import Parser
+from tinyfractal.cli_args import Parser, fail as fail_line
 from tinyfractal.training.checkpoint import exists, load, load_optimizer
 from tinyfractal.training.train import Diverged, format_duration, save_run, train
 
@@ -116,7 +116,7 @@ def run(name, doc, lesson, argv=None, steps=None, trains=False, arguments=None):
         arguments(p)
     try:
         args = parse(p, name, argv, steps)
-    except ValueError as e:                     # a usage mistake (cli_args.UsageError): one line, exit 2
+    except ValueError as e:                       # a usage mistake (cli_args.UsageError)
         return fail(e)
     started = time.perf_counter()
     _saved.clear()
@@ -140,8 +140,7 @@ def fail(error):
     sys.stdout.flush()
     message = str(error) if not isinstance(error, FileNotFoundError) or not error.filename else \
         f"{error.strerror}: {error.filename}"
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+    return fail_line(message)
 
 
 def interrupted_line(name):
