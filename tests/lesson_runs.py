@@ -33,7 +33,6 @@ PENDING = {
     "transformer": {"workflow", "excerpts"},
     "fractal": {"workflow", "handout"},
     "tax": {"workflow", "handout", "excerpts"},
-    "cluster": {"workflow", "handout", "excerpts"},
 }
 
 
