@@ -33,8 +33,6 @@ PENDING = {
     "transformer": {"workflow", "excerpts"},
     "fractal": {"workflow", "handout"},
     "tax": {"workflow", "handout", "excerpts"},
-    # cluster.md quotes the timing lines of another run
-    "cluster": {"workflow", "handout", "excerpts"},
 }
 
 

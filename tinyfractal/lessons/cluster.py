@@ -1,10 +1,9 @@
 """Lesson 8, from the classroom to the cluster: the same tree trained by NumPy and by JAX, one checkpoint, a device mesh.
 
-Run: python -m tinyfractal.lessons.cluster [--quick] [--out DIR] [--steps N]
+Run: python -m tinyfractal.lessons.cluster [--quick] [--out DIR] [--steps N] [--seed N]
 
 It needs jax (pip install 'tinyfractal[jax]'); without it, it says so in one line and stops.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ import numpy as np
 from tinyfractal import Config, Tokenizer, init_params, load
 from tinyfractal.core.tree import flatten, nodes
 from tinyfractal.inference.sample import generate
+from tinyfractal.lessons._common import run, section
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import load_tokens, train_val_split
 from tinyfractal.training.train import TrainConfig, evaluate, format_duration, save_run, train
@@ -25,75 +25,31 @@ PROMPT = "ROMEO:"
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])   # so the child runs this very tinyfractal
 
 
-def section(title):
-    print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m tinyfractal.lessons.cluster", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="lesson_output/cluster", help="folder for figures, results and checkpoints")
-    p.add_argument("--quick", action="store_true", help="a tiny run of seconds, to check that everything works")
-    p.add_argument("--steps", type=int, default=None, help="training steps per engine (default 200; --quick: 6)")
-    p.add_argument("--mesh-demo", action="store_true", help=argparse.SUPPRESS)   # the child of section 3
-    args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
-    return args
-
-
-def mesh_demo():
-    """Runs in a child process that pretends to have 4 devices: the tree loss on three meshes, as JSON."""
-    import jax
-    from tinyfractal.core.tree import unflatten
-    from tinyfractal.jax_engine.mesh import Layout, host
-    from tinyfractal.jax_engine.model import forward_level, tree_loss
-    from tinyfractal.jax_engine.train import to_device
-    from tinyfractal.training.data import batch_at
-    cfg = Config.preset("micro").override(levels=3, hidden=32)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 2000).astype(np.int32)
-    ids, targets = batch_at(tokens, 4, cfg.context, 0, 0)
-    out = {"devices": [str(d) for d in jax.devices()], "runs": {}}
-    for name, layout in (("1 device", Layout(devices=jax.devices()[:1])), ("data 4 x model 1", Layout()),
-                         ("data 2 x model 2", Layout(model_axis=2))):
-        rows = lambda a: layout.put(a, layout.batch)
-        both = jax.jit(lambda p, i, t: (tree_loss(unflatten(p), cfg, i, t, layout=layout),
-                                        forward_level(unflatten(p), cfg, 2, i, layout=layout)))
-        loss, logits = both(to_device(init_params(cfg, 0), layout), rows(ids), rows(targets))   # logits (4,B,T,V)
-        span = lambda sl, n: [sl.start or 0, n if sl.stop is None else sl.stop]
-        out["runs"][name] = {
-            "describe": layout.describe(), "loss": float(host(loss)),
-            "ids": {str(s.device): span(s.index[0], 4) for s in rows(ids).addressable_shards},
-            "level2": {str(s.device): [span(sl, n) for sl, n in zip(s.index[:2], logits.shape[:2])]
-                       for s in logits.addressable_shards}}
-    print(json.dumps(out))
-    return 0
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    if args.mesh_demo:
-        return mesh_demo()
+    return run("cluster", __doc__, lesson, argv, steps=(200, 6))
+
+
+def lesson(args):
     from tinyfractal.jax_engine import INSTALL, available
     if not available():
         print(f"This lesson needs jax, which is not installed here: {INSTALL}")
-        return 0
+        return
     import jax
     from tinyfractal.jax_engine import sample as jax_sample
     from tinyfractal.jax_engine.mesh import Layout
     from tinyfractal.jax_engine.train import make_level_losses, to_device, train as jax_train
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     quick = args.quick
     results = {}
 
     # %% 1. One tree, two engines
     section("1. One tree, two engines")
     cfg = Config.preset("micro") if quick else Config.preset("tiny")
-    steps = args.steps or (6 if quick else 200)
+    steps = args.steps
     tc = TrainConfig(steps=steps, batch_size=4 if quick else 16, warmup=min(50, steps // 10),
-                     eval_interval=steps, eval_batches=2 if quick else 8, log_interval=max(1, steps // 4))
+                     eval_interval=steps, eval_batches=2 if quick else 8, log_interval=max(1, steps // 4),
+                     seed=args.seed)
     tokenizer = Tokenizer.default()
     train_tokens, val_tokens = train_val_split(load_tokens(tokenizer))
     print(f"The '{'micro' if quick else 'tiny'}' preset: {cfg.n_nodes} models in one set of arrays, trained {steps} steps, "
@@ -102,7 +58,7 @@ def main(argv=None):
     print("same init_params and read the same batches, because batches are seeded by step number.")
     print("The JAX engine calls the same formulas (tinyfractal/core/formulas.py) with xp=jax.numpy: nothing is re-typed.\n")
 
-    np_params = init_params(cfg, 0)
+    np_params = init_params(cfg, args.seed)
     print("NumPy engine:")
     t0 = time.perf_counter()
     np_state, np_metrics = train(np_params, cfg, tc, train_tokens, val_tokens, log=lambda s: print("  " + s))
@@ -110,7 +66,7 @@ def main(argv=None):
     print("\nJAX engine (the first thing it does is compile the whole step):")
     lines = []
     t0 = time.perf_counter()
-    jax_params = init_params(cfg, 0)
+    jax_params = init_params(cfg, args.seed)
     jax_state, jax_metrics = jax_train(jax_params, cfg, tc, train_tokens, val_tokens,
                                        log=lambda s: (lines.append(s), print("  " + s)))
     jax_seconds = time.perf_counter() - t0
@@ -164,7 +120,7 @@ def main(argv=None):
     print("(XLA_FLAGS=--xla_force_host_platform_device_count=4) and compute the tree loss on three meshes:")
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip(),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)}
-    done = subprocess.run([sys.executable, "-m", "tinyfractal.lessons.cluster", "--mesh-demo"], env=env,
+    done = subprocess.run([sys.executable, "-m", "tinyfractal.jax_engine.demo"], env=env,
                           capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"the 4-device child failed: {done.stderr.strip()[-800:]}")
@@ -229,8 +185,6 @@ def main(argv=None):
         print(f"saved {p}")
 
     atomic_write_json(out / "results.json", results)
-    print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
-    return 0
 
 
 if __name__ == "__main__":
