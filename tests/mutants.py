@@ -13,8 +13,16 @@ How: pytest runs in a child process with TINYFRACTAL_MUTANT=name; tests/conftest
 `activate(name)` before any test module is imported, which patches tinyfractal in memory only (no
 file is changed). HYPOTHESIS_PROFILE=mutants makes the runs repeatable (fixed seed, no example
 database, the default profile's example counts) and skips shrinking: one failing example is enough. Not collected by pytest (no test_ prefix).
+
+A mutant rewrites the source text of one function, so it stops applying when that code moves or
+changes. `build(name)` makes a mutant's patch without installing it (every source edit found and
+compiled, every attribute it replaces present), and tests/test_mutants.py builds every mutant in the
+normal suite, so a mutant that no longer applies fails a fast test instead of showing up as "n/a" here.
+Every change a mutant makes goes through `install`, `replace_everywhere`, `rewrite` or `set_vjp`,
+which only build while a dry run is on.
 """
 import argparse
+import contextlib
 import inspect
 import os
 import subprocess
@@ -33,19 +41,51 @@ class NotApplicable(Exception):
     """The code a mutant rewrites has changed, so the mutant cannot be built."""
 
 
-# Patching helpers.
+# Patching helpers. While DRY_RUN is on they build every patch and check it would apply, but change nothing.
+
+DRY_RUN = False
+
+
+@contextlib.contextmanager
+def dry_run():
+    """Inside this block mutants are built but not installed (see `build`)."""
+    global DRY_RUN
+    saved, DRY_RUN = DRY_RUN, True
+    try:
+        yield
+    finally:
+        DRY_RUN = saved
+
+
+def install(owner, name, value):
+    """owner.name = value, for an attribute that exists (unless a dry run)."""
+    if not hasattr(owner, name):
+        raise NotApplicable(f"{getattr(owner, '__name__', owner)} has no attribute {name!r}")
+    if not DRY_RUN:
+        setattr(owner, name, value)
+
+
+def set_vjp(fn, vjp_maker, argnums=False):
+    """Give the autograd primitive `fn` another VJP maker (defvjp, or defvjp_argnums) (unless a dry run)."""
+    from autograd.extend import defvjp, defvjp_argnums
+    if not getattr(fn, "_is_autograd_primitive", False):
+        raise NotApplicable(f"{fn!r} is not an autograd primitive")
+    if not DRY_RUN:
+        (defvjp_argnums if argnums else defvjp)(fn, vjp_maker)
+
 
 def replace_everywhere(old, new):
     """Point every reference to `old` in tinyfractal's modules and in the test modules at `new`
     (covers `from .tree import view` copies as well as the defining module)."""
     count = 0
     for name, module in list(sys.modules.items()):
-        if module is None or not (name.startswith("tinyfractal") or name.startswith("test_laws")
+        if module is None or not (name.startswith("tinyfractal") or name.startswith("test_")
                                   or name == "strategies"):
             continue
         for attr, value in list(vars(module).items()):
             if value is old:
-                setattr(module, attr, new)
+                if not DRY_RUN:
+                    setattr(module, attr, new)
                 count += 1
     if count == 0:
         raise NotApplicable(f"nothing refers to {old!r}")
@@ -64,11 +104,13 @@ def rewrite(owner, name, old, new, count=1):
     namespace = dict(vars(module))
     exec(compile(source.replace(old, new), f"<mutant of {fn.__module__}.{name}>", "exec"), namespace)
     mutated = namespace[fn.__name__]
-    if getattr(original, "_is_autograd_primitive", False):
+    if isinstance(original, property):
+        mutated = property(mutated)
+    if getattr(original, "_is_autograd_primitive", False) and not DRY_RUN:
         from autograd.core import primitive_vjps       # a rebuilt primitive keeps its hand-written VJP
         primitive_vjps[mutated] = primitive_vjps[original]
     if inspect.isclass(owner):
-        setattr(owner, name, mutated)
+        install(owner, name, mutated)
     else:
         replace_everywhere(original, mutated)
 
@@ -192,7 +234,6 @@ def level_view_first_column():
 def stacked_blocks_gradient_halved():
     """The hand-written gradient of stacked_blocks (under level_view) is scaled by 1/2."""
     tree = module("tinyfractal.core.tree")
-    from autograd.extend import defvjp
 
     def vjp_maker(ans, a, roles, n):
         def vjp(g):
@@ -200,13 +241,13 @@ def stacked_blocks_gradient_halved():
             tree.stacked_blocks_np(full, roles, n)[...] = 0.5 * g
             return full
         return vjp
-    defvjp(tree.stacked_blocks, vjp_maker)
+    set_vjp(tree.stacked_blocks, vjp_maker)
 
 
 def reference_attention_peeks_ahead():
-    """The reference attention's causal mask lets position t see t+1."""
-    model = module("tinyfractal.core.model")
-    rewrite(model, "attention", "onp.tril(onp.ones((T, T), dtype=bool))", "onp.tril(onp.ones((T, T), dtype=bool), 1)")
+    """The causal mask of the formulas (the reference model, the decoder) lets position t see t+1."""
+    formulas = module("tinyfractal.core.formulas")
+    rewrite(formulas, "causal_mask", "<= (Tk - Tq) + onp.arange(Tq)", "<= (Tk - Tq) + 1 + onp.arange(Tq)")
 
 
 def fast_attention_peeks_ahead():
@@ -227,78 +268,77 @@ def fast_rmsnorm_gain_of_model_0():
 
 
 def rmsnorm_without_sqrt():
-    """rmsnorm divides by mean(x^2) + eps instead of its square root."""
-    model = module("tinyfractal.core.model")
-    rewrite(model, "rmsnorm", "np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)",
-            "(np.mean(x * x, axis=-1, keepdims=True) + eps)")
+    """rmsnorm (the formula) divides by mean(x^2) + eps instead of its square root."""
+    formulas = module("tinyfractal.core.formulas")
+    rewrite(formulas, "rmsnorm", "xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)",
+            "(xp.mean(x * x, axis=-1, keepdims=True) + eps)")
 
 
 def softmax_without_max_shift():
-    """softmax exponentiates without subtracting the row max: large scores overflow."""
-    model = module("tinyfractal.core.model")
-    rewrite(model, "softmax", "np.exp(x - np.max(x, axis=-1, keepdims=True))", "np.exp(x)")
+    """softmax (the formula) exponentiates without subtracting the row max: large scores overflow."""
+    formulas = module("tinyfractal.core.formulas")
+    rewrite(formulas, "softmax", "xp.exp(x - xp.max(x, axis=-1, keepdims=True))", "xp.exp(x)")
 
 
 def rope_interleaved_pairs():
-    """RoPE pairs (2m, 2m+1) instead of SPEC.md's (m, m + h/2): still a rotation, wrong pairs."""
-    model = module("tinyfractal.core.model")
-    import autograd.numpy as np
+    """RoPE pairs (2m, 2m+1) instead of docs/design.md's (m, m + h/2): still a rotation, wrong pairs."""
+    formulas = module("tinyfractal.core.formulas")
+    import autograd.numpy as anp
 
-    def rope(x, cos, sin):
+    def rope(x, cos, sin, xp=anp):
         x1, x2 = x[..., 0::2], x[..., 1::2]
         c, s = cos[:, None, :], sin[:, None, :]
         y1, y2 = x1 * c - x2 * s, x1 * s + x2 * c
-        return np.reshape(np.stack([y1, y2], axis=-1), x.shape)
-    replace_everywhere(model.rope, rope)
+        return xp.reshape(xp.stack([y1, y2], axis=-1), x.shape)
+    replace_everywhere(formulas.rope, rope)
 
 
 def rope_reflects():
     """RoPE's second half gets x1*sin - x2*cos: a reflection, not a rotation."""
-    model = module("tinyfractal.core.model")
-    rewrite(model, "rope", "x1 * s + x2 * c", "x1 * s - x2 * c")
+    formulas = module("tinyfractal.core.formulas")
+    rewrite(formulas, "rope", "x1 * s + x2 * c", "x1 * s - x2 * c")
 
 
 def rope_ignores_start():
     """rope_tables ignores `start`: every position is rotated as if the text began there."""
-    model = module("tinyfractal.core.model")
-    rewrite(model, "rope_tables", "onp.arange(start, start + T", "onp.arange(0, T")
+    formulas = module("tinyfractal.core.formulas")
+    rewrite(formulas, "rope_tables", "onp.arange(start, start + T", "onp.arange(0, T")
 
 
 def gelu_wrong_constant():
-    """GELU's cubic coefficient is 0.04472 instead of 0.044715."""
-    model = module("tinyfractal.core.model")
-    rewrite(model, "gelu", "0.044715", "0.04472")
+    """GELU's cubic coefficient is 0.04472 instead of 0.044715 (in the formula)."""
+    formulas = module("tinyfractal.core.formulas")
+    rewrite(formulas, "gelu", "GELU_K * x * x * x", "0.04472 * x * x * x")
 
 
 def geglu_gates_the_wrong_branch():
-    """The MLP applies GELU to the up branch instead of the gate branch."""
+    """The reference MLP applies GELU to the up branch instead of the gate branch."""
     model = module("tinyfractal.core.model")
-    rewrite(model, "mlp", 'gelu(np.dot(x2, p["Wgate"]) + p["bgate"]) * (np.dot(x2, p["Wup"]) + p["bup"])',
-            '(np.dot(x2, p["Wgate"]) + p["bgate"]) * gelu(np.dot(x2, p["Wup"]) + p["bup"])')
+    rewrite(model, "gated_hidden", "formulas.geglu(np.dot(rows, dense(Wgate)) + bgate, np.dot(rows, dense(Wup)) + bup)",
+            "formulas.geglu(np.dot(rows, dense(Wup)) + bup, np.dot(rows, dense(Wgate)) + bgate)")
 
 
 def rmsnorm_gradient_ignores_the_rms():
     """rmsnorm's gradient treats the root-mean-square as a constant (a custom VJP that forgets a term)."""
-    model = module("tinyfractal.core.model")
-    import autograd.numpy as np
-    from autograd.extend import defvjp, primitive
+    formulas = module("tinyfractal.core.formulas")
+    import autograd.numpy as anp
+    from autograd.extend import primitive
 
     @primitive
     def rms(x, eps):
         return onp.sqrt(onp.mean(x * x, axis=-1, keepdims=True) + eps)
-    defvjp(rms, lambda ans, x, eps: lambda g: onp.zeros_like(x))
+    set_vjp(rms, lambda ans, x, eps: lambda g: onp.zeros_like(x))
 
-    def rmsnorm(x, g, eps):
+    def rmsnorm(x, g, eps, xp=anp):
         return x / rms(x, eps) * (1.0 + g)
-    replace_everywhere(model.rmsnorm, rmsnorm)
+    replace_everywhere(formulas.rmsnorm, rmsnorm)
 
 
 def ops_geglu_gradient_drops_a_term():
     """ops.geglu's hand-written gradient forgets the a*sigma*(1-sigma) term of gelu'."""
     ops = module("tinyfractal.core.ops")
     rewrite(ops, "_geglu_vjp", "d *= 1.0 - sg ", "d *= 0.0 ")
-    from autograd.extend import defvjp_argnums
-    defvjp_argnums(ops.geglu, ops._geglu_vjp)       # the primitive still holds the old VJP maker
+    set_vjp(ops.geglu, ops._geglu_vjp, argnums=True)       # the primitive still holds the old VJP maker
 
 
 def decode_drops_the_last_token():
@@ -316,7 +356,7 @@ def encode_alternates_merges():
     def encode(self, text):
         calls[0] += 1
         return tok.Tokenizer(self.chars, []).encode(text) if calls[0] % 2 == 0 else original(self, text)
-    tok.Tokenizer.encode = encode
+    install(tok.Tokenizer, "encode", encode)
 
 
 def merge_splits_runs():
@@ -373,6 +413,50 @@ def leaf_head_must_be_4():
     rewrite(config, "validate", "leaf_head < 2", "leaf_head < 4")
 
 
+def decoder_rotates_new_tokens_from_0():
+    """The KV-cached decoder rotates the new tokens' q and k as if they stood at position 0, not after the cache."""
+    decoder = module("tinyfractal.inference.decoder")
+    rewrite(decoder, "attend_cached", "formulas.rope_tables(Tn, h, dec.cfg.rope_theta, L)",
+            "formulas.rope_tables(Tn, h, dec.cfg.rope_theta, 0)")
+
+
+def rollback_keeps_one_slot_too_many():
+    """Cache.rollback forgets one slot fewer than asked: a refused draft token stays in the cache."""
+    decoder = module("tinyfractal.inference.decoder")
+    rewrite(decoder.Cache, "rollback", "self.length = length", "self.length = min(self.length, length + 1)")
+
+
+def expand_drops_the_last_slot():
+    """Cache.expand copies every cached slot but the last into the branches that verify drafts."""
+    decoder = module("tinyfractal.inference.decoder")
+    rewrite(decoder.Cache, "expand", "b[:, :, :L] = a[:, :, :L]", "b[:, :, :L - 1] = a[:, :, :L - 1]")
+
+
+def upstream_children_swapped_on_the_fast_path():
+    """The level-batched upstream coupling concatenates each parent's children in reverse order."""
+    coupled = module("tinyfractal.variants.coupled")
+    rewrite(coupled.Upstream, "receive", "order = [position[s * j + r] for j in members[level] for r in range(s)]",
+            "order = [position[s * j + s - 1 - r] for j in members[level] for r in range(s)]")
+
+
+def coupling_scale_ignored_on_the_fast_path():
+    """The level-batched coupling adds what a level receives without its learnable scale."""
+    coupled = module("tinyfractal.variants.coupled")
+    rewrite(coupled.Coupled, "couple", "add = scale[m, layer] * got", "add = got")
+
+
+def byte_input_reads_the_output_gains():
+    """The level-batched byte model weighs the bytes of a group with the output slot gains Q instead of P."""
+    byte_model = module("tinyfractal.variants.byte_model")
+    rewrite(byte_model, "forward_stacked", 'gain_in = slot_gain(stacked, "P", g)', 'gain_in = slot_gain(stacked, "Q", g)')
+
+
+def byte_configs_run_as_base():
+    """The registry forgets the bytes variant: a byte config is run by the base model."""
+    variants = module("tinyfractal.variants")
+    rewrite(variants, "name_of", 'if cfg.tokenizer == "bytes":', "if False:")
+
+
 @dataclass
 class Law:
     number: int
@@ -398,6 +482,10 @@ LAWS = [
     Law(12, "tokenizer", "test_laws_io.py", "tokenizer"),
     Law(13, "checkpoints", "test_laws_io.py", "checkpoint"),
     Law(14, "configs", "test_laws_io.py", "every_valid_config or invalid_config or any_config"),
+    Law(15, "cached decoding = full recompute", "test_infer.py test_variants.py test_speculative.py",
+        "cached or window or prefill or rollback or with_and_without_cache or speculative_output or greedy"),
+    Law(16, "every variant answers for itself", "test_variants.py",
+        "registry or fast_path_equals_reference or forward_of_a_view or ensemble"),
 ]
 
 # (law number, mutant, tests to run or None for the whole law, expected to be caught). The rows
@@ -423,7 +511,7 @@ PLAN = [
     (9, reference_attention_peeks_ahead, None, True), (9, fast_attention_peeks_ahead, None, True),
     (10, rmsnorm_without_sqrt, None, True), (10, softmax_without_max_shift, None, True),
     (10, rope_reflects, None, True), (10, rope_interleaved_pairs, None, True), (10, rope_ignores_start, None, True),
-    (10, rope_interleaved_pairs, "relative_position", False),   # still a rotation: only the SPEC-pairs law sees it
+    (10, rope_interleaved_pairs, "relative_position", False),   # still a rotation: only the half-split-pairs law sees it
     (10, rope_ignores_start, "relative_position", False),       # <q,k> at every position: trivially relative
     (10, gelu_wrong_constant, None, True), (10, geglu_gates_the_wrong_branch, None, True),
     (11, stacked_blocks_gradient_halved, None, True), (11, rmsnorm_gradient_ignores_the_rms, None, True),
@@ -435,6 +523,10 @@ PLAN = [
     (13, load_skips_the_shape_check, None, False),   # unreachable: any edit that changes shapes fails a checksum first
     (14, no_kv_heads_check, None, True), (14, split_check_is_an_assert, None, True),
     (14, leaf_head_must_be_4, None, True),
+    (15, decoder_rotates_new_tokens_from_0, None, True), (15, rollback_keeps_one_slot_too_many, None, True),
+    (15, expand_drops_the_last_slot, None, True), (15, reference_attention_peeks_ahead, None, True),
+    (16, upstream_children_swapped_on_the_fast_path, None, True), (16, coupling_scale_ignored_on_the_fast_path, None, True),
+    (16, byte_input_reads_the_output_gains, None, True), (16, byte_configs_run_as_base, None, True),
 ]
 MUTANTS = {fn.__name__: fn for _, fn, _, _ in PLAN}
 
@@ -444,6 +536,13 @@ def activate(name):
     if name not in MUTANTS:
         raise NotApplicable(f"unknown mutant; known: {sorted(MUTANTS)}")
     MUTANTS[name]()
+
+
+def build(name):
+    """Build mutant `name` against today's code without installing anything; NotApplicable if it no longer
+    applies (tests/test_mutants.py calls this for every mutant)."""
+    with dry_run():
+        activate(name)
 
 
 def run_pytest(law, mutant=None, select=None):
@@ -479,7 +578,7 @@ def main(argv=None):
         print(f"no such mutant or law: {args.only or args.law}; see --list", file=sys.stderr)
         return 2
     if not args.no_baseline:
-        everything = Law(0, "all laws", " ".join(sorted({law.files for law in LAWS})), "")
+        everything = Law(0, "all laws", " ".join(sorted({f for law in LAWS for f in law.files.split()})), "")
         code, secs, last = run_pytest(everything)
         print(f"unbroken engine, all law tests: exit {code} {secs:5.1f}s  {last}", flush=True)
         if code != 0:

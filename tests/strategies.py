@@ -7,8 +7,9 @@
 - `token_batches(cfg)`: (B, T) token ids with 1 <= B <= 3 and 1 <= T <= context.
 - `invalid_configs()`: (kwargs, keywords, kind): config fields that break exactly one constraint, and
   words the ValueError must contain to name that constraint.
-- `SPEC_ROLES` and `spec_slices`: which block of each array a model owns, written from SPEC.md's table
-  by hand (not imported from tinyfractal.core.tree), so tests can compare the code against the spec.
+- `SPEC_ROLES` and `spec_slices`: which block of each array a model owns, written by hand from the role
+  table of docs/design.md (section 4), not imported from tinyfractal.core.tree, so tests can compare the
+  code against the design.
 
 `examples(n)` gives the number of examples of a law: n under the default profile, ten times n under
 HYPOTHESIS_PROFILE=thorough.
@@ -70,7 +71,7 @@ def configs(max_nodes=85, min_levels=1):
 
 
 def random_params(cfg, seed, dtype=np.float32):
-    """Parameters of the right shapes (SPEC.md's table) with every entry random and nonzero-ish."""
+    """Parameters of the right shapes (the role table of docs/design.md) with every entry random and nonzero-ish."""
     rng = np.random.default_rng(seed)
     D, H, K, hd, V = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.vocab_size
     F = cfg.mlp_mult * D
@@ -124,7 +125,7 @@ def node_of(cfg, level=None):
     return levels.flatmap(lambda l: st.tuples(st.just(l), st.integers(0, cfg.split ** l - 1)))
 
 
-# Which axes of each array are split among the models of a level, copied by hand from SPEC.md §1:
+# Which axes of each array are split among the models of a level, copied by hand from docs/design.md §4:
 # R residual (D), M mlp (F), C inside a head (hd); None is shared whole (vocabulary, heads).
 SPEC_ROLES = {"E": (None, "R"), "emb_norm": ("R",), "final_norm": ("R",), "out_norm": ("R",)}
 SPEC_LAYER_ROLES = {
@@ -156,7 +157,7 @@ def spec_slices(shape, roles, split, level, index):
 
 
 def spec_mask(params, cfg, level, index):
-    """{path: bool array}: True where SPEC.md says model (level, index) owns the entry."""
+    """{path: bool array}: True where docs/design.md says model (level, index) owns the entry."""
     out = {}
     for path, a, roles in arrays_with_roles(params):
         m = np.zeros(a.shape, dtype=bool)
@@ -166,7 +167,7 @@ def spec_mask(params, cfg, level, index):
 
 
 def spec_copy(params, cfg, level, index):
-    """A standalone params dict for model (level, index): copies of SPEC.md's blocks."""
+    """A standalone params dict for model (level, index): copies of its blocks by docs/design.md."""
     def cut(a, roles):
         return np.array(a[spec_slices(a.shape, roles, cfg.split, level, index)], copy=True)
     return {**{k: cut(params[k], SPEC_ROLES[k]) for k in SPEC_ROLES},
@@ -175,7 +176,7 @@ def spec_copy(params, cfg, level, index):
 
 
 def spec_param_count(cfg):
-    """Scalars in a model of this config, from SPEC.md's shapes."""
+    """Scalars in a model of this config, from the shapes in docs/design.md."""
     D, H, K, hd, V = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.vocab_size
     F = cfg.mlp_mult * D
     per_layer = 2 * D + D * H * hd + 2 * D * K * hd + H * hd * D + 2 * D * F + 2 * F + F * D + D
@@ -212,7 +213,8 @@ def invalid_configs(draw, kind=None):
         return d, (field, "positive"), kind
     if kind == "integer":
         field = draw(st.sampled_from(INT_FIELDS))
-        d[field] = draw(st.sampled_from([2.5, 2.0, True, "3", None, [2]]))
+        bad = [2.5, 2.0, True, "3", [2]] + ([] if field == "vocab_size" else [None])   # vocab_size=None: the variant's own
+        d[field] = draw(st.sampled_from(bad))
         return d, (field, "integer"), kind
     if kind == "positive_float":
         field = draw(st.sampled_from(["rope_theta", "eps"]))
@@ -259,3 +261,35 @@ def invalid_configs(draw, kind=None):
     d["kv_heads"] = draw(st.integers(2, 3))
     d["heads"] = d["kv_heads"] * draw(st.integers(0, 2)) + draw(st.integers(1, d["kv_heads"] - 1))
     return d, ("heads", "kv_heads"), kind
+
+
+BAD_TOKEN_KINDS = ["negative", "too_large", "float", "bool", "rank", "empty", "too_long"]
+
+
+@st.composite
+def bad_token_arrays(draw, cfg, kind=None):
+    """(ids, kind): token ids a token model of cfg must refuse, and what is wrong with them, one of
+    BAD_TOKEN_KINDS: a negative id, an id >= vocab_size, a float or bool dtype, not two axes (B, T),
+    an empty batch or time axis, or more positions than the context."""
+    kind = kind or draw(st.sampled_from(BAD_TOKEN_KINDS))
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(cfg.context + 1, cfg.context + 3)) if kind == "too_long" else draw(st.integers(1, cfg.context))
+    ids = np.array(draw(st.lists(st.integers(0, cfg.vocab_size - 1), min_size=B * T, max_size=B * T)),
+                   dtype=draw(st.sampled_from([np.int64, np.int32, np.uint8 if cfg.vocab_size <= 256 else np.int64])))
+    ids = ids.reshape(B, T)
+    at = (draw(st.integers(0, B - 1)), draw(st.integers(0, T - 1)))
+    if kind == "negative":
+        ids = ids.astype(np.int64)
+        ids[at] = draw(st.integers(-10 ** 6, -1))
+    elif kind == "too_large":
+        ids = ids.astype(np.int64)
+        ids[at] = draw(st.integers(cfg.vocab_size, 2 ** 40))
+    elif kind == "float":
+        ids = ids.astype(draw(st.sampled_from([np.float16, np.float32, np.float64])))
+    elif kind == "bool":
+        ids = ids > 0
+    elif kind == "rank":
+        ids = draw(st.sampled_from([ids.reshape(-1), ids[..., None], ids[None], ids.reshape(-1)[0]]))
+    elif kind == "empty":
+        ids = draw(st.sampled_from([ids[:0], ids[:, :0]]))
+    return ids, kind

@@ -4,6 +4,7 @@ level-batched) on byte models. Expected values are built by hand here (slices of
 einsum of the formula), not by the functions under test.
 """
 import numpy as np
+import tinyfractal as tf
 import pytest
 from autograd import grad
 from hypothesis import assume, given
@@ -17,9 +18,14 @@ from tinyfractal.variants import byte_model as C
 from tinyfractal.training.checkpoint import load, save
 from tinyfractal.config import Config
 from tinyfractal.training.data import batch_at
-from tinyfractal.core.model import init_params, param_shapes
+from tinyfractal.api import init_params, param_shapes
 from tinyfractal.core.tree import flatten, group_size, index_mask, level_view, map_roles, slot_offset, view
 from tinyfractal.training.train import TrainConfig, train
+
+
+def byte_generate(params, cfg, prompt, level=0, index=0, max_new_bytes=200, **kw):
+    """tf.generate with the byte tokenizer (what the byte model's own generate used to be)."""
+    return tf.generate(params, cfg, C.ByteTokenizer(), prompt, level, index, max_new_bytes, **kw)
 
 
 def byte_config(**fields):
@@ -88,8 +94,9 @@ def test_bad_inputs_are_clear_value_errors():
         tok.encode("a\ud800b")
     with pytest.raises(ValueError, match="0..255"):
         tok.decode([65, 256])
+    assert Config.preset("tiny").override(tokenizer="bytes").vocab_size == 256   # the variant implies it
     with pytest.raises(ValueError, match="vocab_size must be 256"):
-        Config.preset("tiny").override(tokenizer="bytes")
+        Config.preset("tiny").override(tokenizer="bytes", vocab_size=128)
     with pytest.raises(ValueError, match="tokenizer must be one of"):
         Config.preset("tiny").override(tokenizer="chars")
     with pytest.raises(ValueError, match="coupling must be 'none'"):
@@ -97,9 +104,9 @@ def test_bad_inputs_are_clear_value_errors():
     cfg = Config.preset("micro").override(tokenizer="bytes", vocab_size=256)
     p = init_params(cfg)
     with pytest.raises(ValueError, match=r"\(B, T, 2\)"):
-        C.forward(p, cfg, np.zeros((1, 3, 3), dtype=int))
-    with pytest.raises(ValueError, match="tokenizer='bytes'"):
-        C.forward(init_params(Config.preset("micro")), Config.preset("micro"), np.zeros((1, 3, 1), dtype=int))
+        tf.forward(p, cfg, np.zeros((1, 3, 3), dtype=int))
+    with pytest.raises(ValueError, match=r"shape \(B, T\)"):       # byte groups given to a token model
+        tf.forward(init_params(Config.preset("micro")), Config.preset("micro"), np.zeros((1, 3, 1), dtype=int))
 
 
 # The shapes of the slot gains, and what each node sees of them
@@ -294,10 +301,10 @@ def test_level_batched_byte_logits_losses_and_gradients_equal_the_per_node_refer
         for j in range(cfg.n_models(level)):
             assert np.allclose(batched[j], C.forward(view(params, cfg, level, j), cfg.sub(level), inputs),
                                rtol=1e-7, atol=1e-7)
-    fast_loss, ref_loss = C.tree_loss(params, cfg, ids, targets), C.tree_loss_reference(params, cfg, ids, targets)
+    fast_loss, ref_loss = tf.tree_loss(params, cfg, ids, targets), tf.tree_loss_reference(params, cfg, ids, targets)
     assert np.isclose(fast_loss, ref_loss, rtol=1e-7)
-    g_fast = flatten(grad(C.tree_loss)(params, cfg, ids, targets))
-    g_ref = flatten(grad(C.tree_loss_reference)(params, cfg, ids, targets))
+    g_fast = flatten(grad(tf.tree_loss)(params, cfg, ids, targets))
+    g_ref = flatten(grad(tf.tree_loss_reference)(params, cfg, ids, targets))
     scale = max(1.0, max(float(np.max(np.abs(g), initial=0.0)) for g in g_ref.values()))
     for name in g_ref:
         assert np.allclose(g_fast[name], g_ref[name], rtol=1e-6, atol=1e-7 * scale), name
@@ -326,7 +333,7 @@ def test_byte_gradients_are_float32_and_reach_every_node():
     params = byte_params(cfg, 0)
     rng = np.random.default_rng(0)
     window = rng.integers(0, 256, (2, cfg.context + 1, 4))
-    g = grad(C.tree_loss)(params, cfg, window[:, :-1], window[:, 1:])
+    g = grad(tf.tree_loss)(params, cfg, window[:, :-1], window[:, 1:])
     assert all(a.dtype == np.float32 for a in flatten(g).values())
     for level in range(cfg.levels):
         for j in range(cfg.n_models(level)):
@@ -342,8 +349,8 @@ def test_generation_pads_a_prompt_on_the_left_with_newlines():
     cfg = Config.preset("micro").override(tokenizer="bytes", vocab_size=256, levels=3, hidden=16, head_dim=8)
     p = byte_params(cfg, 0)
     assert C.PAD_BYTE == ord("\n")
-    short = C.generate(p, cfg, "abcde", 0, 0, 12, temperature=0.9, seed=3)
-    padded = C.generate(p, cfg, "\n\n\nabcde", 0, 0, 12, temperature=0.9, seed=3)
+    short = byte_generate(p, cfg, "abcde", 0, 0, 12, temperature=0.9, seed=3)
+    padded = byte_generate(p, cfg, "\n\n\nabcde", 0, 0, 12, temperature=0.9, seed=3)
     assert short.startswith("abcde") and padded.startswith("\n\n\nabcde")
     assert short[len("abcde"):] == padded[len("\n\n\nabcde"):]
 
@@ -353,7 +360,7 @@ def test_greedy_generation_takes_each_slots_argmax():
     cfg = Config.preset("micro").override(tokenizer="bytes", vocab_size=256, levels=3, hidden=16, head_dim=8)
     p = byte_params(cfg, 1)
     for level, g in ((0, 4), (1, 2), (2, 1)):
-        text = C.generate(p, cfg, "wxyz", level, 0, g, temperature=0)
+        text = byte_generate(p, cfg, "wxyz", level, 0, g, temperature=0)
         logits = C.forward(view(p, cfg, level, 0), cfg.sub(level), np.frombuffer(b"wxyz", np.uint8).reshape(1, -1, g))
         want = bytes(int(i) for i in logits[0, -1].argmax(-1)).decode("utf-8", errors="replace")
         assert text == "wxyz" + want
@@ -366,7 +373,7 @@ def test_generation_always_returns_valid_text_of_the_asked_length(args, prompt, 
     U+FFFD), and holds n new bytes (counting each U+FFFD as at least one byte)."""
     cfg, params, _, _ = args
     level = data.draw(st.integers(0, cfg.levels - 1))
-    text = C.generate(params, cfg, prompt, level, 0, n, temperature=1.0, top_k=200, top_p=0.95, seed=1)
+    text = byte_generate(params, cfg, prompt, level, 0, n, temperature=1.0, top_k=200, top_p=0.95, seed=1)
     assert text.startswith(prompt)
     new = text[len(prompt):]
     new.encode("utf-8")
@@ -378,7 +385,7 @@ def test_sample_generate_dispatches_byte_models():
     cfg = Config.preset("micro").override(tokenizer="bytes", vocab_size=256)
     p = byte_params(cfg, 0)
     assert (sample.generate(p, cfg, None, "To be", 1, 1, 9, temperature=0.7, seed=2)
-            == C.generate(p, cfg, "To be", 1, 1, 9, temperature=0.7, seed=2))
+            == byte_generate(p, cfg, "To be", 1, 1, 9, temperature=0.7, seed=2))
 
 
 # Training, checkpoints, costs

@@ -1,7 +1,7 @@
-"""Laws of the coupled trees (coupling.py): upstream and downstream residual links between levels.
+"""Laws of the coupled trees (variants/coupled.py): upstream and downstream residual links between levels.
 
-Base-model answers come from fast.py and model.py (the base paths), index sets from SPEC.md's table
-(strategies.spec_mask), and the one-layer formula test writes SPEC.md section 4 out by hand.
+Base-model answers come from fast.py and model.py (the base paths), index sets from the role table of
+docs/design.md (strategies.spec_mask), and the one-layer formula test writes docs/design.md §8.1 out by hand.
 """
 import json
 
@@ -16,7 +16,14 @@ from tinyfractal.variants import coupled as C
 from tinyfractal.core import fast
 from tinyfractal.training.checkpoint import load, save
 from tinyfractal.config import Config
-from tinyfractal.core.model import attention, cross_entropy, forward, init_params, mlp, rmsnorm
+import tinyfractal as tf
+from tinyfractal.core.formulas import rmsnorm
+from tinyfractal.api import init_params
+from tinyfractal.core.model import attention, cross_entropy, forward, mlp
+from tinyfractal import api
+from tinyfractal.core import flops
+from tinyfractal.inference import decoder
+from tinyfractal.inference.sample import generate_reference as sample_generate_reference
 from tinyfractal.core.tree import flatten, index_mask, level_view, nodes, view
 
 COUPLINGS = ("upstream", "downstream")
@@ -59,8 +66,8 @@ def test_scale_zero_is_the_base_model_logits_and_gradients(args):
     coupled_logits = C.forward_tree(params, cfg, ids)
     for level in range(cfg.levels):
         assert np.array_equal(coupled_logits[level], fast.forward_level(base, bcfg, level, ids))
-    g = flatten(grad(lambda p: C.tree_loss(p, cfg, ids, targets))(params))
-    g_base = flatten(grad(lambda p: fast.tree_loss(p, bcfg, ids, targets))(base))
+    g = flatten(grad(lambda p: tf.tree_loss(p, cfg, ids, targets))(params))
+    g_base = flatten(grad(lambda p: tf.tree_loss(p, bcfg, ids, targets))(base))
     for name in g_base:
         assert np.array_equal(g[name], g_base[name]), name
 
@@ -109,7 +116,7 @@ def test_coupling_changes_the_receivers(args):
     assert diff > 1e-9
 
 
-# SPEC.md section 4 written out for one layer
+# docs/design.md §8.1 written out for one layer
 
 def one_layer(params, cfg, level, j, ids):
     """(state after the layer, attention + MLP outputs) of base node (level, j), with model.py's blocks."""
@@ -194,8 +201,8 @@ def test_level_batched_equals_per_node(args):
     ref = C.forward_nodes_reference(params, cfg, ids)
     for level, j in nodes(cfg):
         np.testing.assert_allclose(tree[level][j], ref[(level, j)], **CLOSE)
-    g = flatten(grad(lambda p: C.tree_loss(p, cfg, ids, targets))(params))
-    g_ref = flatten(grad(lambda p: C.tree_loss_reference(p, cfg, ids, targets))(params))
+    g = flatten(grad(lambda p: tf.tree_loss(p, cfg, ids, targets))(params))
+    g_ref = flatten(grad(lambda p: tf.tree_loss_reference(p, cfg, ids, targets))(params))
     for name in g:
         np.testing.assert_allclose(g[name], g_ref[name], **CLOSE, err_msg=name)
 
@@ -210,7 +217,7 @@ def test_running_one_node_equals_its_place_in_the_tree(args):
     np.testing.assert_allclose(C.forward_node(params, cfg, level, index, ids), whole, **CLOSE)
     np.testing.assert_allclose(C.forward_node_reference(params, cfg, level, index, ids), whole,
                                **CLOSE)
-    need = C.needed_nodes(cfg, level, index)
+    need = api.needed_nodes(cfg, level, index)
     if cfg.coupling == "upstream":
         assert need == [(m, j) for m in range(level, cfg.levels) for j in range(cfg.n_models(m))
                         if j // cfg.split ** (m - level) == index]
@@ -239,9 +246,9 @@ def node_loss_in_tree(cfg, level, index, ids, targets):
 
 
 def allowed_mask(params, cfg, level, index):
-    """{path: bool}: the union of SPEC.md index sets the node may depend on, and its coupling_scale rows
+    """{path: bool}: the union of the index sets (docs/design.md) the node may depend on, and its coupling_scale rows
     (upstream: its subtree's levels l..; downstream: levels 0..l of its chain)."""
-    chain = [(level, index)] if cfg.coupling == "upstream" else C.needed_nodes(cfg, level, index)
+    chain = [(level, index)] if cfg.coupling == "upstream" else api.needed_nodes(cfg, level, index)
     base = {k: v for k, v in params.items() if k != "coupling_scale"}
     masks = [spec_mask(base, cfg, *n) for n in chain]
     out = {path: np.logical_or.reduce([m[path] for m in masks]) for path in masks[0]}
@@ -323,14 +330,14 @@ def test_causality_a_future_token_leaves_earlier_logits_unchanged_for_every_node
 def test_every_gradient_leaf_is_float32(args):
     """Training stays float32: the coupled tree loss and every gradient leaf (coupling_scale too) are float32."""
     cfg, params, ids, targets = args
-    loss, g = value_and_grad(lambda p: C.tree_loss(p, cfg, ids, targets))(params)
+    loss, g = value_and_grad(lambda p: tf.tree_loss(p, cfg, ids, targets))(params)
     assert np.asarray(loss).dtype == np.float32
     for name, a in flatten(g).items():
         assert a.dtype == np.float32, name
 
 
 def test_train_uses_the_coupled_loss_and_learns_the_scale():
-    """train.train on a coupled config logs coupling.tree_loss (not the base loss) and moves coupling_scale."""
+    """train.train on a coupled config logs the coupled tree loss (not the base loss) and moves coupling_scale."""
     from tinyfractal.training.data import batch_at
     from tinyfractal.training.train import TrainConfig, train
     cfg = Config.preset("micro").override(coupling="upstream", levels=2)
@@ -338,8 +345,8 @@ def test_train_uses_the_coupled_loss_and_learns_the_scale():
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=400).astype(np.int32)
     tc = TrainConfig(steps=2, batch_size=2, eval_interval=2, eval_batches=1, log_interval=1, warmup=0)
     ids, targets = batch_at(tokens, 2, cfg.context, tc.seed, 0)
-    want = float(C.tree_loss(params, cfg, ids, targets))
-    base = float(fast.tree_loss(params, cfg.override(coupling="none"), ids, targets))
+    want = float(tf.tree_loss(params, cfg, ids, targets))
+    base = float(tf.tree_loss(params, cfg.override(coupling="none"), ids, targets))
     before = params["coupling_scale"].copy()
     _, metrics = train(params, cfg, tc, tokens, tokens, log=lambda *a: None)
     assert metrics["loss"][0] == pytest.approx(want, rel=1e-6)
@@ -358,8 +365,8 @@ def test_cached_generation_equals_recompute(args, prompt_len, seed):
     ids = list(np.random.default_rng(seed).integers(0, cfg.vocab_size, prompt_len))
     steps = cfg.context + 3
     cached = []
-    C.decode(C.Runner(params, cfg, level, index), list(ids), steps, lambda lg: int(np.argmax(lg)),
-             on_logits=lambda start, lg: cached.append((start, lg)))
+    decoder.decode(decoder.node_decoder(params, cfg, level, index), list(ids), steps, lambda lg: int(np.argmax(lg)),
+                   on_logits=lambda start, lg: cached.append((start, lg)))
     seq = list(ids)
     for start, lg in cached:
         assert start == max(0, len(seq) - cfg.context)
@@ -377,8 +384,8 @@ def test_sample_generate_sends_coupled_models_here():
     cfg = Config.preset("micro").override(coupling="downstream", levels=2)
     params = init_params(cfg, 2)
     seen = []
-    want = C.generate_reference(params, cfg, tok, "ROMEO:", 1, 1, 20, temperature=0, seed=0,
-                                on_logits=lambda s, lg: seen.append(lg))
+    want = sample_generate_reference(params, cfg, tok, "ROMEO:", 1, 1, 20, temperature=0, seed=0,
+                                     on_logits=lambda s, lg: seen.append(lg))
     assert generate(params, cfg, tok, "ROMEO:", 1, 1, 20, temperature=0, seed=0) == want
     assert generate_reference(params, cfg, tok, "ROMEO:", 1, 1, 20, temperature=0, seed=0) == want
     base_logits = forward(view(params, cfg, 1, 1), cfg.sub(1), np.array([tok.encode("ROMEO:")]))[0, -1]
@@ -390,14 +397,15 @@ def test_sample_generate_sends_coupled_models_here():
 @examples(15)
 @given(with_node(coupled(dtype=np.float32, max_nodes=40)), st.integers(1, 8))
 def test_flop_formula_matches_the_counted_matmuls(args, T):
-    """node_run_flops minus the coupling adds equals the multiply-adds the Runner counts while running the
+    """node_run_flops minus the coupling adds equals the multiply-adds the decoder counts while running the
     node's needed models on T tokens (every matmul counted from its real shapes)."""
     cfg, params, _, _, (level, index) = args
     T = min(T, cfg.context)
-    runner = C.Runner(params, cfg, level, index)
-    C.prefill(runner, np.zeros((1, T), dtype=int))
-    adds = sum(C.coupling_flops(cfg, m, T) for m, _ in C.needed_nodes(cfg, level, index))
-    assert runner.flops == C.node_run_flops(cfg, level, index, T) - adds
+    dec = decoder.node_decoder(params, cfg, level, index)
+    decoder.prefill(dec, np.zeros((1, T), dtype=int))
+    receives = (lambda m: m < cfg.levels - 1) if cfg.coupling == "upstream" else (lambda m: m > 0)
+    adds = sum(flops.coupling_add_flops(cfg, m, T) for m, _ in api.needed_nodes(cfg, level, index) if receives(m))
+    assert dec.flops == api.node_run_flops(cfg, level, index, T) - adds
 
 
 # Config, tree roles and checkpoints

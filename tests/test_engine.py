@@ -38,7 +38,7 @@ def test_presets_are_valid_and_sub_configs_shrink_by_split(name):
 
 
 def test_original_preset_is_the_seed():
-    """The 'original' preset has the seed's hyperparameters from SPEC.md section 1."""
+    """The 'original' preset has the seed's hyperparameters from docs/design.md §10."""
     c = tf.Config.preset("original")
     assert (c.vocab_size, c.context, c.layers, c.heads, c.kv_heads, c.hidden, c.head_dim, c.mlp_mult,
             c.eps, c.rope_theta, c.levels, c.split) == (128, 256, 4, 4, 1, 128, 32, 4, 1e-6, 100.0, 3, 2)
@@ -83,7 +83,7 @@ def test_nodes_and_out_of_range_view():
 
 
 def test_params_are_float32_with_explicit_head_axes():
-    """init_params gives float32 arrays laid out as SPEC.md: Wq (D,H,hd), Wk (D,K,hd), Wo (H,hd,D)."""
+    """init_params gives float32 arrays laid out as docs/design.md says: Wq (D,H,hd), Wk (D,K,hd), Wo (H,hd,D)."""
     cfg = tf.Config.preset("tiny")
     p = tf.init_params(cfg, 0)
     assert all(a.dtype == np.float32 for a in flatten(p).values())
@@ -149,7 +149,7 @@ def test_fast_tree_loss_equals_reference():
     p = tf.init_params(cfg, 0)
     rng = np.random.default_rng(1)
     ids, tg = rng.integers(0, 128, (2, 10)), rng.integers(0, 128, (2, 10))
-    assert np.isclose(float(tf.tree_loss(p, cfg, ids, tg)), float(model.tree_loss_reference(p, cfg, ids, tg)),
+    assert np.isclose(float(tf.tree_loss(p, cfg, ids, tg)), float(tf.tree_loss_reference(p, cfg, ids, tg)),
                       rtol=1e-5)
 
 
@@ -224,23 +224,23 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
 def test_corrupt_truncated_or_mismatched_checkpoint_is_refused(tmp_path):
     """A truncated npz, an edited meta.json or a config that does not fit the arrays is a ValueError."""
     cfg = micro()
-    tf.save(tmp_path / "c", tf.init_params(cfg, 0), cfg, {})
-    npz = tmp_path / "c" / "params.npz"
+    step = tf.save(tmp_path / "c", tf.init_params(cfg, 0), cfg, {})    # the step folder holding the files
+    npz = step / "params.npz"
     data = npz.read_bytes()
     npz.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="checksum"):
         tf.load(tmp_path / "c")
     npz.write_bytes(data)
-    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    meta = json.loads((step / "meta.json").read_text())
     meta["config"]["hidden"] = 32
-    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
+    (step / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="edited"):
         tf.load(tmp_path / "c")
     meta["meta_sha256"] = _digest(meta)
-    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
+    (step / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="shape"):
         tf.load(tmp_path / "c")
-    (tmp_path / "c" / "meta.json").write_text("{not json")
+    (step / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="JSON"):
         tf.load(tmp_path / "c")
     with pytest.raises(ValueError, match="not a folder"):
@@ -330,18 +330,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, words):
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("changes, module", [
-    (dict(), "core.fast"), (dict(coupling="upstream"), "variants.coupled"),
-    (dict(tokenizer="bytes", vocab_size=256), "variants.byte_model")])
-def test_public_tree_loss_follows_the_variant(changes, module):
-    """tinyfractal.tree_loss computes the loss of the config's own variant, never silently the base model."""
-    import importlib
+@pytest.mark.parametrize("changes", [dict(), dict(coupling="upstream"), dict(coupling="downstream"),
+                                     dict(tokenizer="bytes")])
+def test_public_tree_loss_follows_the_variant(changes):
+    """tinyfractal.tree_loss is the mean of the config's own variant's node losses, and a coupled or byte
+    config never silently gets the base model's loss."""
     cfg = micro(**changes)
     p = tf.init_params(cfg, 0)
-    shape = (2, cfg.context) + ((cfg.split ** (cfg.levels - 1),) if module == "variants.byte_model" else ())
+    shape = (2, cfg.context) + ((cfg.split ** (cfg.levels - 1),) if cfg.tokenizer == "bytes" else ())
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, shape)   # byte batches hold rows of g_0 bytes
-    expected = importlib.import_module(f"tinyfractal.{module}").tree_loss(p, cfg, ids, ids)
-    assert float(tf.tree_loss(p, cfg, ids, ids)) == float(expected)
+    losses = tf.variant_of(cfg).node_losses(p, cfg, ids, ids)
+    expected = sum(float(np.sum(l)) for l in losses) / cfg.n_nodes
+    assert float(tf.tree_loss(p, cfg, ids, ids)) == pytest.approx(expected, rel=1e-6)
+    if changes.get("coupling"):
+        base_cfg = cfg.override(coupling="none")
+        base_p = {k: v for k, v in p.items() if k != "coupling_scale"}
+        assert abs(float(tf.tree_loss(p, cfg, ids, ids)) - float(tf.tree_loss(base_p, base_cfg, ids, ids))) > 1e-4
 
 
 def test_dropout_acts_in_training_only():
@@ -349,7 +353,7 @@ def test_dropout_acts_in_training_only():
     cfg = micro(dropout=0.5)
     p = tf.init_params(cfg, 0)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.context))
-    plain = float(fast.tree_loss(p, cfg, ids, ids))
-    assert plain == float(fast.tree_loss(p, cfg, ids, ids))
-    assert float(fast.tree_loss(p, cfg, ids, ids, rng=np.random.default_rng(1))) != plain
+    plain = float(tf.tree_loss(p, cfg, ids, ids))
+    assert plain == float(tf.tree_loss(p, cfg, ids, ids))
+    assert float(tf.tree_loss(p, cfg, ids, ids, rng=np.random.default_rng(1))) != plain
     assert not np.array_equal(tf.forward(p, cfg, ids, rng=np.random.default_rng(1)), tf.forward(p, cfg, ids))

@@ -3,6 +3,7 @@
 Random small configs (split 2-3, levels 1-3, kv heads dividing heads, contexts long enough for
 several causal blocks when the block is shrunk), random parameters with nonzero gains and biases.
 """
+import tinyfractal as tf
 import numpy as np
 from autograd import value_and_grad
 from hypothesis import given
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from strategies import examples
 from tinyfractal.core import fast
 from tinyfractal.core import model
-from tinyfractal.core import ops
+from tinyfractal.core import machinery, ops
 from tinyfractal.config import Config
 from tinyfractal.core.tree import flatten, unflatten, view
 
@@ -31,7 +32,7 @@ def configs(draw):
 def random_params(cfg, seed, dtype):
     """init_params, then nonzero gains and biases, so a wrong slice of any of them shows."""
     rng = np.random.default_rng(seed)
-    params = model.init_params(cfg, seed)
+    params = tf.init_params(cfg, seed)
     flat = {k: (v + (rng.normal(0, 0.3, v.shape) if v.ndim == 1 else 0)).astype(dtype)
             for k, v in flatten(params).items()}
     return unflatten(flat)
@@ -57,8 +58,8 @@ def with_block(block, f, *args):
 
 
 def both_paths(cfg, params, ids, targets, block, level_weights):
-    fast_vg = value_and_grad(lambda p: fast.tree_loss(p, cfg, ids, targets, level_weights))
-    ref_vg = value_and_grad(lambda p: model.tree_loss_reference(p, cfg, ids, targets, level_weights))
+    fast_vg = value_and_grad(lambda p: tf.tree_loss(p, cfg, ids, targets, level_weights))
+    ref_vg = value_and_grad(lambda p: tf.tree_loss_reference(p, cfg, ids, targets, level_weights))
     return with_block(block, fast_vg, params), ref_vg(params)
 
 
@@ -66,16 +67,11 @@ def both_paths(cfg, params, ids, targets, block, level_weights):
 @given(cases(), st.sampled_from([None, "random"]), st.booleans())
 def test_level_batched_loss_and_every_gradient_equal_the_per_node_path_in_float64(case, weights, split):
     """Same-program law: the level-batched tree loss and its gradient with respect to every array equal the
-    per-node reference (model.tree_loss_reference) to float64 rounding, with or without level weights,
+    per-node reference (tf.tree_loss_reference) to float64 rounding, with or without level weights,
     with the ops running in one thread or forced to split their work over two."""
     cfg, params, ids, targets, block = case
-    saved = ops.THREADS, ops.MIN_WORK, ops._free_cores
-    ops.THREADS, ops.MIN_WORK = (2, 0) if split else (1, saved[1])
-    ops._free_cores = lambda: 2.0          # use both threads even if the machine is busy right now
-    try:
+    with machinery.forced_split(2 if split else 1):
         check_same_as_reference(cfg, params, ids, targets, block, weights)
-    finally:
-        ops.THREADS, ops.MIN_WORK, ops._free_cores = saved
 
 
 def check_same_as_reference(cfg, params, ids, targets, block, weights):
@@ -130,7 +126,7 @@ def test_tiny_preset_matches_the_reference_in_float32_on_a_real_step():
     """Same-program law at the classroom size: one tiny-preset training batch gives the same loss and
     gradients on both paths (float32, default attention blocks and threads)."""
     cfg = Config.preset("tiny")
-    params = model.init_params(cfg, 0)
+    params = tf.init_params(cfg, 0)
     rng = np.random.default_rng(0)
     ids, targets = rng.integers(0, cfg.vocab_size, (2, cfg.context)), rng.integers(0, cfg.vocab_size, (2, cfg.context))
     (loss, g), (ref_loss, ref_g) = both_paths(cfg, params, ids, targets, ops.ATTENTION_BLOCK, None)

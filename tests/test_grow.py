@@ -90,9 +90,9 @@ def test_grow_new_blocks_learn():
 def test_step_flops_of_all_levels_is_the_joint_training_step():
     """step_flops over every level equals coupling.train_step_flops of the uncoupled tree (one count of the
     cost of a step, used by both the grown and the joint budget), and the root alone costs less."""
-    from tinyfractal.variants.coupled import train_step_flops
+    from tinyfractal.variants import variant_of
     for cfg in (SMALL, Config.preset("tiny"), Config.preset("sierpinski")):
-        assert step_flops(cfg, 5, levels=range(cfg.levels)) == train_step_flops(cfg, 5, cfg.context)
+        assert step_flops(cfg, 5, levels=range(cfg.levels)) == variant_of(cfg).train_step_flops(cfg, 5)
         assert step_flops(cfg, 5) < step_flops(cfg, 5, levels=range(cfg.levels))
 
 
@@ -110,9 +110,9 @@ def test_stage_steps_and_parse_steps():
 
 def test_grow_refuses_what_it_cannot_grow():
     """Coupled and byte configs, and a corpus too short to cut into chunks, are ValueErrors."""
-    with pytest.raises(ValueError, match="coupling='upstream'"):
+    with pytest.raises(ValueError, match="not supported for the upstream variant"):
         grow(SMALL.override(coupling="upstream"), QUICK, 1, tokens=corpus(4000, 16))
-    with pytest.raises(ValueError, match="tokenizer='bytes'"):
+    with pytest.raises(ValueError, match="not supported for the bytes variant"):
         grow(SMALL.override(tokenizer="bytes", vocab_size=256), QUICK, 1, tokens=corpus(4000, 16))
     with pytest.raises(ValueError, match="context\\+1"):
         grow(SMALL, QUICK, 1, tokens=corpus(60, 16))
@@ -136,7 +136,7 @@ def test_grow_command_writes_checkpoint_and_stage_metrics(tmp_path, capsys):
         assert all(m["metrics"]["val"]["0.0"] for m in stage["models"])
     assert "children unchanged" in capsys.readouterr().out
     for argv, words in ((["--steps-per-stage", "1,2,3"], "2 of them"), (["--off-diagonal", "ones"], "zero, random"),
-                        (["--steps-per-stage", "1", "--coupling=upstream"], "coupling")):
+                        (["--steps-per-stage", "1", "--coupling=upstream"], "upstream variant")):
         code = cli.main(["grow", "--preset", "micro", "--out", str(tmp_path / "bad")] + argv)
         err = capsys.readouterr().err.strip()
         assert code == 2 and words in err and "\n" not in err, err

@@ -40,7 +40,7 @@ def test_cached_logits_equal_full_recompute_at_every_step(small, keep):
     for level, j in nodes(cfg):
         seen = []
         ids = list(prompt)
-        infer.decode(infer.node_models(params, cfg, level, j), ids, 20, lambda lg: int(onp.argmax(lg)), keep,
+        infer.decode(infer.node_decoder(params, cfg, level, j), ids, 20, lambda lg: int(onp.argmax(lg)), keep,
                      on_logits=lambda start, logits: seen.append((start, logits.copy())))
         assert len(seen) == 20
         assert seen[-1][0] > 0, "the window must have slid in this test"
@@ -58,7 +58,7 @@ def test_window_slides_back_to_keep_tokens_when_full(small, keep):
     cfg, params = small
     P, C = 5, cfg.context
     ids, starts = list(range(P)), []
-    infer.decode(infer.node_models(params, cfg, 0, 0), ids, 30, lambda lg: int(onp.argmax(lg)), keep,
+    infer.decode(infer.node_decoder(params, cfg, 0, 0), ids, 30, lambda lg: int(onp.argmax(lg)), keep,
                  on_logits=lambda start, logits: starts.append(start))
     want, s = [], max(0, P - C)
     for n in range(30):
@@ -95,7 +95,7 @@ def test_prefill_in_chunks_equals_prefill_at_once(first, chunks, node):
     the cache is a faithful memory of the past."""
     cfg, params = SMALL, lively(SMALL, 3)
     ids = onp.random.default_rng(first).integers(0, cfg.vocab_size, (2, cfg.context))
-    m = infer.node_models(params, cfg, *node)
+    m = infer.node_decoder(params, cfg, *node)
     whole, _ = infer.prefill(m, ids)
     cache = m.new_cache(2)
     parts, at = [], 0
@@ -113,7 +113,7 @@ def test_level_batched_cache_equals_forward_level(small):
     cfg, params = small
     ids = onp.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.context))
     for level in range(cfg.levels):
-        m = infer.Models(params, cfg, level, range(cfg.n_models(level)))
+        m = infer.Decoder(params, cfg, level, range(cfg.n_models(level)))
         logits, cache = infer.prefill(m, ids[:, :6])
         steps = [logits] + [infer.extend(m, cache, ids[:, t:t + 1]) for t in range(6, cfg.context)]
         onp.testing.assert_allclose(onp.concatenate(steps, axis=2), forward_level(params, cfg, level, ids), **TOL)
@@ -123,9 +123,9 @@ def test_each_model_may_read_its_own_tokens(small):
     """ids of shape (N,B,T) feed model n its own tokens: the same as running each model alone."""
     cfg, params = small
     ids = onp.random.default_rng(2).integers(0, cfg.vocab_size, (4, 1, 5))
-    together, _ = infer.prefill(infer.Models(params, cfg, 2, [0, 1, 2, 3]), ids)
+    together, _ = infer.prefill(infer.Decoder(params, cfg, 2, [0, 1, 2, 3]), ids)
     for n in range(4):
-        alone, _ = infer.prefill(infer.node_models(params, cfg, 2, n), ids[n])
+        alone, _ = infer.prefill(infer.node_decoder(params, cfg, 2, n), ids[n])
         onp.testing.assert_allclose(together[n], alone[0], **TOL)
 
 
@@ -133,7 +133,7 @@ def test_rollback_then_extend_recomputes_the_same(small):
     """Rolling a cache back and feeding other tokens equals a fresh prefill of the new sequence;
     expand/adopt keeps exactly the chosen branch."""
     cfg, params = small
-    m = infer.node_models(params, cfg, 0, 0)
+    m = infer.node_decoder(params, cfg, 0, 0)
     _, cache = infer.prefill(m, [[5, 6, 7, 8, 9]])
     cache.rollback(3)
     got = infer.extend(m, cache, [[20, 21]])
@@ -154,7 +154,7 @@ def test_flops_counted_match_the_formula(small):
     for level in range(cfg.levels):
         sub = cfg.sub(level)
         d, f, H, K, h, V = sub.hidden, sub.mlp_hidden, sub.heads, sub.kv_heads, sub.head_dim, sub.vocab_size
-        m = infer.node_models(params, cfg, level, 0)
+        m = infer.node_decoder(params, cfg, level, 0)
         _, cache = infer.prefill(m, [[1, 2, 3, 4]])
         before = m.flops
         infer.extend(m, cache, [[5]])
@@ -184,8 +184,8 @@ def test_bad_inputs_are_clear_errors(small):
     for keep in (0, cfg.context + 1, 2.5, True):
         with pytest.raises(ValueError, match="keep"):
             generate(params, cfg, tok, "A", keep=keep)
-    m = infer.node_models(params, cfg, 0, 0)
-    with pytest.raises(ValueError, match="exceed the context"):
+    m = infer.node_decoder(params, cfg, 0, 0)
+    with pytest.raises(ValueError, match="context"):
         infer.prefill(m, [list(range(cfg.context + 1))])
     _, cache = infer.prefill(m, [[1, 2]])
     with pytest.raises(ValueError, match="rows"):
@@ -193,6 +193,6 @@ def test_bad_inputs_are_clear_errors(small):
     with pytest.raises(ValueError, match="roll"):
         cache.rollback(5)
     with pytest.raises(ValueError, match="out of range"):
-        infer.node_models(params, cfg, 1, 2)
-    with pytest.raises(ValueError, match="coupling"):
-        infer.Models(params, cfg.override(coupling="upstream"), 0, [0])
+        infer.node_decoder(params, cfg, 1, 2)
+    with pytest.raises(ValueError, match="distinct"):
+        infer.Decoder(params, cfg, 1, [0, 0])

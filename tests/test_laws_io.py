@@ -19,7 +19,8 @@ from strategies import (INVALID_KINDS, arrays_with_roles, config_dicts, configs,
 from tinyfractal.training import checkpoint
 from tinyfractal.core import fast
 from tinyfractal.config import Config
-from tinyfractal.core.model import count_params, forward, init_params
+from tinyfractal.api import init_params
+from tinyfractal.core.model import count_params, forward
 from tinyfractal.text.bpe import Tokenizer, train
 from tinyfractal.core.tree import flatten
 
@@ -153,6 +154,11 @@ def saved(cfg, params):
     return tmp
 
 
+def files(folder):
+    """The folder holding the current checkpoint's params.npz and meta.json (its step folder)."""
+    return checkpoint.resolve(folder)
+
+
 def assert_refused(folder):
     with pytest.raises(Exception) as err:
         checkpoint.load(folder)
@@ -168,7 +174,7 @@ def test_checkpoint_truncated_or_altered_params_are_rejected(args, data):
     """Checkpoints: params.npz cut short, or with any one byte changed, is refused with a ValueError."""
     cfg, params = args
     with saved(cfg, params) as folder:
-        f = Path(folder) / "params.npz"
+        f = files(folder) / "params.npz"
         good = f.read_bytes()
         cut = data.draw(st.integers(0, len(good) - 1), label="truncate at")
         f.write_bytes(good[:cut])
@@ -191,7 +197,7 @@ def test_checkpoint_params_from_another_save_are_rejected(args, data):
         flat[name].reshape(-1)[data.draw(st.integers(0, flat[name].size - 1))] += 1.0
         buf = io.BytesIO()
         np.savez(buf, **flat)
-        (Path(folder) / "params.npz").write_bytes(buf.getvalue())
+        (files(folder) / "params.npz").write_bytes(buf.getvalue())
         assert_refused(folder)
 
 
@@ -202,7 +208,7 @@ def test_checkpoint_truncated_or_corrupt_meta_is_rejected(args, data):
     fields altered, is refused with a ValueError."""
     cfg, params = args
     with saved(cfg, params) as folder:
-        f = Path(folder) / "meta.json"
+        f = files(folder) / "meta.json"
         good = f.read_text()
         f.write_text(good[:data.draw(st.integers(0, len(good.rstrip()) - 1), label="truncate at")])
         assert_refused(folder)
@@ -233,7 +239,7 @@ def test_checkpoint_altered_meta_values_are_rejected(field):
     (an altered file is never loaded silently)."""
     cfg = Config.preset("micro")
     with saved(cfg, init_params(cfg, 0)) as folder:
-        f = Path(folder) / "meta.json"
+        f = files(folder) / "meta.json"
         info = json.loads(f.read_text())
         if field == "meta.step":
             info["meta"]["step"] = 8
@@ -250,7 +256,7 @@ def test_checkpoint_altered_meta_values_are_rejected(field):
 @examples(80)
 @given(config_dicts(), st.data())
 def test_every_valid_config_builds_and_runs(fields, data):
-    """Configs: every valid config builds, survives to_dict/from_dict, has SPEC.md's parameter count, and
+    """Configs: every valid config builds, survives to_dict/from_dict, has the parameter count of docs/design.md's shapes, and
     runs a forward pass of the whole model and of every level, giving finite (B, T, V) float32 logits."""
     cfg = Config(**fields)
     assert Config.from_dict(cfg.to_dict()) == cfg
@@ -276,7 +282,7 @@ def test_every_invalid_config_raises_a_value_error_naming_the_constraint(kind, d
     fields, keywords, kind = data.draw(invalid_configs(kind))
     makers = [lambda: Config(**fields)]
     if kind not in ("integer", "positive_float", "dropout", "coupling_flag", "coupling_scale_init"):
-        makers.append(lambda: Config.from_dict(fields))      # from_dict parses strings, so only plain values
+        makers.append(lambda: Config.from_dict({**Config().to_dict(), **fields}))   # plain values only; all fields
     for make in makers:
         with pytest.raises(Exception) as err:
             make()

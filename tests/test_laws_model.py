@@ -1,7 +1,7 @@
 """Laws 5-9 of self-similarity: every sub-model is a model of its own, it sees only its own numbers,
 the level-batched path computes the same thing, and nothing looks into the future.
 
-Index sets come from SPEC.md's table (strategies.spec_mask), not from tinyfractal.core.tree, so a view that
+Index sets come from the role table of docs/design.md (strategies.spec_mask), not from tinyfractal.core.tree, so a view that
 reads the wrong block fails here even if index_mask makes the same mistake.
 """
 import numpy as np
@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from strategies import arrays_with_roles, astype, examples, get, models, node_of, random_params, spec_copy, spec_mask
 from tinyfractal.config import Config
 from tinyfractal.core import fast
-from tinyfractal.core.model import cross_entropy, forward, tree_loss_reference
+from tinyfractal.api import tree_loss, tree_loss_reference
+from tinyfractal.core.model import cross_entropy, forward
 from tinyfractal.core.tree import nodes, view
 
 
@@ -34,7 +35,7 @@ def node_logits(params, cfg, level, index, ids):
 def test_a_sub_model_is_a_model(args):
     """A sub-model is a model: the logits of view(P, cfg, l, j) under cfg.sub(l) equal, in float64, those
     of a standalone model of config cfg.sub(l) built from copies of those arrays, and from copies of the
-    blocks SPEC.md gives model (l, j): bit for bit in almost every case, always to 1e-12 (before model.dense, NumPy's BLAS
+    blocks docs/design.md gives model (l, j): bit for bit in almost every case, always to 1e-12 (before model.dense, NumPy's BLAS
     summed a strided weight vector in another order than its contiguous copy; see the test below)."""
     cfg, params, ids, _, (level, index) = args
     sub = cfg.sub(level)
@@ -154,10 +155,10 @@ def test_level_batched_tree_loss_and_gradient_equal_the_reference(dtype, data):
     cfg, params, ids, targets = data.draw(models(max_nodes=15, dtype=dtype))
     weights = data.draw(st.none() | st.lists(st.floats(0.0, 3.0), min_size=cfg.levels, max_size=cfg.levels)
                         .filter(lambda w: sum(w) > 0.1))
-    fast_loss = fast.tree_loss(params, cfg, ids, targets, weights)
+    fast_loss = tree_loss(params, cfg, ids, targets, weights)
     ref_loss = tree_loss_reference(params, cfg, ids, targets, weights)
     np.testing.assert_allclose(fast_loss, ref_loss, **TOL[dtype])
-    g_fast = grad(fast.tree_loss)(params, cfg, ids, targets, weights)
+    g_fast = grad(tree_loss)(params, cfg, ids, targets, weights)
     g_ref = grad(tree_loss_reference)(params, cfg, ids, targets, weights)
     scale = max(float(np.max(np.abs(get(g_ref, path)))) for path, _, _ in arrays_with_roles(params))
     for path, _, _ in arrays_with_roles(params):

@@ -1,8 +1,10 @@
 """Laws 10-11: the operators the model is built from, and its gradients.
 
-Every reference here is written plainly in this file from the formulas in SPEC.md (loops and
+Every reference here is written plainly in this file from the formulas in docs/design.md (loops and
 hand-derived derivatives), never taken from the code under test.
 """
+import tinyfractal as tf
+from tinyfractal.core import formulas
 import importlib
 import importlib.util
 import math
@@ -47,8 +49,8 @@ def test_rmsnorm_is_scale_invariant(args):
     """Operator law: rmsnorm(c*x) = rmsnorm(x) for every c > 0 (eps = 0), and with gain 0 every output row
     has root-mean-square 1; the level-batched norm (a gain per model) obeys the same law."""
     x, g, c = args
-    np.testing.assert_allclose(model.rmsnorm(c * x, g, 0.0), model.rmsnorm(x, g, 0.0), rtol=1e-12, atol=1e-12)
-    y = model.rmsnorm(x, np.zeros_like(g), 0.0)
+    np.testing.assert_allclose(formulas.rmsnorm(c * x, g, 0.0), formulas.rmsnorm(x, g, 0.0), rtol=1e-12, atol=1e-12)
+    y = formulas.rmsnorm(x, np.zeros_like(g), 0.0)
     np.testing.assert_allclose(np.sqrt(np.mean(y * y, axis=-1)), 1.0, rtol=1e-12)
     stacked, gains = x[None], g[None]
     np.testing.assert_allclose(fast.norm(c * stacked, gains, 0.0), fast.norm(stacked, gains, 0.0),
@@ -71,18 +73,18 @@ def test_softmax_rows_sum_to_one(x, shift):
     """Operator law: every row of softmax(x) is in [0, 1] and sums to 1, masked entries get exactly 0,
     and softmax(x + c) = softmax(x), in float64 and float32."""
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
-        p = model.softmax(x.astype(dtype))
+        p = formulas.softmax(x.astype(dtype))
         assert p.dtype == dtype and p.shape == x.shape
         assert np.all(p >= 0) and np.all(p <= 1)
         np.testing.assert_allclose(np.sum(p, axis=-1), 1.0, rtol=tol, atol=tol)
         assert np.all(p[x == -1e30] == 0)
-    np.testing.assert_allclose(model.softmax(x + shift), model.softmax(x), atol=1e-9)
+    np.testing.assert_allclose(formulas.softmax(x + shift), formulas.softmax(x), atol=1e-9)
 
 
 def rope_one(v, pos, theta):
     """RoPE of one vector (h,) at position pos via the library's tables: (h,)."""
-    cos, sin = model.rope_tables(1, len(v), theta, start=pos)
-    return model.rope(v.reshape(1, 1, len(v)), cos, sin).reshape(len(v))
+    cos, sin = formulas.rope_tables(1, len(v), theta, start=pos)
+    return formulas.rope(v.reshape(1, 1, len(v)), cos, sin).reshape(len(v))
 
 
 head_dims = st.integers(1, 8).map(lambda n: 2 * n)
@@ -104,7 +106,7 @@ def test_rope_dot_products_depend_only_on_relative_position(qk, m, n, shift, the
 
 
 def rope_reference(x, start, theta):
-    """SPEC.md's RoPE, a loop: component m pairs with m + h/2 and turns by pos * theta^(-2m/h)."""
+    """RoPE as docs/design.md defines it, a loop: component m pairs with m + h/2 and turns by pos * theta^(-2m/h)."""
     B, T, H, h = x.shape
     out = np.empty_like(x)
     for t in range(T):
@@ -122,11 +124,11 @@ def rope_reference(x, start, theta):
        st.integers(0, 50), thetas)
 def test_rope_rotates_the_spec_pairs(x, start, theta):
     """Operator law (RoPE): rope(x, *rope_tables(T, h, theta, start)) rotates each pair (m, m + h/2) by
-    angle pos * theta^(-2m/h), as SPEC.md says, and so keeps every vector's length."""
+    angle pos * theta^(-2m/h), as docs/design.md says, and so keeps every vector's length."""
     B, T, H, h = x.shape
-    cos, sin = model.rope_tables(T, h, theta, start)
+    cos, sin = formulas.rope_tables(T, h, theta, start)
     assert cos.shape == sin.shape == (T, h // 2)
-    y = model.rope(x, cos, sin)
+    y = formulas.rope(x, cos, sin)
     np.testing.assert_allclose(y, rope_reference(x, start, theta), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5, atol=1e-12)
 
@@ -210,7 +212,7 @@ def test_gradients_of_the_full_model_match_finite_differences(args, seed, path):
     """Gradients: the gradient of the tree loss (reference or level-batched) matches finite differences
     (central, Richardson-extrapolated) in float64, along random directions and on random single coordinates."""
     cfg, params, ids, targets = args
-    loss = model.tree_loss_reference if path == "reference" else fast.tree_loss
+    loss = tf.tree_loss_reference if path == "reference" else tf.tree_loss
     f = lambda P: loss(P, cfg, ids, targets)
     g = grad(f)(params)
     rng = np.random.default_rng(seed)
@@ -278,15 +280,6 @@ def rng_of(draw):
 def stacked_blocks_example(draw):
     a, roles, n = draw(stacked_block_cases())
     return (lambda a: stacked_blocks(a, roles, n)), (a,)
-
-
-@st.composite
-def only_trainable_example(draw):
-    # A gradient mask by design (zero on frozen entries); where everything is trainable it must be
-    # the true gradient of the identity.
-    from tinyfractal.training.merge import only_trainable
-    shape = draw(small_shapes)
-    return (lambda a: only_trainable(a, np.ones(shape, dtype=bool))), (rng_of(draw).normal(size=shape),)
 
 
 def ops_module():
@@ -359,7 +352,6 @@ def cross_entropy_example(draw):
 # the law below on purpose: every hand-written gradient must prove itself.
 CUSTOM_VJPS = {
     "tinyfractal.core.tree.stacked_blocks": stacked_blocks_example(),
-    "tinyfractal.training.merge.only_trainable": only_trainable_example(),
     "tinyfractal.core.ops.linear": linear_example(),
     "tinyfractal.core.ops.rmsnorm": rmsnorm_example(),
     "tinyfractal.core.ops.embedding": embedding_example(),

@@ -3,7 +3,7 @@
 Every test draws random valid configs (tests/strategies.py), so the laws are checked for any number
 of levels and any split, not only the configs we train. The index sets are computed from `view`
 itself (a params dict whose entries are their own flat positions, viewed), and compared with the
-blocks SPEC.md assigns (strategies.spec_slices, written from the spec, not from tree.py).
+blocks docs/design.md assigns (strategies.spec_slices, written from the design, not from tree.py).
 """
 import numpy as np
 import pytest
@@ -23,7 +23,7 @@ def same_memory(a, b):
 
 
 def numbered(cfg):
-    """A params dict of int64 arrays (SPEC.md's shapes) whose every entry is its own flat position."""
+    """A params dict of int64 arrays (the shapes of docs/design.md) whose every entry is its own flat position."""
     def number(a):
         return np.arange(a.size, dtype=np.int64).reshape(a.shape)
     shapes = random_params(cfg, 0)
@@ -88,8 +88,7 @@ def test_tree_shape_nodes_outside_the_tree_are_rejected(cfg, data):
     level = data.draw(st.integers(-2, cfg.levels + 2))
     index = data.draw(st.integers(-2, cfg.split ** max(level, 0) + 2))
     inside = 0 <= level < cfg.levels and 0 <= index < cfg.split ** level
-    params = {"E": np.zeros((cfg.vocab_size, cfg.hidden), np.float32), "emb_norm": np.zeros(cfg.hidden),
-              "final_norm": np.zeros(cfg.hidden), "out_norm": np.zeros(cfg.hidden), "layers": []}
+    params = random_params(cfg, 0)     # view needs a full parameter set of cfg (it checks the shapes first)
     for fn in (lambda: parent(cfg, level, index), lambda: children(cfg, level, index),
                lambda: view(params, cfg, level, index)):
         if inside:
@@ -105,7 +104,7 @@ def test_tree_shape_nodes_outside_the_tree_are_rejected(cfg, data):
 @given(configs().flatmap(lambda c: st.tuples(st.just(c), params_for(c), node_of(c))))
 def test_views_are_views_every_array_shares_memory(args):
     """Views are views: every array of view(params, cfg, l, j) shares memory with the full array,
-    sitting exactly on the block SPEC.md gives model (l, j)."""
+    sitting exactly on the block docs/design.md gives model (l, j)."""
     cfg, params, (level, index) = args
     v = view(params, cfg, level, index)
     for path, full, roles in arrays_with_roles(params):
@@ -176,7 +175,7 @@ def test_siblings_are_disjoint(cfg):
 
 def parent_diagonal_block(full_shape, roles, cfg, level, index, r):
     """Mask of the r-th diagonal block inside parent (level, index)'s block: along every role axis the
-    r-th of split pieces of the parent's block (SPEC.md: children tile the parent in order)."""
+    r-th of split pieces of the parent's block (docs/design.md: children tile the parent in order)."""
     s = cfg.split
     parent_sl = spec_slices(full_shape, roles, s, level, index)
     m = np.zeros(full_shape, dtype=bool)
@@ -208,7 +207,7 @@ def test_children_tile_their_parent(cfg, data):
 @examples(80)
 @given(configs().flatmap(lambda c: st.tuples(st.just(c), node_of(c))))
 def test_index_mask_is_the_index_set_of_the_view(args):
-    """index_mask(l, j) is exactly the set of entries view(l, j) reaches, which is SPEC.md's block,
+    """index_mask(l, j) is exactly the set of entries view(l, j) reaches, which is the block of docs/design.md,
     and a model owns as many scalars as a standalone model of config cfg.sub(l) has."""
     cfg, (level, index) = args
     full = numbered(cfg)

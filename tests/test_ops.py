@@ -1,4 +1,4 @@
-"""The fused primitives of tinyfractal/core/ops.py prove themselves (STYLE.md section 6).
+"""The fused primitives of tinyfractal/core/ops.py prove themselves: values, check_grads, float32.
 
 For every primitive: its values equal the plain autograd.numpy reference next to it (float64), its
 hand-written VJP passes autograd's check_grads in float64, and a float32 run agrees with the
@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from strategies import examples
-from tinyfractal.core import ops
+from tinyfractal.core import machinery, ops
 
 
 def seeds():
@@ -111,13 +111,8 @@ MODES = ["inline", "split"]
 def threading_mode(mode):
     """'inline': everything in the calling thread; 'split': every op forced to split its work over two
     worker threads (even these tiny shapes), so the chunking code is checked too."""
-    saved = ops.THREADS, ops.MIN_WORK, ops._free_cores
-    ops.THREADS, ops.MIN_WORK = (2, 0) if mode == "split" else (1, saved[1])
-    ops._free_cores = lambda: 2.0          # use both threads even if the machine is busy right now
-    try:
+    with machinery.forced_split(2 if mode == "split" else 1):
         yield
-    finally:
-        ops.THREADS, ops.MIN_WORK, ops._free_cores = saved
 
 
 def weighted_sum(f, weights):
@@ -249,7 +244,7 @@ def test_bad_attention_shapes_are_refused_with_a_clear_error():
 def test_free_core_estimate_stays_within_the_machine():
     """Threads law: the estimate of cores that other processes leave free is a number no larger than the
     machine's core count (our own busy loop in between is not taken for another process's load)."""
-    meter = ops._FreeCores(every=0.05)
+    meter = machinery._FreeCores(every=0.05)
     meter()
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 0.2:

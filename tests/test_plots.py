@@ -10,7 +10,7 @@ from strategies import arrays_with_roles, configs, get, spec_mask
 from tinyfractal.tools import plots
 from tinyfractal.cli import main
 from tinyfractal.config import Config
-from tinyfractal.core.model import init_params
+from tinyfractal.api import init_params
 from tinyfractal.text.bpe import Tokenizer
 from tinyfractal.core.tree import index_mask, nodes, view
 
@@ -19,7 +19,7 @@ TINY = Config.preset("tiny")
 
 
 def deepest_owner_violations(cfg, owner):
-    """Cells where `owner` is not the deepest node whose index set (index_mask, and SPEC's blocks)
+    """Cells where `owner` is not the deepest node whose index set (index_mask, and the blocks of docs/design.md)
     holds the cell: [(array path, node or None, what is wrong)]."""
     tree = nodes(cfg)
     masks = {node: index_mask(owner, cfg, *node) for node in tree}

@@ -110,7 +110,7 @@ def test_speculation_never_saves_verifier_flops(prompt, k, level):
     slide's prefill also multiplies the masked half of its attention square, which depends on how
     the window is split into calls.)"""
     cfg = CFG.override(context=32)
-    plain = infer.node_models(PARAMS, cfg, 0, 0)
+    plain = infer.node_decoder(PARAMS, cfg, 0, 0)
     ids = list(prompt)
     infer.decode(plain, ids, 20, lambda lg: int(onp.argmax(lg)))
     _, stats = speculative_ids(PARAMS, cfg, prompt, 20, (0, 0), level, k)

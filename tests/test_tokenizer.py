@@ -18,7 +18,7 @@ ALPHABET = "".join(TOK.chars)
 # TOK cut after its first k merges, k = 0..63: the tokenizer that training would have stopped at.
 TRUNCATED = [Tokenizer(TOK.chars, TOK.merges[:k]) for k in range(len(TOK.merges) + 1)]
 
-# Copied by hand from SPEC.md §3, deliberately not from the code under test.
+# Copied by hand from docs/design.md §9, deliberately not from the code under test.
 SPEC_FIRST_MERGES = [
     "th", ", ", "ou", "er", "in", "an", ":\n", "the", "or", "is", "\n\n",
     "en", "ar", "at", "on", "st", "ll", ",\n", "me", "to", ".\n\n", "and",
@@ -47,7 +47,7 @@ def retrained():
 
 
 def test_first_22_merges_are_the_spec_list():
-    """The first 22 merges on input.txt are SPEC §3's list; there are 65 base characters and 128 tokens."""
+    """The first 22 merges on input.txt are the list of docs/design.md §9; there are 65 base characters and 128 tokens."""
     assert [TOK.token_strings[65 + r] for r in range(22)] == SPEC_FIRST_MERGES
     assert len(TOK.chars) == 65
     assert TOK.chars == sorted(set(CORPUS))
@@ -104,7 +104,7 @@ def test_command_line_bad_input_is_one_line_and_exit_2(argv, capsys, tmp_path):
     """A bad argument or unreadable input gives exit code 2 and exactly one line on stderr."""
     assert main(argv + ["--out", str(tmp_path / "t.json")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("tokenizer: error:")
+    assert err.count("\n") == 1 and err.startswith("error: ")
 
 
 def test_command_line_too_many_merges_is_exit_2(tmp_path, capsys):

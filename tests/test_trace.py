@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from tinyfractal.tools import trace as trace_module
 from tinyfractal.cli import main
 from tinyfractal.config import Config
-from tinyfractal.core.model import forward, init_params
+from tinyfractal.api import init_params
+from tinyfractal.core.model import forward
 from tinyfractal.tools.trace import Tracer, locate, trace_node
 from tinyfractal.core.tree import flatten, nodes, view
 
@@ -17,7 +18,7 @@ IDS = np.array([[5, 17, 64, 3, 99, 0, 41]])
 
 
 def spec_index(name, shape, cfg, level, j):
-    """Model (level, j)'s slice of a shared array, written out by hand from SPEC.md's table."""
+    """Model (level, j)'s slice of a shared array, written out by hand from the role table of docs/design.md."""
     d, f, h = cfg.hidden // cfg.split ** level, cfg.mlp_hidden // cfg.split ** level, cfg.head_dim // cfg.split ** level
     R, M, C = slice(j * d, (j + 1) * d), slice(j * f, (j + 1) * f), slice(j * h, (j + 1) * h)
     whole = [slice(0, n) for n in shape]
@@ -33,7 +34,7 @@ def spec_index(name, shape, cfg, level, j):
 
 @pytest.mark.parametrize("node", nodes(TINY))
 def test_trace_of_every_tiny_node_reads_exactly_its_spec_slices(node):
-    """Every node of tiny traces, and each op reads the slice SPEC's table gives that node, and
+    """Every node of tiny traces, and each op reads the slice the role table (docs/design.md) gives that node, and
     together the ops read every shared array."""
     level, j = node
     lines = []
@@ -45,7 +46,8 @@ def test_trace_of_every_tiny_node_reads_exactly_its_spec_slices(node):
             read.add(name)
     assert read == set(flatten(TINY_PARAMS))
     assert len(steps) == 3 + 8 * TINY.layers
-    assert lines[-1] == f"logits (1,{IDS.shape[1]},{TINY.vocab_size}); every slice above matches SPEC's table"
+    assert lines[-1] == (f"logits (1,{IDS.shape[1]},{TINY.vocab_size}); every slice above matches the role table "
+                         f"(docs/design.md)")
 
 
 def test_trace_prints_shapes_of_the_node():
@@ -69,16 +71,23 @@ def test_trace_flags_a_wrong_view(monkeypatch):
     lines = []
     steps = trace_node(TINY_PARAMS, TINY, 2, 1, IDS, log=lines.append)
     assert any(step.mismatches() for step in steps)
-    assert any("reads Wq[48:72, :, 8:12] of (96,4,16)   !! SPEC says [24:48, :, 4:8]" in line for line in lines)
-    assert "slices differ from SPEC's table" in lines[-1]
+    assert any("reads Wq[48:72, :, 8:12] of (96,4,16)   !! the role table says [24:48, :, 4:8]" in line
+               for line in lines)
+    assert "slices differ from the role table" in lines[-1]
 
 
-def test_trace_hook_leaves_the_logits_unchanged():
-    """forward with a trace hook returns bit for bit the logits of forward without one."""
+def test_tracing_leaves_the_logits_unchanged_and_restores_the_model():
+    """forward inside `tracing` returns bit for bit the logits of forward outside it, and afterwards every
+    step function of the model is the original again (tracing wraps from outside, and unwraps)."""
+    from tinyfractal.core import model
+    originals = {name: getattr(model, name) for name in trace_module.STEPS}
     for level, j in [(0, 0), (1, 1), (2, 2)]:
         p, c = view(TINY_PARAMS, TINY, level, j), TINY.sub(level)
-        traced = forward(p, c, IDS, trace=Tracer(TINY_PARAMS, TINY, level, j))
+        with trace_module.tracing(Tracer(TINY_PARAMS, TINY, level, j)) as tracer:
+            traced = forward(p, c, IDS)
+        assert len(tracer.steps) == 3 + 8 * TINY.layers
         np.testing.assert_array_equal(traced, forward(p, c, IDS))
+    assert {name: getattr(model, name) for name in trace_module.STEPS} == originals
 
 
 def test_tracer_refuses_arrays_that_are_not_shared_slices():
@@ -86,7 +95,8 @@ def test_tracer_refuses_arrays_that_are_not_shared_slices():
     p = view(TINY_PARAMS, TINY, 1, 0)
     p["layers"][0]["Wq"] = p["layers"][0]["Wq"].copy()
     with pytest.raises(ValueError, match="not a slice of the shared arrays"):
-        forward(p, TINY.sub(1), IDS, trace=Tracer(TINY_PARAMS, TINY, 1, 0))
+        with trace_module.tracing(Tracer(TINY_PARAMS, TINY, 1, 0)):
+            forward(p, TINY.sub(1), IDS)
 
 
 @st.composite
@@ -119,11 +129,11 @@ def test_trace_command_runs_and_refuses_bad_nodes(capsys):
     """`python -m tinyfractal trace` exits 0 for a node of tiny and 2, with one line, for a bad one."""
     assert main(["trace", "--preset", "tiny", "--level", "2", "--index", "3"]) == 0
     out = capsys.readouterr().out
-    assert "model (2,3) of 7" in out and "every slice above matches SPEC's table" in out
+    assert "model (2,3) of 7" in out and "every slice above matches the role table" in out
     assert main(["trace", "--preset", "tiny", "--level", "2", "--index", "4"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "valid indices are 0..3" in err
     assert main(["trace", "--preset", "tiny", "--split=3"]) == 2
     assert "divisible" in capsys.readouterr().err
     assert main(["trace", "--preset", "tiny", "--coupling=upstream"]) == 2
-    assert "does not trace coupled or byte models" in capsys.readouterr().err
+    assert "not supported for the upstream variant" in capsys.readouterr().err

@@ -4,13 +4,17 @@ Everything about sizes lives here, so the rest of the code asks the config inste
 recomputing `D // split**level` in many places.
 """
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
+
+from tinyfractal.validate import parameter_count
 
 
 @dataclass(frozen=True)
 class Config:
     """A FractalFormer. Level 0 is the whole model; level l holds split**l models of width hidden/split**l."""
-    vocab_size: int = 128
+    vocab_size: int = None              # None: what the variant reads (128 BPE tokens, or 256 bytes)
     context: int = 64
     layers: int = 2
     heads: int = 4
@@ -27,13 +31,21 @@ class Config:
     coupling_cumulative: bool = False   # pass already-coupled states, so a signal crosses levels in one layer
     coupling_sublayer: bool = False     # pass only the layer's attention + MLP outputs, not the whole state
     coupling_scale_init: float = 1.0    # start of the learnable scale per (level, layer); 0 starts as base
-    tokenizer: str = "bpe"              # bpe | bytes: bytes reads UTF-8, upper levels in groups (concepts.py)
+    tokenizer: str = "bpe"              # bpe | bytes: bytes reads UTF-8, upper levels in groups (variants/byte_model.py)
     logit_scale: str = "none"           # none | sqrt | learned: each node's logits times 1/sqrt(d_l) (model.output_gain)
     node_gains: bool = False            # each node its own output gain, not a slice of its parent's (model.output_gain)
     nested_init: bool = False           # each weight entry starts as its deepest owner's would alone (init_params)
 
     def __post_init__(self):
+        if self.vocab_size is None:
+            object.__setattr__(self, "vocab_size", 256 if self.tokenizer == "bytes" else 128)
         validate(self)
+
+    @property
+    def variant(self):
+        """The variant's name: base, upstream, downstream or bytes (variants/__init__.py)."""
+        from tinyfractal.variants import name_of
+        return name_of(self)
 
     @staticmethod
     def preset(name):
@@ -68,18 +80,22 @@ class Config:
         return sum(self.split ** level for level in range(self.levels))
 
     def check_level(self, level):
-        if not isinstance(level, int) or not 0 <= level < self.levels:
-            raise ValueError(f"level {level!r} is out of range; this config has levels 0..{self.levels - 1}")
+        """level as an int, or ValueError: an integer (Python or NumPy) in [0, levels)."""
+        if not _is_int(level) or not 0 <= level < self.levels:
+            raise ValueError(f"level {_show(level)} is out of range; this config has levels 0..{self.levels - 1}")
+        return int(level)
 
     def check_node(self, level, index):
-        self.check_level(level)
+        """(level, index) as ints, or ValueError: index in [0, split**level)."""
+        level = self.check_level(level)
         n = self.n_models(level)
-        if not isinstance(index, int) or not 0 <= index < n:
-            raise ValueError(f"model index {index!r} is out of range at level {level}; valid indices are 0..{n - 1}")
+        if not _is_int(index) or not 0 <= index < n:
+            raise ValueError(f"model index {_show(index)} is out of range at level {level}; valid indices are 0..{n - 1}")
+        return level, int(index)
 
     def sub(self, level):
         """The config of one model at `level`: width D/s^l, head dim hd/s^l, levels L-l."""
-        self.check_level(level)
+        level = self.check_level(level)
         return dataclasses.replace(self, hidden=self.width(level), head_dim=self.head_width(level),
                                    levels=self.levels - level)
 
@@ -94,26 +110,41 @@ class Config:
 
     @staticmethod
     def from_dict(d):
-        """Rebuild a config from `to_dict()` output, refusing unknown or missing fields."""
+        """Rebuild a config from `to_dict()` output, refusing unknown or missing fields.
+
+        Every field must be present: a dict that lacks one is not a config this code wrote, and
+        filling in a default could silently build another model. (Checkpoints from before a field
+        existed are completed explicitly by checkpoint.py, which knows what those versions meant.)
+        """
         if not isinstance(d, dict):
             raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(Config)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; known fields are {sorted(names)}")
+        missing = sorted(names - set(d))
+        if missing:
+            raise ValueError(f"the config is missing fields {missing}; Config.to_dict() writes all of "
+                             f"{sorted(names)}")
         return Config(**{k: _coerce(k, v) for k, v in d.items()})
 
     def override(self, **changes):
-        """A copy with some fields changed (strings are parsed to the field's type); validated."""
+        """A copy with some fields changed (strings are parsed to the field's type); validated.
+
+        Choosing the tokenizer chooses what it implies: vocab_size follows it unless it is given too.
+        """
         names = {f.name for f in dataclasses.fields(Config)}
         unknown = sorted(set(changes) - names)
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; known fields are {sorted(names)}")
-        return dataclasses.replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
+        changes = {k: _coerce(k, v) for k, v in changes.items()}
+        if "tokenizer" in changes and "vocab_size" not in changes:
+            changes["vocab_size"] = None
+        return dataclasses.replace(self, **changes)
 
 
 PRESETS = {
-    # The seed's hyperparameters (SPEC.md section 1).
+    # The prototype's hyperparameters (docs/design.md, "the original").
     "original": dict(vocab_size=128, context=256, layers=4, heads=4, kv_heads=1, head_dim=32, hidden=128,
                      mlp_mult=4, levels=3, split=2, rope_theta=100.0, eps=1e-6, dropout=0.0),
     # The classroom size: seven models that all learn within a few minutes on a laptop CPU.
@@ -137,6 +168,16 @@ _BOOL_FIELDS = ("coupling_cumulative", "coupling_sublayer", "node_gains", "neste
 COUPLINGS = ("none", "upstream", "downstream")
 LOGIT_SCALES = ("none", "sqrt", "learned")
 TOKENIZERS = ("bpe", "bytes")
+
+
+def _is_int(x):
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _show(x):
+    """An index for an error message: NumPy integers print as plain numbers."""
+    return int(x) if _is_int(x) else repr(x)
 
 
 def _coerce(name, value):
@@ -163,6 +204,12 @@ def _coerce(name, value):
     return value
 
 
+# Sizes beyond these are refused as absurd rather than attempted: a NumPy engine on a CPU cannot
+# hold or train them, and a typo (vocab_size=1e12) should not start allocating terabytes.
+MAX_FIELD = 1 << 24        # any one integer field (context, hidden, vocab_size, ...)
+MAX_PARAMS = 1 << 31       # numbers in the shared arrays: 8 GiB as float32, 32 GiB with gradients and AdamW
+
+
 def validate(cfg):
     """Raise ValueError naming the first broken constraint of a config."""
     for name in _INT_FIELDS:
@@ -171,20 +218,19 @@ def validate(cfg):
             raise ValueError(f"config field {name} must be an integer, got {v!r}")
         if v <= 0:
             raise ValueError(f"config field {name} must be positive, got {v}")
+        if v > MAX_FIELD:
+            raise ValueError(f"config field {name}={v} is absurdly large; the limit is {MAX_FIELD} (2**24)")
     for name in ("rope_theta", "eps"):
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"config field {name} must be a positive number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise ValueError(f"config field {name} must be a positive finite number, got {v!r}")
+    if cfg.eps > 1:   # rmsnorm divides by sqrt(mean(x^2) + eps); a huge eps flattens every activation to 0
+        raise ValueError(f"config field eps must be a positive number <= 1 (it is added to the mean square of "
+                         f"unit-scale activations; typical values are 1e-6 to 1e-5), got {cfg.eps!r}")
     if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, (int, float)) or not 0 <= cfg.dropout < 1:
         raise ValueError(f"config field dropout must be in [0, 1), got {cfg.dropout!r}")
     if cfg.tokenizer not in TOKENIZERS:
         raise ValueError(f"config field tokenizer must be one of {list(TOKENIZERS)}, got {cfg.tokenizer!r}")
-    if cfg.tokenizer == "bytes" and cfg.vocab_size != 256:
-        raise ValueError(f"tokenizer='bytes' reads the 256 byte values, so vocab_size must be 256, "
-                         f"got {cfg.vocab_size}")
-    if cfg.tokenizer == "bytes" and cfg.coupling != "none":
-        raise ValueError(f"tokenizer='bytes' runs uncoupled models (concepts.py), so coupling must be 'none', "
-                         f"got {cfg.coupling!r}")
     if cfg.split < 2:
         raise ValueError(f"split must be an integer >= 2, got {cfg.split}")
     smallest = cfg.split ** (cfg.levels - 1)
@@ -210,3 +256,10 @@ def validate(cfg):
     v = cfg.coupling_scale_init
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) < float("inf"):
         raise ValueError(f"config field coupling_scale_init must be a finite number, got {v!r}")
+    from tinyfractal.variants import variant_of
+    variant_of(cfg).validate(cfg)
+    n = parameter_count(cfg)
+    if n > MAX_PARAMS:
+        raise ValueError(f"this config has {n:.3g} parameters ({4 * n / 2 ** 30:.3g} GiB as float32); the limit "
+                         f"is 2**31 = {MAX_PARAMS:.3g} (vocab_size={cfg.vocab_size}, hidden={cfg.hidden}, "
+                         f"layers={cfg.layers}, mlp_mult={cfg.mlp_mult}, heads={cfg.heads}, head_dim={cfg.head_dim})")

@@ -7,7 +7,7 @@ written by hand. This is the path training uses; `model.py` is the readable refe
 tests/test_fast.py proves the two give the same loss and gradients.
 
 `ops.linear` flattens activations to (N, B·T, features) inside, so every weight matmul is one 2-D
-matmul per model (STYLE.md section 9) without reshapes recorded by autograd. q, k, v and the MLP's
+matmul per model  without reshapes recorded by autograd. q, k, v and the MLP's
 gate and up projections get a matmul each rather than one fused [Wq | Wk | Wv] matmul, because the
 ops after them run 2-4x faster on whole contiguous arrays than on column slices of a wider one.
 """
@@ -15,7 +15,7 @@ import numpy as onp
 import autograd.numpy as np
 
 from tinyfractal.core import ops
-from tinyfractal.core.model import dropout, level_weight_table, scale_output
+from tinyfractal.core.model import dropout, scale_output
 from tinyfractal.core.tree import level_view
 
 
@@ -24,9 +24,9 @@ def matmul_rows(x, W):
     return ops.linear(x, W)
 
 
-def embed(P, ids):
-    """Token embeddings of every model. P['E'] (N,V,d), ids (B,T) -> (N,B,T,d)."""
-    return ops.embedding(P["E"], onp.asarray(ids))
+def embed(stacked, ids):
+    """Token embeddings of every model. stacked['E'] (N,V,d), ids (B,T) -> (N,B,T,d)."""
+    return ops.embedding(stacked["E"], onp.asarray(ids))
 
 
 def attention(x, p, cfg, start=0):
@@ -57,19 +57,27 @@ def block(x, p, cfg, rng=None, start=0):
     return x + dropout(mlp(norm(x, p["mlp_norm"], cfg.eps), p), cfg.dropout, rng)
 
 
-def output_logits(x, P, cfg):
+def block_with_delta(x, p, cfg, rng=None):
+    """One layer for N models, also returning what it added: (state after it, attention + MLP outputs)."""
+    a = dropout(attention(norm(x, p["attn_norm"], cfg.eps), p, cfg), cfg.dropout, rng)
+    x = x + a
+    b = dropout(mlp(norm(x, p["mlp_norm"], cfg.eps), p), cfg.dropout, rng)
+    return x + b, a + b
+
+
+def output_logits(x, stacked, cfg):
     """Tied output: rmsnorm(x, final_norm) * output_gain against the row-normalised embedding.
     (N,B,T,d) -> (N,B,T,V)."""
-    out_emb = norm(P["E"], P["out_norm"], cfg.eps)                              # (N,V,d)
-    return ops.linear(scale_output(norm(x, P["final_norm"], cfg.eps), P, cfg), np.swapaxes(out_emb, 1, 2))
+    out_emb = norm(stacked["E"], stacked["out_norm"], cfg.eps)                              # (N,V,d)
+    return ops.linear(scale_output(norm(x, stacked["final_norm"], cfg.eps), stacked, cfg), np.swapaxes(out_emb, 1, 2))
 
 
-def forward_stacked(P, cfg, ids, rng=None):
+def forward_stacked(stacked, cfg, ids, rng=None):
     """Logits of N models whose params are stacked on a leading axis. ids (B,T) -> (N,B,T,V)."""
-    x = norm(embed(P, onp.asarray(ids)), P["emb_norm"], cfg.eps)
-    for p in P["layers"]:
+    x = norm(embed(stacked, onp.asarray(ids)), stacked["emb_norm"], cfg.eps)
+    for p in stacked["layers"]:
         x = block(x, p, cfg, rng)
-    return output_logits(x, P, cfg)
+    return output_logits(x, stacked, cfg)
 
 
 def forward_level(params, cfg, level, ids, rng=None):
@@ -100,10 +108,3 @@ def node_losses(params, cfg, ids, targets, rng=None):
     params = read_once(params)
     return [cross_entropy_per_model(forward_level(params, cfg, level, ids, rng), targets)
             for level in range(cfg.levels)]
-
-
-def tree_loss(params, cfg, ids, targets, level_weights=None, rng=None):
-    """Mean next-token cross-entropy over every node of the tree (weighted per level if asked)."""
-    weights = level_weight_table(cfg, level_weights)
-    losses = node_losses(params, cfg, ids, targets, rng)
-    return sum(weights[level] * np.sum(losses[level]) for level in range(cfg.levels))

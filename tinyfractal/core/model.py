@@ -9,23 +9,25 @@ import math
 import numpy as onp
 import autograd.numpy as np
 
-from tinyfractal.core.tree import map_roles, nodes, slot_offset, view
-
+from tinyfractal.core import formulas
+from tinyfractal.core.tree import map_roles, view
 
 UNIFORM_INIT = ("Wq", "Wk", "Wv", "Wo", "Wgate", "bgate", "Wup", "bup", "Wdown", "bdown")
 
 
-def init_params(cfg, seed=0):
-    """Fresh float32 parameters, as the original: weights and biases uniform in +-1/sqrt(fan_in),
-    E standard normal, norm gains zero (so each norm starts as the identity gain 1 + 0).
+def base_params(cfg, seed=0):
+    """Fresh float32 parameters of the base transformer, as the original: weights and biases uniform in
+    +-1/sqrt(fan_in), E standard normal, norm gains zero (so each norm starts as the identity gain 1 + 0).
 
     fan_in is the root's (D, H*hd or F), so a level-l node's own block starts s^(l/2) times smaller
     than a standalone model of its shape would. With cfg.nested_init every entry starts as its
     deepest owner would alone: each level's blocks are scaled by sqrt(s) once more than their parent's,
     so a node's block is uniform in +-1/sqrt(its own fan_in), the same law as its standalone twin.
+
+    A variant may add arrays of its own: `api.init_params` (the public `tinyfractal.init_params`) adds them.
     """
     rng = onp.random.default_rng(seed)
-    D, H, K, hd, F, V = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size
+    D, H, K, hd, Fw, V = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size
 
     def uniform(shape, fan_in):
         bound = 1.0 / onp.sqrt(fan_in)
@@ -42,9 +44,9 @@ def init_params(cfg, seed=0):
             "Wq": uniform((D, H, hd), D), "Wk": uniform((D, K, hd), D), "Wv": uniform((D, K, hd), D),
             "Wo": uniform((H, hd, D), H * hd),
             "mlp_norm": zeros(D),
-            "Wgate": uniform((D, F), D), "bgate": uniform((F,), D),
-            "Wup": uniform((D, F), D), "bup": uniform((F,), D),
-            "Wdown": uniform((F, D), F), "bdown": uniform((D,), F),
+            "Wgate": uniform((D, Fw), D), "bgate": uniform((Fw,), D),
+            "Wup": uniform((D, Fw), D), "bup": uniform((Fw,), D),
+            "Wdown": uniform((Fw, D), Fw), "bdown": uniform((D,), Fw),
         })
     if cfg.nested_init:
         for level in range(1, cfg.levels):
@@ -52,24 +54,28 @@ def init_params(cfg, seed=0):
                 for layer in view(params, cfg, level, j)["layers"]:     # views: scales the shared arrays
                     for name in UNIFORM_INIT:
                         layer[name] *= onp.float32(math.sqrt(cfg.split))
-    if cfg.coupling != "none":   # one learnable scale per (receiving level, layer); see coupling.py
-        params["coupling_scale"] = onp.full((cfg.levels, cfg.layers), cfg.coupling_scale_init, dtype=onp.float32)
-    if cfg.logit_scale == "learned":   # one row per level; node (l, j) reads row l, columns R (output_gain)
-        params["logit_gain"] = zeros((cfg.levels, D))
-    if cfg.node_gains:
-        params["node_gain"] = zeros((cfg.levels, D))
-    if cfg.tokenizer == "bytes":   # a gain per byte slot on input and output, for every level above the leaves
-        slots = slot_offset(cfg, cfg.levels - 1)
-        params["P"], params["Q"] = zeros((slots, D)), zeros((slots, D))
+    params.update({name: zeros(shape) for name, shape in option_shapes(cfg).items()})
     return params
 
 
-def param_shapes(cfg):
-    """The shape every array must have for this config (used to check checkpoints).
+def option_shapes(cfg):
+    """The small tables of the output options (output_gain): one row of width D per level."""
+    shapes = {}
+    if cfg.logit_scale == "learned":   # node (l, j) reads row l, columns R (output_gain)
+        shapes["logit_gain"] = (cfg.levels, cfg.hidden)
+    if cfg.node_gains:
+        shapes["node_gain"] = (cfg.levels, cfg.hidden)
+    return shapes
 
-    Derived from `init_params`, so a variant that adds arrays there is checked too.
-    """
-    return map_roles(lambda a, roles: tuple(a.shape), init_params(cfg, 0))
+
+def base_param_shapes(cfg):
+    """The shape of every array of the base transformer of this config (`api.param_shapes` adds the variant's)."""
+    D, H, K, hd, Fw, V = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size
+    layer = {"attn_norm": (D,), "Wq": (D, H, hd), "Wk": (D, K, hd), "Wv": (D, K, hd), "Wo": (H, hd, D),
+             "mlp_norm": (D,), "Wgate": (D, Fw), "bgate": (Fw,), "Wup": (D, Fw), "bup": (Fw,),
+             "Wdown": (Fw, D), "bdown": (D,)}
+    return {"E": (V, D), "emb_norm": (D,), "final_norm": (D,), "out_norm": (D,),
+            "layers": [dict(layer) for _ in range(cfg.layers)], **option_shapes(cfg)}
 
 
 def count_params(params):
@@ -89,38 +95,6 @@ def dense(W, shape=None):
     return (W if shape is None else np.reshape(W, shape)) + 0.0
 
 
-def rmsnorm(x, g, eps):
-    """rmsnorm: x / sqrt(mean(x^2) + eps) * (1 + g), over the last axis."""
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1.0 + g)
-
-
-def rope_tables(T, h, theta, start=0):
-    """cos and sin of angle pos * theta^(-2m/h), for pos in [start, start+T) and m < h/2: (T, h/2) each."""
-    m = onp.arange(h // 2, dtype=onp.float64)
-    pos = onp.arange(start, start + T, dtype=onp.float64)
-    angles = pos[:, None] * theta ** (-2.0 * m / h)[None, :]
-    return onp.cos(angles).astype(onp.float32), onp.sin(angles).astype(onp.float32)
-
-
-def rope(x, cos, sin):
-    """Rotate pairs (m, m + h/2) of the last axis by their angle. (.., T, H, h) -> same."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return np.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
-
-
-def gelu(x):
-    """tanh approximation of GELU."""
-    return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-
-
-def softmax(x):
-    """softmax over the last axis."""
-    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
-    return e / np.sum(e, axis=-1, keepdims=True)
-
-
 def dropout(x, rate, rng):
     """Inverted dropout; identity when no rng is given (evaluation) or rate is 0."""
     if rng is None or rate == 0:
@@ -129,81 +103,103 @@ def dropout(x, rate, rng):
     return x * keep
 
 
-def attention(x, p, cfg, start=0, trace=None):
-    """Causal multi-query attention with RoPE. (B,T,D) -> (B,T,D).
+# The steps of one forward pass. Each is a module-level function that receives the views it reads
+# as arguments, so tools/trace.py can wrap them from outside and see which slices every step read.
 
-    `trace`, if given, is called as trace(op, weights, input, output) after each step (see trace.py).
-    """
+def embed(E, emb_norm, ids, eps):
+    """x = rmsnorm(E[ids], emb_norm). ids (B,T) -> (B,T,D)."""
+    return formulas.rmsnorm(E[ids], emb_norm, eps)
+
+
+def norm(x, gain, eps):
+    """rmsnorm(x, gain) before a sublayer. (B,T,D) -> same."""
+    return formulas.rmsnorm(x, gain, eps)
+
+
+def project_qkv(x, Wq, Wk, Wv):
+    """q, k, v = x Wq, x Wk, x Wv. (B,T,D) -> (B,T,H,h), (B,T,K,h), (B,T,K,h)."""
     B, T, D = x.shape
-    H, K, h = p["Wq"].shape[1], p["Wk"].shape[1], p["Wq"].shape[2]
-    q = np.reshape(np.dot(np.reshape(x, (B * T, D)), dense(p["Wq"], (D, H * h))), (B, T, H, h))
-    k = np.reshape(np.dot(np.reshape(x, (B * T, D)), dense(p["Wk"], (D, K * h))), (B, T, K, h))
-    v = np.reshape(np.dot(np.reshape(x, (B * T, D)), dense(p["Wv"], (D, K * h))), (B, T, K, h))
-    if trace is not None:
-        trace("q, k, v = x Wq, x Wk, x Wv", {n: p[n] for n in ("Wq", "Wk", "Wv")}, x, (q, k, v))
-    cos, sin = rope_tables(T, h, cfg.rope_theta, start)
-    q, k = rope(q, cos, sin), rope(k, cos, sin)
-    k, v = np.repeat(k, H // K, axis=2), np.repeat(v, H // K, axis=2)          # (B,T,H,h)
-    if trace is not None:
-        trace(f"rope on q, k; repeat k, v to {H} heads", {}, None, (q, k, v))
-    q, k, v = (np.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))               # (B,H,T,h)
-    scores = np.matmul(q, np.transpose(k, (0, 1, 3, 2))) / float(onp.sqrt(h))  # (B,H,T,T); float keeps x's dtype
-    causal = onp.tril(onp.ones((T, T), dtype=bool))
-    scores = np.where(causal, scores, onp.float32(-1e30))
-    probs = softmax(scores)                                                    # (B,H,T,T)
-    out = np.matmul(probs, v)                                                  # (B,H,T,h)
-    out = np.reshape(np.transpose(out, (0, 2, 1, 3)), (B * T, H * h))
-    y = np.reshape(np.dot(out, dense(p["Wo"], (H * h, D))), (B, T, D))
-    if trace is not None:
-        trace("softmax(q k^T / sqrt(h), causal)", {}, (q, k), probs)
-        trace("attn out = (probs v) Wo", {"Wo": p["Wo"]}, out, y)
-    return y
+    rows = np.reshape(x, (B * T, D))
+    return tuple(np.reshape(np.dot(rows, dense(W, (D, -1))), (B, T) + W.shape[1:]) for W in (Wq, Wk, Wv))
 
 
-def mlp(x, p, trace=None):
+def rotate(q, k, theta, start=0):
+    """RoPE on q and k at positions start, start+1, ... (half-split pairs). Shapes unchanged."""
+    cos, sin = formulas.rope_tables(q.shape[1], q.shape[-1], theta, start)
+    return formulas.rope(q, cos, sin), formulas.rope(k, cos, sin)
+
+
+def attention_weights(q, k):
+    """softmax(q kᵀ/√h, causal), each kv head serving H/K query heads. -> (B,H,T,T)."""
+    return formulas.attention_weights(q, k)
+
+
+def mix_heads(probs, v, Wo):
+    """attn out = (probs v) Wo: the heads side by side, then one matmul. -> (B,T,D)."""
+    out = formulas.weighted_values(probs, v)                                         # (B,T,H,h)
+    B, T, H, h = out.shape
+    return np.reshape(np.dot(np.reshape(out, (B * T, H * h)), dense(Wo, (H * h, -1))), (B, T, -1))
+
+
+def gated_hidden(x, Wgate, bgate, Wup, bup):
+    """hidden = gelu(x Wgate + bgate) * (x Wup + bup). (B,T,D) -> (B,T,F)."""
+    B, T, D = x.shape
+    rows = np.reshape(x, (B * T, D))
+    hidden = formulas.geglu(np.dot(rows, dense(Wgate)) + bgate, np.dot(rows, dense(Wup)) + bup)
+    return np.reshape(hidden, (B, T, -1))
+
+
+def down(hidden, Wdown, bdown):
+    """mlp out = hidden Wdown + bdown. (B,T,F) -> (B,T,D)."""
+    B, T, Fw = hidden.shape
+    return np.reshape(np.dot(np.reshape(hidden, (B * T, Fw)), dense(Wdown)) + bdown, (B, T, -1))
+
+
+def output_table(E, out_norm, eps):
+    """The tied output's rows: rmsnorm(E, out_norm). (V,D) -> (V,D)."""
+    return formulas.rmsnorm(E, out_norm, eps)
+
+
+def logits_of(x, final_norm, table, eps, gain=1.0):
+    """logits = (rmsnorm(x, final_norm) * gain) tableᵀ, gain = output_gain. (B,T,D) -> (B,T,V)."""
+    B, T, D = x.shape
+    rows = np.reshape(formulas.rmsnorm(x, final_norm, eps) * gain, (B * T, D))
+    return np.reshape(np.dot(rows, np.transpose(table)), (B, T, -1))
+
+
+def attention(x, p, cfg, start=0):
+    """Causal multi-query attention with RoPE. (B,T,D) -> (B,T,D)."""
+    q, k, v = project_qkv(x, p["Wq"], p["Wk"], p["Wv"])
+    q, k = rotate(q, k, cfg.rope_theta, start)
+    return mix_heads(attention_weights(q, k), v, p["Wo"])
+
+
+def mlp(x, p):
     """GeGLU MLP: (gelu(x Wgate + bgate) * (x Wup + bup)) Wdown + bdown. (B,T,D) -> (B,T,D)."""
-    B, T, D = x.shape
-    x2 = np.reshape(x, (B * T, D))
-    hidden = gelu(np.dot(x2, dense(p["Wgate"])) + p["bgate"]) * (np.dot(x2, dense(p["Wup"])) + p["bup"])
-    y = np.reshape(np.dot(hidden, dense(p["Wdown"])) + p["bdown"], (B, T, D))
-    if trace is not None:
-        trace("hidden = gelu(x Wgate + bgate) * (x Wup + bup)",
-              {n: p[n] for n in ("Wgate", "bgate", "Wup", "bup")}, x, hidden)
-        trace("mlp out = hidden Wdown + bdown", {n: p[n] for n in ("Wdown", "bdown")}, hidden, y)
-    return y
+    return down(gated_hidden(x, p["Wgate"], p["bgate"], p["Wup"], p["bup"]), p["Wdown"], p["bdown"])
 
 
-def forward(params, cfg, ids, rng=None, trace=None):
-    """Logits of one model. ids (B,T) ints -> (B,T,V) float32.
+def layer(x, p, cfg, rng=None):
+    """One transformer layer: pre-norm attention, then pre-norm MLP, each added to the residual stream."""
+    x = x + dropout(attention(norm(x, p["attn_norm"], cfg.eps), p, cfg), cfg.dropout, rng)
+    return x + dropout(mlp(norm(x, p["mlp_norm"], cfg.eps), p), cfg.dropout, rng)
+
+
+def output(x, params, cfg):
+    """The tied output of one model. (B,T,D) -> (B,T,V)."""
+    return logits_of(x, params["final_norm"], output_table(params["E"], params["out_norm"], cfg.eps), cfg.eps,
+                     output_gain(params, cfg))
+
+
+def forward(params, cfg, ids, rng=None):
+    """Logits of one base model. ids (B,T) ints -> (B,T,V) float32.
 
     `rng` (a numpy Generator) turns dropout on, for training; without it the pass is deterministic.
-    `trace`, if given, is called as trace(op, weights, input, output) after each op: `weights` maps
-    names to the arrays the op read (views of the shared arrays). trace.py prints it.
     """
-    ids = onp.asarray(ids)
-    x = rmsnorm(params["E"][ids], params["emb_norm"], cfg.eps)                 # (B,T,D)
-    if trace is not None:
-        trace("x = rmsnorm(E[ids], emb_norm)", {n: params[n] for n in ("E", "emb_norm")}, ids, x)
+    x = embed(params["E"], params["emb_norm"], onp.asarray(ids), cfg.eps)     # (B,T,D)
     for p in params["layers"]:
-        h = rmsnorm(x, p["attn_norm"], cfg.eps)
-        if trace is not None:
-            trace("rmsnorm(x, attn_norm)", {"attn_norm": p["attn_norm"]}, x, h)
-        x = x + dropout(attention(h, p, cfg, trace=trace), cfg.dropout, rng)
-        h = rmsnorm(x, p["mlp_norm"], cfg.eps)
-        if trace is not None:
-            trace("rmsnorm(x, mlp_norm)", {"mlp_norm": p["mlp_norm"]}, x, h)
-        x = x + dropout(mlp(h, p, trace=trace), cfg.dropout, rng)
-    out_emb = rmsnorm(params["E"], params["out_norm"], cfg.eps)               # (V,D), tied output
-    B, T, D = x.shape
-    x = scale_output(rmsnorm(x, params["final_norm"], cfg.eps), params, cfg)
-    logits = np.reshape(np.dot(np.reshape(x, (B * T, D)), np.transpose(out_emb)), (B, T, -1))
-    if trace is not None:
-        trace("tied output: rmsnorm(E, out_norm)", {n: params[n] for n in ("E", "out_norm")}, params["E"], out_emb)
-        gains = {n: params[n] for n in ("final_norm", "logit_gain", "node_gain") if n in params}
-        op = "logits = rmsnorm(x, final_norm) out_emb^T" if len(gains) == 1 and cfg.logit_scale == "none" else \
-            "logits = (rmsnorm(x, final_norm) * output_gain) out_emb^T"
-        trace(op, gains, x, logits)
-    return logits
+        x = layer(x, p, cfg, rng)
+    return output(x, params, cfg)
 
 
 def output_gain(params, cfg):
@@ -246,28 +242,4 @@ def scale_output(h, params, cfg):
 
 def cross_entropy(logits, targets):
     """Mean next-token cross-entropy in nats. logits (..., V), targets (...) ints."""
-    V = logits.shape[-1]
-    flat = np.reshape(logits, (-1, V))
-    m = np.max(flat, axis=1, keepdims=True)
-    logz = np.log(np.sum(np.exp(flat - m), axis=1)) + m[:, 0]
-    picked = flat[onp.arange(flat.shape[0]), onp.asarray(targets).reshape(-1)]
-    return np.mean(logz - picked)
-
-
-def level_weight_table(cfg, level_weights=None):
-    """Weight of each node's loss so that the tree loss is a weighted mean over nodes."""
-    w = [1.0] * cfg.levels if level_weights is None else [float(v) for v in level_weights]
-    if len(w) != cfg.levels or any(v < 0 for v in w) or sum(w) == 0:
-        raise ValueError(f"level_weights must be {cfg.levels} non-negative numbers, not all zero; got {level_weights!r}")
-    total = sum(w[level] * cfg.n_models(level) for level in range(cfg.levels))
-    return [v / total for v in w]
-
-
-def tree_loss_reference(params, cfg, ids, targets, level_weights=None):
-    """The tree loss node by node: mean over every model (l, j) of its cross-entropy. Readable, slow."""
-    weights = level_weight_table(cfg, level_weights)
-    loss = 0.0
-    for level, j in nodes(cfg):
-        logits = forward(view(params, cfg, level, j), cfg.sub(level), ids)
-        loss = loss + weights[level] * cross_entropy(logits, targets)
-    return loss
+    return formulas.cross_entropy(logits, targets)

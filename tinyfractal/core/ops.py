@@ -13,32 +13,27 @@ out by hand, in float32, with the math in its docstring:
   causal_attention(q, k, v, theta, start) RoPE, causal softmax(q·kᵀ/√h), ·v, all models and heads
   cross_entropy(logits, targets)         mean of logsumexp(logits) − logits[target], per model
 
-Next to each one sits `*_reference`, the same function in plain `autograd.numpy`, which
-tests/test_ops.py compares against (STYLE.md section 6).
+Next to each one sits `*_reference`, the same function written with the formulas of `formulas.py`
+in plain `autograd.numpy`, which tests/test_ops.py compares against, values and gradients.
 
 Shapes use the letters of the model: N models of one level, B batch, T time, M = B·T rows,
 H query heads, K key/value heads, G = H/K query heads per key head, h head dim, V vocabulary.
 
-Two process-wide settings come with importing this module, both explained where they are made:
-the heavy ops run on THREADS worker threads of our own with single-threaded BLAS (`parallel_map`;
-TINYFRACTAL_THREADS=1 turns this off), and glibc's malloc keeps freed memory for reuse
-(`_keep_freed_memory`).
+How the heavy loops are spread over threads, and timed, is `machinery.py`'s business: each op cuts
+its work into pieces (`chunks`, `row_pieces`) and hands them to `parallel_map`. Importing this
+module changes nothing in the process; `machinery.tune()` turns the threads on.
 """
-import contextlib
-import ctypes
-import itertools
-import os
-import threading
-import time
 import weakref
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as onp
 import autograd.numpy as np
 from autograd.extend import primitive, defvjp, defvjp_argnums
 
-from tinyfractal.core.model import rope_tables
+from tinyfractal.core import formulas
+from tinyfractal.core.machinery import ONE_PER_THREAD, batched_matmul, chunks, clock, now, parallel_map, \
+    row_pieces, run_timed
+from tinyfractal.core.formulas import GELU_C as _GELU_C, GELU_K as _GELU_K, rope_tables
 
 ATTENTION_BLOCK = 64   # query positions per causal block; see causal_attention
 
@@ -66,234 +61,6 @@ def _take(out):
     return residuals
 
 
-# Threads and the profile clock.
-
-def _openblas_thread_setter():
-    """numpy's bundled OpenBLAS's set_num_threads, or None if this numpy uses another BLAS.
-
-    The symbol is not exposed by numpy, so we find the loaded library in /proc/self/maps (Linux).
-    """
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
-    except OSError:
-        return None
-    for path in sorted(p for p in paths if p.startswith("/")):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            setter = getattr(lib, name, None)
-            getter = getattr(lib, name.replace("set_", "get_"), None)
-            if setter is not None and getter is not None:
-                setter.argtypes, getter.restype = [ctypes.c_int], ctypes.c_int
-                return setter, getter
-    return None
-
-
-def _keep_freed_memory():
-    """Ask glibc's malloc to reuse freed memory instead of handing it back to the OS (Linux only).
-
-    A training step allocates and frees the same few hundred MB of arrays every time. By default glibc
-    serves each large array with a fresh mmap, and the kernel zero-fills every page on first touch:
-    we measured ~110k page faults and ~0.5-0.7 s of system time per `original` step, a third of the
-    step's CPU time. With the mmap threshold at its maximum (32 MB) and no trimming of the heap, freed
-    arrays are reused and the faults disappear. Peak memory is unchanged; memory is just not returned
-    between steps. A no-op where there is no glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-        libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError):
-        pass
-
-
-_keep_freed_memory()
-_blas = _openblas_thread_setter()
-THREADS = int(os.environ.get("TINYFRACTAL_THREADS", os.cpu_count() or 1)) if _blas else 1
-_pool = None
-_pool_lock = threading.Lock()
-
-
-class _FreeCores:
-    """How many cores the rest of the machine leaves us, re-estimated at most every `every` seconds.
-
-    Why: splitting work over threads pays only when the cores are free. On a machine shared with
-    other busy processes a helper thread is often descheduled halfway through its piece, and the
-    caller waits for it: we measured a tiny-preset step at 0.34 s on two threads against 0.21 s on
-    one while two other processes were running. So we look at /proc/stat (all cores' busy time),
-    subtract our own CPU time, and give parallel_map only the cores that are left. Without
-    /proc/stat (not Linux) every core counts as free.
-    """
-
-    def __init__(self, every=0.5):
-        self.every, self.last, self.free = every, None, float(os.cpu_count() or 1)
-
-    @staticmethod
-    def _sample():
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        busy = sum(ticks) - ticks[3] - ticks[4]                    # all but idle and iowait
-        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
-
-    def __call__(self):
-        if self.last is not None and time.perf_counter() - self.last[0] < self.every:
-            return self.free
-        try:
-            now = self._sample()
-        except (OSError, ValueError, IndexError):
-            return self.free
-        if self.last is not None:
-            wall, busy, ours = (a - b for a, b in zip(now, self.last))
-            self.free = (os.cpu_count() or 1) - max(0.0, busy - ours) / wall
-        self.last = now
-        return self.free
-
-
-_free_cores = _FreeCores()
-
-
-def parallel_map(fn, pieces):
-    """[fn(p) for p in pieces], shared among the calling thread and up to THREADS - 1 helper threads,
-    with BLAS running one thread per call meanwhile.
-
-    Why: OpenBLAS wakes its own threads for every matmul and makes them spin at a barrier. For the
-    hundreds of small matmuls of attention that handoff costs more than the math, and on a machine
-    shared with other processes a descheduled BLAS thread stalls the others: we measured 5-50x
-    slowdowns against one thread. NumPy releases the GIL inside its loops and BLAS calls, so our own
-    threads, each running whole pieces with single-threaded BLAS, keep the free cores busy and each
-    piece's tiles in cache. The calling thread takes pieces too, from the same counter, so a
-    two-piece job costs one handoff. Only as many threads as there are free cores join in (_FreeCores).
-    """
-    global _pool
-    if THREADS <= 1:
-        return [fn(p) for p in pieces]
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="tinyfractal")
-        before = _blas[1]() if _blas else None
-        if _blas:
-            _blas[0](1)
-        results, counter = [None] * len(pieces), itertools.count()
-
-        def drain():
-            for i in iter(counter.__next__, None):
-                if i >= len(pieces):
-                    return
-                results[i] = fn(pieces[i])
-
-        workers = max(1, min(THREADS, len(pieces), int(_free_cores() + 0.5)))
-        helpers = [_pool.submit(drain) for _ in range(workers - 1)]
-        try:
-            drain()
-        finally:
-            for helper in helpers:
-                helper.result()
-            if _blas:
-                _blas[0](before)
-        return results
-
-
-MIN_WORK = 1 << 16   # below ~this many element-ops per piece, handing work to a thread costs more than it saves
-_ONE_PER_THREAD = 1 << 60   # a target so large that _count gives one piece per thread
-
-
-def _count(n, cost_each, target):
-    """How many pieces to cut n items of cost_each into: about `target` work each, at least THREADS
-    of them, and just one (run in the calling thread) when the whole job is small."""
-    total = n * cost_each
-    if THREADS <= 1 or total < 2 * MIN_WORK:
-        return 1
-    return min(n, max(THREADS, -(-total // target)))
-
-
-def _chunks(n, cost_each, target=1 << 18):
-    """range(n) cut into _count(...) slices."""
-    count = _count(n, cost_each, target)
-    edges = [n * i // count for i in range(count + 1)]
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-def _row_pieces(N, R, cost_per_row, target=1 << 18):
-    """(models, rows) slices covering an (N, R, ...) array, about `target` work each."""
-    count = _count(N * R, cost_per_row, target)
-    if count == 1:
-        return [(slice(None), slice(None))]
-    per_model = min(R, -(-count // N))
-    return [(slice(n, n + 1), slice(R * i // per_model, R * (i + 1) // per_model))
-            for n in range(N) for i in range(per_model)]
-
-
-def batched_matmul(a, b):
-    """(N,m,k) @ (N,k,n) -> (N,m,n), split over THREADS threads (see parallel_map).
-
-    The split runs along models when there are enough of them, else along the rows of each model,
-    so every thread gets one large single-threaded matmul. Small products stay in the calling thread.
-    """
-    N, m, k, n = a.shape[0], a.shape[1], a.shape[2], b.shape[2]
-    out = onp.empty((N, m, n), dtype=onp.result_type(a, b))
-    if THREADS <= 1 or N * m * k * n < 32 * MIN_WORK:
-        pieces = [(slice(None), slice(None))]
-    elif N >= THREADS:
-        pieces = [(slice(N * i // THREADS, N * (i + 1) // THREADS), slice(None)) for i in range(THREADS)]
-    else:
-        pieces = [(slice(j, j + 1), slice(m * i // THREADS, m * (i + 1) // THREADS))
-                  for j in range(N) for i in range(THREADS)]
-
-    def piece(p):
-        models, rows = p
-        onp.matmul(a[models, rows], b[models], out=out[models, rows])
-    parallel_map(piece, pieces)
-    return out
-
-
-_profile = None
-_profile_lock = threading.Lock()
-_now = time.perf_counter
-
-
-@contextlib.contextmanager
-def profiling(clock=time.perf_counter):
-    """Collect seconds spent per category of op inside this block: {category: seconds}.
-
-    `clock` is wall time by default; time.thread_time measures CPU time instead, which a busy
-    machine disturbs less (with THREADS = 1).
-    """
-    global _profile, _now
-    saved = _profile, _now
-    _profile, _now = defaultdict(float), clock
-    try:
-        yield _profile
-    finally:
-        _profile, _now = saved
-
-
-@contextlib.contextmanager
-def _clock(category):
-    if _profile is None:
-        yield
-        return
-    t0 = _now()
-    try:
-        yield
-    finally:
-        with _profile_lock:
-            _profile[category] += _now() - t0
-
-
-def _record_split(wall, busy):
-    """Share `wall` seconds among categories in proportion to their summed thread time `busy`."""
-    total = sum(busy.values())
-    if _profile is not None and total > 0:
-        with _profile_lock:
-            for category, seconds in busy.items():
-                _profile[category] += wall * seconds / total
-
-
 # linear
 
 def _as_matrices(x, W, axes):
@@ -313,7 +80,7 @@ def linear(x, W, b=None, axes=1):
     out as (N,B,T,H,h) directly) saves the reshapes autograd would otherwise record around it.
     """
     x2, W2, lead, rest = _as_matrices(x, W, axes)
-    with _clock("matmul: weights"):
+    with clock("matmul: weights"):
         y = batched_matmul(x2, W2)
         if b is not None:
             y += b.reshape(b.shape[0], 1, -1)
@@ -330,7 +97,7 @@ def _linear_vjp(argnums, ans, args, kwargs):
         # db = Σ_rows g
         x2, W2, _, _ = _as_matrices(x, W, axes)
         g2 = g.reshape(x2.shape[0], x2.shape[1], W2.shape[2])
-        with _clock("matmul: weights"):
+        with clock("matmul: weights"):
             grads = {0: lambda: batched_matmul(g2, onp.swapaxes(W2, 1, 2)).reshape(x.shape),
                      1: lambda: batched_matmul(onp.swapaxes(x2, 1, 2), g2).reshape(W.shape),
                      2: lambda: g2.sum(axis=1).reshape(b.shape)}
@@ -380,8 +147,8 @@ def rmsnorm(x, g, eps):
         onp.multiply(x3[n, rows], r[n, rows], out=y[n, rows])
         y[n, rows] *= gain[n, None, :]
 
-    with _clock("norms"):
-        parallel_map(piece, _row_pieces(N, x3.shape[1], d))
+    with clock("norms"):
+        parallel_map(piece, row_pieces(N, x3.shape[1], d))
     y = y.reshape(x.shape)
     _save(y, r)
     return y
@@ -397,7 +164,7 @@ def _rmsnorm_vjp(argnums, ans, args, kwargs):
         N, d = g.shape
         x3, dy3, gain = x.reshape(N, -1, d), dy.reshape(N, -1, d), 1.0 + g
         dx = onp.empty(x3.shape, dtype=dy.dtype)
-        pieces = _row_pieces(N, x3.shape[1], d)
+        pieces = row_pieces(N, x3.shape[1], d)
 
         def piece(p):
             n, rows = p
@@ -410,7 +177,7 @@ def _rmsnorm_vjp(argnums, ans, args, kwargs):
                 onp.multiply(dn, r[n, rows], out=dx[n, rows])
             return onp.einsum("nmd,nmd->nd", dy3[n, rows], normed) if 1 in argnums else None
 
-        with _clock("norms"):
+        with clock("norms"):
             parts = parallel_map(piece, pieces)
             dg = onp.zeros(g.shape, dtype=dy.dtype)
             for (n, _), part in zip(pieces, parts):
@@ -425,7 +192,7 @@ defvjp_argnums(rmsnorm, _rmsnorm_vjp)
 
 
 def rmsnorm_reference(x, g, eps):
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1.0 + np.reshape(g, _gain_shape(x, g)))
+    return formulas.rmsnorm(x, np.reshape(g, _gain_shape(x, g)), eps)
 
 
 # embedding
@@ -433,7 +200,7 @@ def rmsnorm_reference(x, g, eps):
 @primitive
 def embedding(E, ids):
     """Rows of every model's embedding. E (N,V,d), ids (B,T) ints -> (N,B,T,d)."""
-    with _clock("embedding"):
+    with clock("embedding"):
         return E[:, ids]
 
 
@@ -441,7 +208,7 @@ def _embedding_vjp(ans, E, ids):
     def vjp(g):
         # dE[n] = onehot(ids)ᵀ · g[n]: one matmul that sums repeated ids, where autograd's
         # generic indexing gradient would call the slow np.add.at.
-        with _clock("embedding"):
+        with clock("embedding"):
             N, V, d = E.shape
             flat = onp.asarray(ids).reshape(-1)
             onehot = onp.zeros((flat.size, V), dtype=g.dtype)
@@ -459,8 +226,6 @@ def embedding_reference(E, ids):
 
 # GeGLU
 
-_GELU_C = 0.7978845608028654       # sqrt(2/pi)
-_GELU_K = 0.044715
 
 
 def _gelu_sigmoid(a, out):
@@ -494,8 +259,8 @@ def geglu(a, u):
         onp.multiply(fsig[s], fa[s], out=fout[s])
         fout[s] *= fu[s]
 
-    with _clock("geglu"):
-        parallel_map(piece, _chunks(a.size, 1))
+    with clock("geglu"):
+        parallel_map(piece, chunks(a.size, 1))
     _save(out, sig)
     return out
 
@@ -523,8 +288,8 @@ def _geglu_vjp(argnums, ans, args, kwargs):
             d *= fu[s]
             d *= fg[s]
 
-        with _clock("geglu"):
-            parallel_map(piece, _chunks(a.size, 1))
+        with clock("geglu"):
+            parallel_map(piece, chunks(a.size, 1))
         return tuple({0: da, 1: du}[i] for i in argnums)
     return vjp
 
@@ -533,7 +298,7 @@ defvjp_argnums(geglu, _geglu_vjp)
 
 
 def geglu_reference(a, u):
-    return 0.5 * a * (1.0 + np.tanh(_GELU_C * (a + _GELU_K * a * a * a))) * u
+    return formulas.geglu(a, u)
 
 
 # causal attention
@@ -632,44 +397,33 @@ def causal_attention(q, k, v, theta, start=0):
     def piece(s):
         busy = defaultdict(float)
         zs = slice(s.start * K, s.stop * K)
-        c0 = _now()
+        c0 = now()
         Q[zs] = _group(_rope(qf[s], *rope_q), K, h)
         Kr[zs] = _group(_rope(kf[s], *rope_k), K, h)
         V[zs] = _group(vf[s], K, h)
-        busy["rope"] += _now() - c0
+        busy["rope"] += now() - c0
         for (t0, t1), Eb in zip(blocks, E):
             rows = slice(t0 * G, t1 * G)
             S = Eb[zs]                                                           # (z, (t1-t0)·G, t1)
-            c0 = _now()
+            c0 = now()
             onp.matmul(Q[zs, rows], onp.swapaxes(Kr[zs, :t1], 1, 2), out=S)
-            c1 = _now()
+            c1 = now()
             S.reshape(S.shape[0], t1 - t0, G, t1)[..., t0:] += bias[:t1 - t0, :, :t1 - t0]
             S -= S.max(axis=-1, keepdims=True)
             onp.exp(S, out=S)
             onp.reciprocal(S.sum(axis=-1, keepdims=True), out=inv[zs, rows])
-            c2 = _now()
+            c2 = now()
             onp.matmul(S, V[zs, :t1], out=O[zs, rows])
-            c3 = _now()
+            c3 = now()
             O[zs, rows] *= inv[zs, rows]
             busy["matmul: attention"] += (c1 - c0) + (c3 - c2)
             busy["attention softmax"] += c2 - c1
         _ungroup(O[zs], K, out.reshape(NB, T, H * h)[s])
         return busy
 
-    _run_timed(piece, _chunks(NB, H * T * T, target=_ONE_PER_THREAD))
+    run_timed(piece, chunks(NB, H * T * T, target=ONE_PER_THREAD))
     _save(out, Q, Kr, V, O, E, inv, blocks, rope_q, rope_k)
     return out
-
-
-def _run_timed(piece, chunks):
-    """Run piece over chunks in parallel; split the wall time by the categories each piece reports."""
-    t0 = _now()
-    busy = parallel_map(piece, chunks)
-    total = defaultdict(float)
-    for b in busy:
-        for category, seconds in b.items():
-            total[category] += seconds
-    _record_split(_now() - t0, total)
 
 
 def _attention_vjp(argnums, ans, args, kwargs):
@@ -694,26 +448,26 @@ def _attention_vjp(argnums, ans, args, kwargs):
                 Ez = Eb[zs]
                 dOs = dO[:, rows] * inv[zs, rows]                                # dO / rowsum
                 dot = onp.sum(dOs * O[zs, rows], axis=-1, keepdims=True)
-                c0 = _now()
+                c0 = now()
                 dV[:, :t1] += onp.matmul(onp.swapaxes(Ez, 1, 2), dOs)
                 dS = onp.matmul(dOs, onp.swapaxes(V[zs, :t1], 1, 2))
-                c1 = _now()
+                c1 = now()
                 dS -= dot
                 dS *= Ez
-                c2 = _now()
+                c2 = now()
                 onp.matmul(dS, Kr[zs, :t1], out=dQ[:, rows])
                 dK[:, :t1] += onp.matmul(onp.swapaxes(dS, 1, 2), Q[zs, rows])
-                c3 = _now()
+                c3 = now()
                 busy["matmul: attention"] += (c1 - c0) + (c3 - c2)
                 busy["attention softmax"] += c2 - c1
-            c0 = _now()
+            c0 = now()
             _rope_transposed(_ungroup(dQ, K, onp.empty(gf[s].shape, g.dtype)), *rope_q, out=dq[s])
             _rope_transposed(_ungroup(dK, K, onp.empty(dk[s].shape, g.dtype)), *rope_k, out=dk[s])
             _ungroup(dV, K, dv[s])
-            busy["rope"] += _now() - c0
+            busy["rope"] += now() - c0
             return busy
 
-        _run_timed(piece, _chunks(NB, H * T * T, target=_ONE_PER_THREAD))
+        run_timed(piece, chunks(NB, H * T * T, target=ONE_PER_THREAD))
         grads = {0: dq.reshape(q.shape), 1: dk.reshape(k.shape), 2: dv.reshape(v.shape)}
         return tuple(grads[i] for i in argnums)
     return vjp
@@ -723,24 +477,10 @@ defvjp_argnums(causal_attention, _attention_vjp)
 
 
 def causal_attention_reference(q, k, v, theta, start=0):
-    """The same attention written plainly: RoPE, repeat k and v to H heads, masked softmax."""
-    N, B, T, H, h = q.shape
-    K = k.shape[3]
-    cos, sin = rope_tables(T, h, theta, start)
-    cos, sin = cos.astype(q.dtype)[:, None, :], sin.astype(q.dtype)[:, None, :]
-
-    def rope(x):
-        x1, x2 = x[..., :h // 2], x[..., h // 2:]
-        return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-
-    q, k = rope(q), rope(k)
-    k, v = np.repeat(k, H // K, axis=3), np.repeat(v, H // K, axis=3)
-    q, k, v = (np.transpose(a, (0, 1, 3, 2, 4)) for a in (q, k, v))       # (N,B,H,T,h)
-    scores = np.matmul(q, np.swapaxes(k, 3, 4)) / onp.sqrt(h)
-    scores = np.where(onp.tril(onp.ones((T, T), dtype=bool)), scores, -1e30)
-    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-    out = np.matmul(e / np.sum(e, axis=-1, keepdims=True), v)                # (N,B,H,T,h)
-    return np.transpose(out, (0, 1, 3, 2, 4))
+    """The same attention by the formulas: RoPE on q and k, then causal multi-query attention."""
+    cos, sin = rope_tables(q.shape[2], q.shape[4], theta, start)
+    cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
+    return formulas.attend(formulas.rope(q, cos, sin), formulas.rope(k, cos, sin), v)
 
 
 # cross-entropy
@@ -757,7 +497,7 @@ def cross_entropy(logits, targets):
     if t.size != x.shape[1]:
         raise ValueError(f"cross_entropy needs one target per row: logits {logits.shape}, targets {onp.shape(targets)}")
     p = onp.empty_like(x)                                                      # softmax, for the backward
-    pieces = _row_pieces(N, t.size, V)
+    pieces = row_pieces(N, t.size, V)
 
     def piece(pc):
         n, rows = pc
@@ -770,7 +510,7 @@ def cross_entropy(logits, targets):
         lse = onp.log(z[..., 0]) + m[..., 0]                                   # (n, rows)
         return (lse - xs[:, onp.arange(ts.size), ts]).sum(axis=1)
 
-    with _clock("cross-entropy"):
+    with clock("cross-entropy"):
         loss = onp.zeros(N, dtype=logits.dtype)
         for (n, _), part in zip(pieces, parallel_map(piece, pieces)):
             loss[n] += part
@@ -795,8 +535,8 @@ def _cross_entropy_vjp(ans, logits, targets):
             onp.multiply(p[n, rows], scale[n, None, None], out=ds)
             ds[:, onp.arange(ts.size), ts] -= scale[n, None]                  # each row once: no add.at
 
-        with _clock("cross-entropy"):
-            parallel_map(piece, _row_pieces(N, M, V))
+        with clock("cross-entropy"):
+            parallel_map(piece, row_pieces(N, M, V))
         return d.reshape(logits.shape)
     return vjp
 
@@ -805,9 +545,6 @@ defvjp(cross_entropy, _cross_entropy_vjp)
 
 
 def cross_entropy_reference(logits, targets):
-    N, V = logits.shape[0], logits.shape[-1]
-    x = np.reshape(logits, (N, -1, V))
-    t = onp.asarray(targets).reshape(-1)
-    m = np.max(x, axis=-1, keepdims=True)
-    lse = np.log(np.sum(np.exp(x - m), axis=-1)) + m[..., 0]
-    return np.mean(lse - x[:, onp.arange(t.size), t], axis=1)
+    """Each model's mean cross-entropy by the formula. logits (N,...,V) -> (N,)."""
+    N = logits.shape[0]
+    return np.stack([formulas.cross_entropy(logits[n], targets) for n in range(N)])

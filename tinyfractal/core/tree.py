@@ -17,6 +17,7 @@ basic slices of the full arrays, which NumPy returns as views: no copies, one se
 import numpy as onp
 from autograd.extend import primitive, defvjp
 
+
 ROLES = {
     "E": (None, "R"),
     "emb_norm": ("R",), "final_norm": ("R",), "out_norm": ("R",),
@@ -129,7 +130,7 @@ def view(params, cfg, level, index):
 
     The result is a params dict for `cfg.sub(level)`, so the same forward code runs it.
     """
-    cfg.check_node(level, index)
+    level, index = cfg.check_node(level, index)
     return map_roles(lambda a, roles: a[node_slices(cfg, level, index, roles)], params)
 
 
@@ -174,7 +175,7 @@ def level_view(params, cfg, level):
 
     Entry [j] of each stacked array is the same memory as `view(params, cfg, level, j)`.
     """
-    cfg.check_level(level)
+    level = cfg.check_level(level)
     n = cfg.n_models(level)
 
     def stack(a, roles):

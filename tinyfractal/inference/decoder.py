@@ -1,127 +1,113 @@
-"""KV-cached decoding for any node of the tree, or for several models of one level at once.
+"""The one KV-cached decoder, for every variant: a node, or several models of one level at once.
 
-Without a cache, every new token re-runs the whole window: T tokens cost O(T^2) matmul rows. With
-a cache, each layer keeps the keys and values it already computed, so a new token costs one row per
+Without a cache, every new token re-runs the whole window: T tokens cost O(T²) matmul rows. With a
+cache, each layer keeps the keys and values it already computed, so a new token costs one row per
 matmul plus one attention read of the cache.
 
-  prefill:  run the prompt once and store each layer's K and V         ids (B,T)   -> logits (N,B,T,V)
-  extend:   run Tn new tokens against the cache, append their K and V  ids (B,Tn)  -> logits (N,B,Tn,V)
+  prefill:   run a window of tokens once and store each layer's K and V     -> logits of every position
+  extend:    run Tn new tokens against the cache, append their K and V     -> logits of the new positions
+  rollback:  forget the cache from a position on (speculative decoding refuses a draft)
+  expand / adopt:  branch a one-row cache into R rows, then keep one of them (verify R drafts at once)
 
-`Models` holds N models of one level (a single node is N = 1), so the same code decodes one model
-or every drafter of a level in one batched computation; the cache is (N, B, K, T, h) per layer.
+A `Decoder` decodes models `indices` of one level. What a node needs besides its own weights is the
+variant's business: `variant.members` names every node that must run with it (a coupled node needs its
+subtree or its ancestors), and the variant's hooks embed the input, couple the levels after each layer
+and read the output (a byte model reads groups of bytes and writes a distribution per slot). The math is
+`core/formulas.py`, in plain NumPy.
+
+Two rewrites make decoding cheap without changing the math: the gains (1 + g) of a norm are folded into
+the rows of the matrix that reads it, (x·(1+g))·W = x·((1+g)[:, None]·W), and q, k and v (and the gate
+and up halves of the MLP) share one matmul. `flops` counts every matmul's 2·M·K·N as it runs;
+`latency_flops` adds, per pass, the FLOPs of ONE of its token rows: the cost model of hardware that
+reads every weight once per pass however many rows it carries (memory-bound decoding).
 
 Positions. A cache slot's index is the token's position in the window, and RoPE rotates q and k by
-that position, exactly as `model.forward` does for the window `ids[-context:]`. When the window is
-full, decoding slides: it recomputes the cache from the last `keep` tokens (default `context`, which
-reproduces the full-recompute reference exactly; a smaller `keep` amortises the recompute over
-`context - keep` cheap steps, at the price of a shorter memory just after each slide).
+that position, as `forward` does for the window `ids[-context:]`. When the window is full, decoding
+slides: it recomputes the cache from the last `keep` tokens (default `context`, which reproduces the
+full-recompute reference exactly).
 """
 import numpy as onp
 
-from tinyfractal.core.model import output_gain, rmsnorm, rope_tables
+from tinyfractal.core import formulas
+from tinyfractal.core.model import output_gain
 from tinyfractal.core.tree import level_view, map_roles, view
+from tinyfractal.variants import variant_of
 
 
 def unit(x, eps):
-    """rmsnorm without its gain: x / sqrt(mean(x^2) + eps) over the last axis, in plain NumPy.
-
-    The gains (1 + g) are folded into the rows of the weight matrix that reads the result:
-    (x * gain) @ W = x @ (gain[:, None] * W), so decoding never multiplies by them.
-    """
-    ms = onp.add.reduce(x * x, axis=-1, keepdims=True)
-    return x / onp.sqrt(ms * onp.float32(1.0 / x.shape[-1]) + eps)
+    """rmsnorm without its gain (folded into the next matrix): formulas.rmsnorm with g = 0."""
+    return formulas.rmsnorm(x, 0.0, eps, onp)
 
 
-HALF, GELU_A, GELU_B = onp.float32(0.5), onp.float32(0.7978845608028654), onp.float32(0.7978845608028654 * 0.044715)
+class LevelWeights:
+    """N models of one level as contiguous float32 stacks, ready for batched matmuls.
 
-
-def gelu(x):
-    """tanh approximation of GELU (as model.gelu): x/2 (1 + tanh(a x + b x^3)), in plain NumPy."""
-    half = x * HALF
-    return half + half * onp.tanh(x * (GELU_A + GELU_B * x * x))
-
-
-def rope_matrices(T, h, theta):
-    """RoPE at position t as one matrix: x @ R[t] rotates each pair (m, m + h/2) by t * theta^(-2m/h). (T,h,h)."""
-    cos, sin = rope_tables(T, h, theta)
-    half = h // 2
-    R = onp.zeros((T, h, h), onp.float32)
-    m = onp.arange(half)
-    R[:, m, m], R[:, m + half, m + half] = cos, cos
-    R[:, m + half, m], R[:, m, m + half] = -sin, sin
-    return R
-
-
-def check_base(cfg):
-    """The cache runs the base FractalFormer; coupled and byte models decode in their own modules."""
-    if getattr(cfg, "coupling", "none") != "none":
-        raise ValueError(f"coupling={cfg.coupling!r}: a coupled node needs its relatives' states, so it decodes "
-                         f"with coupling.generate; the cache here runs base models (coupling='none')")
-    if getattr(cfg, "tokenizer", "bpe") != "bpe":
-        raise ValueError(f"tokenizer={cfg.tokenizer!r}: byte models decode with concepts.generate; "
-                         f"the cache here runs token models (tokenizer='bpe')")
-
-
-class Models:
-    """N models of one level, as contiguous float32 arrays ready for batched matmuls.
-
-    `tree.level_view` gives strided views; BLAS would copy a strided operand on every call, so the
-    weights are copied once here. q, k and v share one matmul, and so do the gate and up halves of
-    the MLP. `flops` counts every matmul's 2*M*K*N as it runs: a deterministic cost measure.
-    `calls` counts forward passes, and `latency_flops` adds, per pass, the FLOPs of ONE of its token
-    rows: the cost model of hardware that reads every weight once per pass, however many rows it
-    carries (memory-bound decoding), under which a batched check of k drafts costs one step.
+    `level_view` gives strided views, which BLAS would copy on every call, so they are copied once here.
     """
 
     def __init__(self, params, cfg, level, indices):
-        check_base(cfg)
-        cfg.check_level(level)
-        indices = [int(j) for j in indices]
-        for j in indices:
-            cfg.check_node(level, j)
-        if not indices:
-            raise ValueError("a model set needs at least one model index")
-        self.cfg, self.sub, self.level, self.indices = cfg, cfg.sub(level), level, indices
-        self.eps = onp.float32(cfg.eps)
-        sub = self.sub
-        if len(indices) == 1:                         # one node: its plain views, with a leading axis of 1
-            P, pick = map_roles(lambda a, roles: a[None], view(params, cfg, level, indices[0])), onp.zeros(1, int)
+        sub = cfg.sub(level)
+        if len(indices) == 1:                        # one node: its plain views, with a leading axis of 1
+            stacked, pick = map_roles(lambda a, roles: a[None], view(params, cfg, level, indices[0])), [0]
         else:
-            P, pick = level_view(params, cfg, level), onp.asarray(indices)
+            stacked, pick = level_view(params, cfg, level), list(indices)
+        pick = onp.asarray(pick)
 
         def take(a):
             return onp.ascontiguousarray(onp.asarray(a)[pick], dtype=onp.float32)
 
         def fold(g, W):
-            """(1 + g) of a norm, multiplied into the rows of the matrix that reads it: (N,A,C)."""
+            """(1 + g) of a norm multiplied into the rows of the matrix that reads its output: (N,A,C)."""
             return onp.ascontiguousarray((1 + take(g))[:, :, None] * W, dtype=onp.float32)
 
         N, d, H, K, h = len(indices), sub.hidden, sub.heads, sub.kv_heads, sub.head_dim
-        self.N, self.d, self.H, self.K, self.h = N, d, H, K, h
-        E = take(P["E"])                                                          # (N,V,d)
-        self.embed_table = rmsnorm(E, take(P["emb_norm"])[:, None, :], sub.eps)   # (N,V,d): rows already normed
-        out_emb = rmsnorm(E, take(P["out_norm"])[:, None, :], sub.eps)            # (N,V,d), tied output
-        self.out_T = fold(P["final_norm"], onp.transpose(out_emb, (0, 2, 1)))    # (N,d,V)
-        gain = output_gain(P, sub)                # the node's own output factor (model.output_gain), folded too
-        if not isinstance(gain, float) or gain != 1.0:
-            gain = onp.float32(gain) if isinstance(gain, float) else take(gain)[:, :, None]   # (N,d|1,1)
-            self.out_T = onp.ascontiguousarray(self.out_T * gain, dtype=onp.float32)
+        self.level, self.indices, self.N, self.d, self.H, self.K, self.h = level, list(indices), N, d, H, K, h
+        self.stacked = {k: take(v) for k, v in stacked.items() if k != "layers"}   # E, norms, variant arrays
+        gain = lambda name: self.stacked[name][:, None, :]                      # (N,1,d)
+        self.embed_rows = formulas.rmsnorm(self.stacked["E"], gain("emb_norm"), sub.eps, onp)    # (N,V,d)
+        self.out_table = formulas.rmsnorm(self.stacked["E"], gain("out_norm"), sub.eps, onp)     # (N,V,d), tied
+        self.out_T = fold(stacked["final_norm"], onp.transpose(self.out_table, (0, 2, 1)))        # (N,d,V)
+        out_gain = output_gain(stacked, sub)      # the node's own output factor (model.output_gain), folded too
+        self.out_gain = onp.full((N, 1, 1), out_gain, dtype=onp.float32) if isinstance(out_gain, float) \
+            else take(out_gain)[:, None, :]                                                     # (N,1,d|1)
+        if not isinstance(out_gain, float) or out_gain != 1.0:
+            self.out_T = onp.ascontiguousarray(self.out_T * onp.transpose(self.out_gain, (0, 2, 1)), dtype=onp.float32)
         self.layers = []
-        for p in P["layers"]:
-            # q carries the 1/sqrt(h) of the attention scores (RoPE is linear, so it may come first)
-            Wq = take(p["Wq"]).reshape(N, d, H * h) / onp.float32(onp.sqrt(h))
-            Wqkv = onp.concatenate([Wq, take(p["Wk"]).reshape(N, d, K * h), take(p["Wv"]).reshape(N, d, K * h)],
-                                   axis=2)                                        # (N,d,(H+2K)h)
+        for p in stacked["layers"]:
+            Wqkv = onp.concatenate([take(p[n]).reshape(N, d, -1) for n in ("Wq", "Wk", "Wv")], axis=2)
             self.layers.append({
-                "Wqkv": fold(p["attn_norm"], Wqkv),
+                "Wqkv": fold(p["attn_norm"], Wqkv),                               # (N,d,(H+2K)h)
                 "Wo": take(p["Wo"]).reshape(N, H * h, d),
                 "Wgu": fold(p["mlp_norm"], onp.concatenate([take(p["Wgate"]), take(p["Wup"])], axis=2)),
                 "bgu": onp.concatenate([take(p["bgate"]), take(p["bup"])], axis=1)[:, None, :],
                 "Wdown": take(p["Wdown"]), "bdown": take(p["bdown"])[:, None, :],
             })
-        self.rope = rope_matrices(sub.context, h, sub.rope_theta)                # (context,h,h)
+
+
+class Decoder:
+    """KV-cached decoding of models `indices` of `level`, with every node they need (variant.members)."""
+
+    def __init__(self, params, cfg, level, indices):
+        cfg.check_level(level)
+        indices = [int(j) for j in indices]
+        if not indices:
+            raise ValueError("a decoder needs at least one model index")
+        for j in indices:
+            cfg.check_node(level, j)
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"model indices must be distinct, got {indices}")
+        self.variant = variant_of(cfg)
+        self.cfg, self.level, self.indices, self.N = cfg, level, indices, len(indices)
+        self.members = self.variant.members(cfg, level, indices)       # {level m: [indices]}, ascending m
+        self.weights = {m: LevelWeights(params, cfg, m, idx) for m, idx in self.members.items()}
+        self.extra = self.variant.decoder_state(params, cfg, self)     # e.g. the coupling scale
+        self.eps = onp.float32(cfg.eps)
         self.flops, self.calls, self.latency_flops = 0, 0, 0.0
-        self._bias = {}
+
+    @property
+    def target(self):
+        """The weights of the level whose logits come out."""
+        return self.weights[self.level]
 
     def matmul(self, a, b):
         """np.matmul that adds its multiply-adds (x2) to `flops`."""
@@ -138,27 +124,25 @@ class Models:
     def new_cache(self, batch=1):
         return Cache(self, batch)
 
-    def causal_bias(self, Tn):
-        """(G*Tn, Tn): 0 where new query t (row g*Tn + t) may see new key u <= t, else -1e30. Kept per Tn."""
-        if Tn not in self._bias:
-            G = self.H // self.K
-            hidden = onp.arange(Tn)[None, :] > onp.arange(Tn)[:, None]
-            self._bias[Tn] = onp.tile(onp.where(hidden, onp.float32(-1e30), onp.float32(0)), (G, 1))
-        return self._bias[Tn]
-
 
 class Cache:
-    """Keys and values of every layer, (N,B,K,context,h) each; slots [0, length) are filled."""
+    """Keys and values of every layer of every member level: k[m][i] is (N_m, B, context, K, h_m).
 
-    def __init__(self, models, batch=1):
-        shape = (models.N, batch, models.K, models.sub.context, models.h)
-        self.k = [onp.zeros(shape, onp.float32) for _ in models.layers]
-        self.v = [onp.zeros(shape, onp.float32) for _ in models.layers]
+    Slots [0, length) are filled; all member levels read the same positions.
+    """
+
+    def __init__(self, dec, batch=1):
+        cfg = dec.cfg
+        self.k, self.v = {}, {}
+        for m, w in dec.weights.items():
+            shape = (w.N, batch, cfg.context, w.K, w.h)
+            self.k[m] = [onp.zeros(shape, onp.float32) for _ in w.layers]
+            self.v[m] = [onp.zeros(shape, onp.float32) for _ in w.layers]
         self.length = 0
 
     @property
     def batch(self):
-        return self.k[0].shape[1]
+        return next(iter(self.k.values()))[0].shape[1]
 
     def expand(self, rows):
         """A copy whose single batch row is repeated `rows` times: one branch per draft to verify."""
@@ -166,13 +150,13 @@ class Cache:
             raise ValueError(f"only a cache with batch 1 can be expanded, this one has batch {self.batch}")
         out = object.__new__(Cache)
         L = self.length
-        out.k, out.v = [], []
-        for k, v in zip(self.k, self.v):
-            ek, ev = onp.empty(k.shape[:1] + (rows,) + k.shape[2:], onp.float32), onp.empty(
-                v.shape[:1] + (rows,) + v.shape[2:], onp.float32)
-            ek[:, :, :, :L], ev[:, :, :, :L] = k[:, :, :, :L], v[:, :, :, :L]
-            out.k.append(ek)
-            out.v.append(ev)
+
+        def grow(a):
+            b = onp.empty(a.shape[:1] + (rows,) + a.shape[2:], onp.float32)
+            b[:, :, :L] = a[:, :, :L]
+            return b
+        out.k = {m: [grow(a) for a in arrays] for m, arrays in self.k.items()}
+        out.v = {m: [grow(a) for a in arrays] for m, arrays in self.v.items()}
         out.length = L
         return out
 
@@ -181,9 +165,10 @@ class Cache:
         L = self.length
         if not L <= length <= branch.length:
             raise ValueError(f"can adopt up to the branch's length {branch.length}, from {L}; asked {length}")
-        for k, v, bk, bv in zip(self.k, self.v, branch.k, branch.v):
-            k[:, 0, :, L:length] = bk[:, row, :, L:length]
-            v[:, 0, :, L:length] = bv[:, row, :, L:length]
+        for m in self.k:
+            for mine, theirs in ((self.k[m], branch.k[m]), (self.v[m], branch.v[m])):
+                for a, b in zip(mine, theirs):
+                    a[:, 0, L:length] = b[:, row, L:length]
         self.length = length
 
     def rollback(self, length):
@@ -193,82 +178,78 @@ class Cache:
         self.length = length
 
 
-def embed(m, ids):
-    """Normed token rows of every model: ids (B,T) shared by all models, or (N,B,T) one per model -> (N,B,T,d)."""
-    if ids.ndim == 2:
-        return m.embed_table[:, ids]
-    return m.embed_table[onp.arange(m.N)[:, None, None], ids]
+def attend_cached(dec, w, cache_k, cache_v, qkv, L, Tn):
+    """One layer's attention for Tn new positions of N models: store their k, v; attend over [0, L+Tn).
 
-
-def attend(m, q, cache, layer, L, Tn):
-    """Queries of Tn new tokens against cache slots [0, L + Tn). q (N,B,Tn,H,h) -> rows (N,B*Tn,H*h).
-
-    Multi-query attention without repeating k: the G = H/K query heads that share a kv head are
-    stacked along the query axis, so one matmul per kv head serves them all.
+    qkv (N,B,Tn,H+2K,h) -> rows (N,B*Tn,H*h).
     """
-    N, B, _, H, h = q.shape
-    K, G = m.K, m.H // m.K
-    if Tn == 1:                                  # one token: grouping heads is a plain reshape
-        q = q.reshape(N, B, K, G, h)
-    else:
-        q = q.reshape(N, B, Tn, K, G, h).transpose(0, 1, 3, 4, 2, 5).reshape(N, B, K, G * Tn, h)
-    k = cache.k[layer][:, :, :, :L + Tn]                                        # (N,B,K,L+Tn,h)
-    v = cache.v[layer][:, :, :, :L + Tn]
-    scores = m.matmul(q, k.transpose(0, 1, 2, 4, 3))                            # (N,B,K,G*Tn,L+Tn), q pre-scaled
-    if Tn > 1:                                   # the cached slots are all visible; the new ones causally
-        scores[..., L:] += m.causal_bias(Tn)
-    scores = onp.exp(scores - scores.max(axis=-1, keepdims=True))
-    weights = scores / scores.sum(axis=-1, keepdims=True)
-    out = m.matmul(weights, v)                                                   # (N,B,K,G*Tn,h)
-    if Tn == 1:
-        return out.reshape(N, B, H * h)
-    return out.reshape(N, B, K, G, Tn, h).transpose(0, 1, 4, 2, 3, 5).reshape(N, B * Tn, H * h)
+    N, B = qkv.shape[:2]
+    H, K, h = w.H, w.K, w.h
+    cos, sin = formulas.rope_tables(Tn, h, dec.cfg.rope_theta, L)
+    q = formulas.rope(qkv[:, :, :, :H], cos, sin, onp)                         # (N,B,Tn,H,h)
+    cache_k[:, :, L:L + Tn] = formulas.rope(qkv[:, :, :, H:H + K], cos, sin, onp)
+    cache_v[:, :, L:L + Tn] = qkv[:, :, :, H + K:]
+    k, v = cache_k[:, :, :L + Tn], cache_v[:, :, :L + Tn]                        # (N,B,L+Tn,K,h)
+    probs = formulas.attention_weights(q, k, onp)                              # (N,B,H,Tn,L+Tn)
+    out = formulas.weighted_values(probs, v, onp)                              # (N,B,Tn,H,h)
+    dec.flops += 2 * 2 * N * B * H * Tn * (L + Tn) * h                         # q·kᵀ and probs·v
+    return out.reshape(N, B * Tn, H * h)
 
 
-def extend(m, cache, ids):
-    """Run new tokens after the cached ones and append their K and V. ids (B,Tn) or (N,B,Tn) -> (N,B,Tn,V).
+def layer_cached(dec, w, x, i, cache, L, Tn):
+    """Layer i of one member level for Tn new positions. x (N,B*Tn,d) -> (state after it, attention + MLP outputs)."""
+    p = w.layers[i]
+    N = x.shape[0]
+    B = x.shape[1] // Tn
+    qkv = dec.linear(unit(x, dec.eps), p["Wqkv"]).reshape(N, B, Tn, w.H + 2 * w.K, w.h)
+    a = dec.linear(attend_cached(dec, w, cache.k[w.level][i], cache.v[w.level][i], qkv, L, Tn), p["Wo"])
+    y = x + a
+    gu = dec.linear(unit(y, dec.eps), p["Wgu"]) + p["bgu"]
+    f = gu.shape[-1] // 2
+    b = dec.linear(formulas.geglu(gu[..., :f], gu[..., f:], onp), p["Wdown"]) + p["bdown"]
+    return y + b, a + b
 
-    The new tokens take window positions [length, length + Tn); they must fit in the context.
+
+def extend(dec, cache, ids):
+    """Run Tn new positions after the cached ones and append their K and V.
+
+    ids: (B,Tn) shared by the decoded models, or (N,B,Tn) one row per model (token variants; byte
+    models take (B,Tn,g) or (N,B,Tn,g) groups). -> logits (N,B,Tn,V) (byte models: (N,B,Tn,g,V)).
+    The new positions take window slots [length, length + Tn); they must fit in the context.
     """
-    ids = onp.asarray(ids)
-    Tn, L = ids.shape[-1], cache.length
-    if L + Tn > m.sub.context:
-        raise ValueError(f"{Tn} new tokens after {L} cached ones exceed the context of {m.sub.context}; "
+    ids = dec.variant.check_decoder_ids(dec, ids)
+    Tn, L = dec.variant.positions(dec.cfg, ids), cache.length
+    if L + Tn > dec.cfg.context:
+        raise ValueError(f"{Tn} new positions after {L} cached ones exceed the context of {dec.cfg.context}; "
                          f"slide the window first")
-    sub, N, H, K, h = m.sub, m.N, m.H, m.K, m.h
-    flops_before = m.flops
-    x = embed(m, ids)                                                           # (N,B,Tn,d)
-    B = x.shape[1]
+    flops_before = dec.flops
+    x = {m: dec.variant.decoder_embed(dec, w, ids) for m, w in dec.weights.items()}     # (N_m,B,Tn,d_m)
+    B = next(iter(x.values())).shape[1]
     if B != cache.batch:
         raise ValueError(f"the cache holds {cache.batch} rows but {B} were given")
-    x = x.reshape(N, B * Tn, x.shape[-1])                                       # token rows (N,M,d)
-    R = m.rope[L:L + Tn]                                                        # (Tn,h,h)
-    for i, p in enumerate(m.layers):
-        qkv = m.linear(unit(x, m.eps), p["Wqkv"]).reshape(N, B, Tn, H + 2 * K, h)
-        qk = onp.matmul(qkv[:, :, :, :H + K], R)                                  # RoPE at positions L..L+Tn-1
-        cache.k[i][:, :, :, L:L + Tn] = qk[:, :, :, H:].transpose(0, 1, 3, 2, 4)
-        cache.v[i][:, :, :, L:L + Tn] = qkv[:, :, :, H + K:].transpose(0, 1, 3, 2, 4)
-        x = x + m.linear(attend(m, qk[:, :, :, :H], cache, i, L, Tn), p["Wo"])
-        gu = m.linear(unit(x, m.eps), p["Wgu"]) + p["bgu"]
-        f = gu.shape[-1] // 2
-        x = x + m.linear(gelu(gu[..., :f]) * gu[..., f:], p["Wdown"]) + p["bdown"]
+    x = {m: a.reshape(a.shape[0], B * Tn, a.shape[-1]) for m, a in x.items()}          # token rows (N,M,d)
+    for i in range(dec.cfg.layers):
+        out, delta = {}, {}
+        for m, w in dec.weights.items():
+            out[m], delta[m] = layer_cached(dec, w, x[m], i, cache, L, Tn)
+        x = dec.variant.decoder_couple(dec, i, out, delta)
     cache.length = L + Tn
-    logits = m.linear(unit(x, m.eps), m.out_T)
-    m.calls += 1
-    m.latency_flops += (m.flops - flops_before) / (B * Tn)
-    return logits.reshape(N, B, Tn, logits.shape[-1])
+    logits = dec.variant.decoder_output(dec, dec.target, unit(x[dec.level], dec.eps))    # (N,M,...,V)
+    dec.calls += 1
+    dec.latency_flops += (dec.flops - flops_before) / (B * Tn)
+    return logits.reshape((dec.N, B, Tn) + logits.shape[2:])
 
 
-def prefill(m, ids, cache=None):
-    """A fresh cache filled with a prompt window. ids (B,T) -> (logits (N,B,T,V), cache)."""
+def prefill(dec, ids, cache=None):
+    """A fresh (or emptied) cache filled with a window. ids as `extend` -> (logits, cache)."""
     ids = onp.asarray(ids)
-    cache = cache or m.new_cache(ids.shape[-2])
+    cache = cache or dec.new_cache(dec.variant.batch_of(ids))
     cache.rollback(0)
-    return extend(m, cache, ids), cache
+    return extend(dec, cache, ids), cache
 
 
 def check_keep(keep, context):
-    """The number of tokens a full window slides back to: an integer in [1, context] (None = context)."""
+    """The number of positions a full window slides back to: an integer in [1, context] (None = context)."""
     if keep is None:
         return context
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= context:
@@ -276,46 +257,47 @@ def check_keep(keep, context):
     return keep
 
 
-def decode(m, ids, max_new_tokens, choose, keep=None, on_logits=None):
-    """Append max_new_tokens tokens to the list `ids` with a cache; returns the new tokens.
+def decode(dec, ids, max_new, choose, keep=None, on_logits=None):
+    """Append max_new positions to the list `ids` with a cache; returns the new ones.
 
-    `choose(logits (V,))` picks each token. `on_logits(window_start, logits (V,))` sees every
-    next-token distribution, for tests. The first window is ids[-context:]; a full window slides.
+    A position is a token id (or, for byte models, a group of g bytes: a tuple). `choose(logits)` picks the
+    next position from its logits ((V,), or (g,V) for bytes). `on_logits(window_start, logits)` sees every
+    distribution, for tests. The first window is ids[-context:]; a full window slides.
     """
-    if m.N != 1:
-        raise ValueError(f"decode runs one model; this set has {m.N}")
+    if dec.N != 1:
+        raise ValueError(f"decode runs one model; this decoder holds {dec.N}")
     if not ids:
         raise ValueError("decoding needs at least one prompt token")
-    context = m.sub.context
+    context = dec.cfg.context
     keep = check_keep(keep, context)
     start = max(0, len(ids) - context)
-    logits, cache = prefill(m, onp.asarray(ids[start:])[None])
+    logits, cache = prefill(dec, onp.asarray(ids[start:])[None])
     new = []
-    for n in range(max_new_tokens):
+    for n in range(max_new):
         last = logits[0, 0, -1]
         if on_logits:
             on_logits(start, last)
-        token = choose(last)
-        ids.append(token)
-        new.append(token)
-        if n + 1 == max_new_tokens:
+        item = choose(last)
+        ids.append(item)
+        new.append(item)
+        if n + 1 == max_new:
             break
         if cache.length == context:
             start = len(ids) - keep
-            logits, cache = prefill(m, onp.asarray(ids[start:])[None], cache)
+            logits, cache = prefill(dec, onp.asarray(ids[start:])[None], cache)
         else:
-            logits = extend(m, cache, [[token]])
+            logits = extend(dec, cache, onp.asarray([item])[None])
     return new
 
 
-def node_models(params, cfg, level, index):
-    """A one-model set for node (level, index)."""
+def node_decoder(params, cfg, level, index):
+    """A decoder for one node (level, index)."""
     cfg.check_node(level, index)
-    return Models(params, cfg, level, [index])
+    return Decoder(params, cfg, level, [index])
 
 
 def greedy_ids(params, cfg, ids, max_new_tokens, level=0, index=0, keep=None):
     """Greedy continuation of a list of token ids by node (level, index), with the cache."""
     ids = list(ids)
-    return decode(node_models(params, cfg, level, index), ids, max_new_tokens,
+    return decode(node_decoder(params, cfg, level, index), ids, max_new_tokens,
                   lambda logits: int(onp.argmax(logits)), keep)

@@ -16,20 +16,16 @@ Both return (B,T,V) log-probabilities, which `cross_entropy` accepts as logits.
 import numpy as onp
 import autograd.numpy as np
 
-from tinyfractal.core import fast
-from tinyfractal.inference import decoder as infer
+from tinyfractal.api import forward_level, forward_node
+from tinyfractal.core import formulas
 from tinyfractal.training.data import batch_at
-from tinyfractal.core.model import cross_entropy, forward
 from tinyfractal.training.train import evaluate
-from tinyfractal.core.tree import view
+from tinyfractal.variants import variant_of
 
 HOWS = ("logprob", "prob")
 
 
-def log_softmax(x):
-    """log softmax over the last axis."""
-    m = np.max(x, axis=-1, keepdims=True)
-    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+log_softmax = formulas.log_softmax
 
 
 def combine(logits, how="logprob"):
@@ -44,18 +40,20 @@ def combine(logits, how="logprob"):
 
 
 def ensemble_logits(params, cfg, ids, level, how="logprob"):
-    """Log-probabilities of all split**level models of a level pooled, from one batched pass. (B,T) -> (B,T,V)."""
-    infer.check_base(cfg)
-    cfg.check_level(level)
-    return combine(fast.forward_level(params, cfg, level, ids), how)
+    """Log-probabilities of all split**level models of a level pooled, from one batched pass. (B,T) -> (B,T,V).
+
+    Works for every variant that supports ensembles: coupled levels run with the nodes they need, and
+    byte models pool each slot's distribution ((B,T,g) groups -> (B,T,g,V)).
+    """
+    variant_of(cfg).require("ensemble", "an ensemble of a level")
+    return combine(forward_level(params, cfg, level, ids), how)
 
 
 def ensemble_logits_reference(params, cfg, ids, level, how="logprob"):
     """The same, model by model with the reference forward: the readable definition."""
-    cfg.check_level(level)
-    sub = cfg.sub(level)
-    return combine(np.stack([forward(view(params, cfg, level, j), sub, ids) for j in range(cfg.n_models(level))]),
-                   how)
+    variant_of(cfg).require("ensemble", "an ensemble of a level")
+    level = cfg.check_level(level)
+    return combine(np.stack([forward_node(params, cfg, level, j, ids) for j in range(cfg.n_models(level))]), how)
 
 
 def ensemble_losses(params, cfg, tokens, batch_size=16, batches=8, seed=1234, how="logprob"):
@@ -65,6 +63,8 @@ def ensemble_losses(params, cfg, tokens, batch_size=16, batches=8, seed=1234, ho
     Returns (nodes {(l, j): loss}, levels {(l, how): loss} for both hows, families {(l, j): loss} where
     (l, j) is the parent whose children were pooled with `how`).
     """
+    v = variant_of(cfg)
+    v.require("ensemble", "an ensemble of a level")
     nodes = evaluate(params, cfg, tokens, batch_size, batches, seed)
     levels = {(level, h): 0.0 for level in range(1, cfg.levels) for h in HOWS}
     families = {(level, j): 0.0 for level in range(cfg.levels - 1) for j in range(cfg.n_models(level))}
@@ -72,12 +72,13 @@ def ensemble_losses(params, cfg, tokens, batch_size=16, batches=8, seed=1234, ho
     for b in range(batches):
         ids, targets = batch_at(tokens, batch_size, cfg.context, seed, b)
         for level in range(1, cfg.levels):
-            logits = fast.forward_level(params, cfg, level, ids)                    # (N,B,T,V)
+            inputs, wanted = v.level_batch(cfg, level, ids, targets)
+            logits = forward_level(params, cfg, level, inputs)                      # (N,B,T,V)
             for h in HOWS:
-                levels[(level, h)] += float(cross_entropy(combine(logits, h), targets)) / batches
+                levels[(level, h)] += float(formulas.cross_entropy(combine(logits, h), wanted)) / batches
             for j in range(cfg.n_models(level - 1)):
                 family = combine(logits[s * j:s * (j + 1)], how)
-                families[(level - 1, j)] += float(cross_entropy(family, targets)) / batches
+                families[(level - 1, j)] += float(formulas.cross_entropy(family, wanted)) / batches
     return nodes, levels, families
 
 

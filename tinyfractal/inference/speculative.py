@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as onp
 
-from tinyfractal.inference import decoder as infer
-from tinyfractal.inference.sample import check_sampling, filtered_probs, prompt_ids
+from tinyfractal.inference import decoder
+from tinyfractal.inference.sample import check_sampling, check_tokenizer, filtered_probs
+from tinyfractal.variants import variant_of
 
 
 def is_descendant(cfg, node, ancestor):
@@ -107,7 +108,7 @@ class SpecStats:
     drafter_calls: int = 0     # every batched drafter forward (a level's drafters count once)
     verifier_flops: int = 0
     drafter_flops: int = 0
-    latency_flops: float = 0.0  # sum over passes of one row's FLOPs (see infer.Models)
+    latency_flops: float = 0.0  # sum over passes of one row's FLOPs (see decoder.py)
     accepted_by: dict = field(default_factory=dict)   # drafter node -> rounds its draft was chosen
 
     @property
@@ -167,31 +168,123 @@ def accept_sampled_multi(p, q, drafts, rng):
     """Several drafters, sampled: recursive rejection at the first position (SpecInfer, Miao et al. 2024).
 
     p (R,k+1,V) the verifier along each draft, q (R,k,V) each drafter's own distributions, drafts (R,k),
-    drawn independently. Draft r's first token is kept with probability min(1, P(t)/q_r(t)), where P
-    starts as the verifier's p and, after each refusal, becomes normalize(max(0, P - q_r)); if every
-    draft is refused, the token is drawn from the last P. A kept draft continues with the standard
+    drawn independently. Draft r's first token is kept with probability min(1, left(t)/q_r(t)), where left
+    starts as the verifier's p and, after each refusal, becomes normalize(max(0, left - q_r)); if every
+    draft is refused, the token is drawn from the last left. A kept draft continues with the standard
     rule. Every draft's first position has the same context, so p[r, 0] is the same for every r.
     Returns (row, accepted count, next token).
     """
-    P = p[0, 0]
+    left = p[0, 0]
     for r in range(len(drafts)):
         t = drafts[r, 0]
-        if rng.random() * q[r, 0, t] < P[t]:
+        if rng.random() * q[r, 0, t] < left[t]:
             a, nxt = accept_sampled(p[r, 1:], q[r, 1:], drafts[r, 1:], rng)
             return r, 1 + a, nxt
-        residual = onp.maximum(P - q[r, 0], 0.0)
+        residual = onp.maximum(left - q[r, 0], 0.0)
         total = residual.sum()
-        P = residual / total if total > 0 else P
-    return 0, 0, int(rng.choice(len(P), p=P))
+        left = residual / total if total > 0 else left
+    return 0, 0, int(rng.choice(len(left), p=left))
 
 
 class Group:
-    """The drafters of one level, batched: one Models and one cache (its length says how far they have read)."""
+    """Drafters decoded together: one Decoder and one cache (its length says how far they have read).
+
+    The drafters of one level share a group when each can be fed its own tokens (base models); a coupled
+    drafter needs its relatives' states, which follow one sequence, so it gets a group of its own.
+    """
 
     def __init__(self, params, cfg, level, indices):
         self.nodes = [(level, j) for j in indices]
-        self.models = infer.Models(params, cfg, level, indices)
-        self.cache = self.models.new_cache(1)
+        self.dec = decoder.Decoder(params, cfg, level, indices)
+        self.cache = self.dec.new_cache(1)
+        self.drafts, self.q = None, None
+
+
+def drafter_groups(params, cfg, nodes):
+    """The drafter nodes as Groups: one per level when each model can read its own tokens, else one per node."""
+    by_level = {}
+    for level, j in nodes:
+        by_level.setdefault(level, []).append(j)
+    groups = []
+    for level, indices in sorted(by_level.items()):
+        if len(variant_of(cfg).members(cfg, level, indices)) == 1:
+            groups.append(Group(params, cfg, level, indices))
+        else:
+            groups += [Group(params, cfg, level, [j]) for j in indices]
+    return groups
+
+
+class Round:
+    """What one round needs to know: the window, and how to turn logits into tokens."""
+
+    def __init__(self, temperature, top_k, top_p, rng):
+        self.sampled = temperature > 0
+        self.temperature, self.top_k, self.top_p, self.rng = temperature, top_k, top_p, rng
+
+    def pick(self, logits):
+        return filtered_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def draw(self, probs):
+        return int(self.rng.choice(len(probs), p=probs)) if self.sampled else int(onp.argmax(probs))
+
+
+def draft(group, ids, start, k, rnd):
+    """Step 1: the group's drafters catch up to the pending token ids[-1], then propose k tokens each.
+
+    Sets group.drafts (N,k) and, when sampling, group.q (N,k,V): the distributions the drafts were drawn from.
+    """
+    chunk = onp.asarray(ids[start + group.cache.length:])[None]
+    out = decoder.extend(group.dec, group.cache, chunk)[:, 0, -1]                 # (N,V)
+    drafts = onp.zeros((group.dec.N, k), dtype=onp.int64)
+    q = onp.zeros((group.dec.N, k, out.shape[-1]))
+    for i in range(k):
+        if rnd.sampled:                                                          # each drafter draws from its own q
+            q[:, i] = [rnd.pick(row) for row in out]
+            drafts[:, i] = [rnd.draw(row) for row in q[:, i]]
+        else:
+            drafts[:, i] = onp.argmax(out, axis=-1)
+        if i + 1 < k:
+            feed = drafts[:, i:i + 1, None] if group.dec.N > 1 else drafts[:, i:i + 1]
+            out = decoder.extend(group.dec, group.cache, feed)[:, 0, -1]
+    group.drafts, group.q = drafts, q
+
+
+def verify(verifier, vcache, groups, pending, L, rnd):
+    """Step 2: the verifier scores every distinct draft in one batched pass and keeps the best one.
+
+    Returns (accepted drafted tokens, the verifier's next token, the drafter node whose draft won,
+    the drafts checked (R,k), their owners). The verifier cache grows by the kept positions.
+    """
+    rows = [tuple(row) for g in groups for row in g.drafts]
+    owners = [node for g in groups for node in g.nodes]
+    check = rows if rnd.sampled else list(dict.fromkeys(rows))   # greedy checks each distinct draft once
+    k = len(rows[0])
+    drafts = onp.asarray(check, dtype=onp.int64).reshape(len(check), k)
+    tokens = onp.concatenate([onp.full((len(check), 1), pending), drafts], axis=1)
+    branch = vcache.expand(len(check))
+    vlogits = decoder.extend(verifier, branch, tokens)[0]                          # (R,k+1,V)
+    if rnd.sampled:
+        p = onp.asarray([[rnd.pick(pos) for pos in row] for row in vlogits])       # (R,k+1,V)
+        q = onp.concatenate([g.q for g in groups])                                  # (R,k,V)
+        if len(check) == 1:
+            row, (a, nxt) = 0, accept_sampled(p[0], q[0], drafts[0], rnd.rng)
+        else:
+            row, a, nxt = accept_sampled_multi(p, q, drafts, rnd.rng)
+        chosen = owners[row]
+    else:
+        row, a, nxt = accept_greedy(onp.argmax(vlogits, axis=-1), drafts)
+        chosen = owners[rows.index(check[row])]
+    vcache.adopt(branch, row, L + a + 1)
+    new = [int(t) for t in drafts[row, :a]] + [nxt]
+    return new, chosen, drafts, [[o for o, r in zip(owners, rows) if r == d] for d in check], row, a, nxt
+
+
+def roll_back(groups, new, L):
+    """Step 3: every drafter's cache keeps what it fed that agrees with the accepted tokens."""
+    for g in groups:
+        fed = g.drafts[:, :-1]                                                     # what each fed after pending
+        agree = onp.cumprod(fed[:, :len(new)] == onp.asarray(new[:fed.shape[1]]), axis=1).sum(axis=1)
+        g.cache.rollback(L + 1 + int(agree.min()))
 
 
 def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), drafters=None, k=4,
@@ -201,34 +294,25 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
     temperature 0 is greedy verification; temperature > 0 uses the accept/reject rule (one drafter)
     or its recursive form (several drafters). `on_round(info)` sees every round.
     """
-    infer.check_base(cfg)
+    variant_of(cfg).require("speculative", "speculative decoding")
     check_k(k)
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     verifier = check_node_pair(cfg, verifier, "verifier")
     nodes = resolve_drafters(cfg, verifier, drafters)
-    sampled = temperature > 0
     context = cfg.context
-    keep = infer.check_keep(keep, context)
-    rng = onp.random.default_rng(seed)
-    levels = sorted({level for level, _ in nodes})
-    groups = [Group(params, cfg, level, [j for l, j in nodes if l == level]) for level in levels]
-    V = infer.Models(params, cfg, verifier[0], [verifier[1]])
-    stats = SpecStats(accepted_by={n: 0 for n in nodes})
+    keep = decoder.check_keep(keep, context)
     ids = [int(t) for t in ids]
     if not ids:
         raise ValueError("speculative decoding needs at least one prompt token")
     if min(ids) < 0 or max(ids) >= cfg.vocab_size:
         raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}); got {min(ids)}..{max(ids)}")
+    rnd = Round(temperature, top_k, top_p, onp.random.default_rng(seed))
+    groups = drafter_groups(params, cfg, nodes)
+    vdec = decoder.Decoder(params, cfg, verifier[0], [verifier[1]])
+    vcache = vdec.new_cache(1)
+    stats = SpecStats(accepted_by={n: 0 for n in nodes})
     n_prompt = len(ids)
-
-    def pick(logits):
-        return filtered_probs(logits, temperature, top_k, top_p)
-
-    def draw(probs):
-        return int(rng.choice(len(probs), p=probs)) if sampled else int(onp.argmax(probs))
-
     start = max(0, len(ids) - context)                          # the first window, as in plain decoding
-    vcache = V.new_cache(1)
     while len(ids) - n_prompt < max_new_tokens:
         L = len(ids) - 1 - start                                # window slot of the pending token ids[-1]
         if L == context:                                        # full: slide, as plain decoding does
@@ -236,72 +320,32 @@ def speculative_ids(params, cfg, ids, max_new_tokens=200, verifier=(0, 0), draft
             L = keep - 1
             for cache in [vcache] + [g.cache for g in groups]:
                 cache.rollback(0)
-        remaining = max_new_tokens - (len(ids) - n_prompt)
-        k_eff = min(k, context - 1 - L, remaining - 1)
-        pending = ids[-1]
+        k_eff = min(k, context - 1 - L, max_new_tokens - (len(ids) - n_prompt) - 1)
         if k_eff < 1:                                           # nothing to check: one plain step
-            logits = infer.extend(V, vcache, onp.asarray(ids[start + vcache.length:])[None])
+            logits = decoder.extend(vdec, vcache, onp.asarray(ids[start + vcache.length:])[None])
             stats.plain_steps += 1
-            ids.append(draw(pick(logits[0, 0, -1])))
+            ids.append(rnd.draw(rnd.pick(logits[0, 0, -1])))
             continue
         if vcache.length < L:                                   # the verifier caches all but the pending token
-            infer.extend(V, vcache, onp.asarray(ids[start + vcache.length:-1])[None])
-
-        rows, owners, qs = [], [], []
+            decoder.extend(vdec, vcache, onp.asarray(ids[start + vcache.length:-1])[None])
         for g in groups:
-            chunk = onp.asarray(ids[start + g.cache.length:])[None]       # catch up to the pending token
-            out = infer.extend(g.models, g.cache, chunk)[:, 0, -1]       # (N,V)
-            drafts = onp.zeros((g.models.N, k_eff), dtype=onp.int64)
-            q = onp.zeros((g.models.N, k_eff, out.shape[-1]))
-            for i in range(k_eff):
-                if sampled:                                              # each drafter draws from its own q
-                    q[:, i] = [pick(row) for row in out]
-                    drafts[:, i] = [draw(row) for row in q[:, i]]
-                else:
-                    drafts[:, i] = onp.argmax(out, axis=-1)
-                if i + 1 < k_eff:
-                    out = infer.extend(g.models, g.cache, drafts[:, i:i + 1, None])[:, 0, -1]
-            g.drafts = drafts
-            rows += [tuple(row) for row in drafts]
-            owners += g.nodes
-            qs.append(q)
-        # Greedy checks each distinct draft once; sampling needs every draw, repeats included.
-        check = rows if sampled else list(dict.fromkeys(rows))
-        draft_arr = onp.asarray(check, dtype=onp.int64).reshape(len(check), k_eff)
-        tokens = onp.concatenate([onp.full((len(check), 1), pending), draft_arr], axis=1)
-        branch = vcache.expand(len(check))
-        vlogits = infer.extend(V, branch, tokens)[0]                      # (R,k_eff+1,V)
+            draft(g, ids, start, k_eff, rnd)
+        new, chosen, checked, owners, row, a, nxt = verify(vdec, vcache, groups, ids[-1], L, rnd)
+        roll_back(groups, new, L)
         stats.rounds += 1
-        if sampled:
-            p = onp.asarray([[pick(pos) for pos in row] for row in vlogits])  # (R,k_eff+1,V)
-            q = onp.concatenate(qs)                                           # (R,k_eff,V)
-            if len(check) == 1:
-                row, (a, nxt) = 0, accept_sampled(p[0], q[0], draft_arr[0], rng)
-            else:
-                row, a, nxt = accept_sampled_multi(p, q, draft_arr, rng)
-            chosen = owners[row]
-        else:
-            row, a, nxt = accept_greedy(onp.argmax(vlogits, axis=-1), draft_arr)
-            chosen = owners[rows.index(check[row])]
-        vcache.adopt(branch, row, L + a + 1)
-        new = [int(t) for t in draft_arr[row, :a]] + [nxt]
         stats.accepted_by[chosen] += 1
         stats.drafted += k_eff
         stats.accepted += a
         stats.first_accepted += a > 0
-        for g in groups:
-            fed = g.drafts[:, :k_eff - 1]                                  # what each drafter fed after pending
-            agree = onp.cumprod(fed[:, :len(new)] == onp.asarray(new[:fed.shape[1]]), axis=1).sum(axis=1)
-            g.cache.rollback(L + 1 + int(agree.min()))
         if on_round:
-            on_round({"drafts": draft_arr, "owners": [[o for o, r in zip(owners, rows) if r == d] for d in check],
-                      "row": row, "accepted": a, "token": nxt, "window_start": start, "known": len(ids)})
+            on_round({"drafts": checked, "owners": owners, "row": row, "accepted": a, "token": nxt,
+                      "window_start": start, "known": len(ids)})
         ids.extend(new)
     stats.new_tokens = len(ids) - n_prompt
-    stats.verifier_calls, stats.drafter_calls = V.calls, sum(g.models.calls for g in groups)
-    stats.verifier_flops = V.flops
-    stats.drafter_flops = sum(g.models.flops for g in groups)
-    stats.latency_flops = V.latency_flops + sum(g.models.latency_flops for g in groups)
+    stats.verifier_calls, stats.drafter_calls = vdec.calls, sum(g.dec.calls for g in groups)
+    stats.verifier_flops = vdec.flops
+    stats.drafter_flops = sum(g.dec.flops for g in groups)
+    stats.latency_flops = vdec.latency_flops + sum(g.dec.latency_flops for g in groups)
     return ids[n_prompt:], stats
 
 
@@ -313,6 +357,9 @@ def speculative_generate(params, cfg, tokenizer, prompt, verifier=(0, 0), drafte
     drafters: None (the verifier's children), a level (all its descendants there) or a list of nodes.
     Returns (prompt + new text, SpecStats).
     """
-    new, stats = speculative_ids(params, cfg, prompt_ids(tokenizer, prompt), max_new_tokens, verifier,
+    v = variant_of(cfg)
+    v.require("speculative", "speculative decoding")
+    tokenizer = check_tokenizer(v, cfg, tokenizer)
+    new, stats = speculative_ids(params, cfg, v.prompt_ids(cfg, tokenizer, prompt), max_new_tokens, verifier,
                                  drafters, k, temperature, top_k, top_p, seed, keep, on_round)
     return prompt + tokenizer.decode(new), stats

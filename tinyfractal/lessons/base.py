@@ -1,45 +1,41 @@
 """Lesson 1, the base model: one set of arrays, a tree of models, every one of them trained.
 
-Run: python -m tinyfractal.lessons.base [--quick] [--out DIR] [--steps N]
+Run: python -m tinyfractal.lessons.base [--quick] [--out DIR] [--steps N] [--seed S] [--resume]
 """
-import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 from tinyfractal import Config, Tokenizer, count_params, forward, generate, init_params, nodes, view
+from tinyfractal.lessons._common import conclude, run, section, train_with_checkpoints
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import load_tokens, train_val_split, unigram_entropy
-from tinyfractal.training.train import TrainConfig, format_duration, loss_table, node_key, save_run, train
+from tinyfractal.training.train import TrainConfig, format_duration, loss_table, node_key
 
 PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou R"
-
-
-def section(title):
-    print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m tinyfractal.lessons.base", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="lesson_output/base", help="folder for figures, metrics and the checkpoint")
-    p.add_argument("--quick", action="store_true", help="a few steps only, to check that everything runs")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 1000, or 4 with --quick)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
-    return args
+STEPS = (1000, 4)     # full run, --quick
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    return run("base", __doc__, lesson, argv, steps=STEPS, trains=True)
 
-    # %% 1. The config and the tree
+
+def lesson(args):
+    cfg, params = the_tree(args)
+    one_weight_many_views(cfg, params)
+    tokenizer = Tokenizer.default()
+    same_forward_everywhere(cfg, params, tokenizer)
+    metrics, entropy, seconds = training(args, cfg, params, tokenizer)
+    per_node_loss(args, cfg, metrics, entropy)
+    samples = sample_every_node(args, cfg, params, tokenizer)
+    figures(cfg, params, metrics, entropy, args.out)
+    atomic_write_json(args.out / "summary.json", {
+        "steps": args.steps, "quick": args.quick, "train_seconds": seconds, "unigram_entropy": entropy,
+        "val": {k: v[-1] for k, v in metrics["val"].items()}, "samples": samples})
+
+
+def the_tree(args):
+    """Section 1: the 'tiny' config, the size of each level's models, the tree."""
     section("1. The config and the tree of models")
     cfg = Config.preset("tiny")
     print(f"The 'tiny' preset: {cfg}")
@@ -54,8 +50,11 @@ def main(argv=None):
     print("Every smaller model is a block of the root's arrays, not a copy. The tree:")
     for level, j in nodes(cfg):
         print("    " * level + f"({level},{j}) width {cfg.width(level)}")
+    return cfg, params
 
-    # %% 2. One weight and its views
+
+def one_weight_many_views(cfg, params):
+    """Section 2: every model's block of one weight is a view of the root's array."""
     section("2. One weight, many models: views into the shared arrays")
     W = params["layers"][0]["Wgate"]
     print(f"layers[0]['Wgate'] of the root has shape {W.shape} (D x F).")
@@ -74,9 +73,10 @@ def main(argv=None):
     print("Attention weights keep their head axis: Wq has shape (D, H, hd) and model (l,j) takes\n"
           "Wq[R, :, C], a slice of the head dim inside EVERY head, so all models keep all heads.")
 
-    # %% 3. One forward pass per node
+
+def same_forward_everywhere(cfg, params, tokenizer):
+    """Section 3: one forward function runs every node, given its view and its sub-config."""
     section("3. The same forward code runs every model")
-    tokenizer = Tokenizer.default()
     ids = np.array([tokenizer.encode(PROMPT)[-16:]])
     print(f"Input ids, shape {ids.shape}: {ids[0].tolist()}")
     for level, j in nodes(cfg):
@@ -85,26 +85,31 @@ def main(argv=None):
         print(f"  forward(view(params, cfg, {level}, {j}), cfg.sub({level}), ids): width {sub_cfg.hidden:3d}, "
               f"head dim {sub_cfg.head_dim:2d}, logits {logits.shape}, dtype {logits.dtype}")
 
-    # %% 4. Training every node at once
+
+def training(args, cfg, params, tokenizer):
+    """Section 4: one optimizer on the mean loss of all nodes; a checkpoint at every evaluation."""
     section("4. Training: one optimizer, one set of arrays, every node's loss")
-    steps = args.steps or (4 if args.quick else 1000)
+    steps = args.steps
     tc = TrainConfig(steps=steps, batch_size=4 if args.quick else 16, lr=3e-3, min_lr=3e-4, warmup=min(50, steps // 10),
                      eval_interval=max(1, steps // 10), eval_batches=1 if args.quick else 8,
                      log_interval=max(1, steps // 30), seed=args.seed)
     print(f"The loss is the mean cross-entropy over all {cfg.n_nodes} models, so every node learns.")
     print(f"Settings: {tc}")
     train_tokens, val_tokens = train_val_split(load_tokens(tokenizer))
-    print(f"Corpus: {len(train_tokens):,} train and {len(val_tokens):,} val tokens (a 90/10 split).")
-    t0 = time.perf_counter()
-    state, metrics = train(params, cfg, tc, train_tokens, val_tokens)
-    train_seconds = time.perf_counter() - t0
-    print(f"Trained {steps} steps in {format_duration(train_seconds)}.")
-    save_run(out / "checkpoint", params, cfg, tc, state, metrics)
-    atomic_write_json(out / "metrics.json", {"config": cfg.to_dict(), **metrics})
-
-    # %% 5. Per-node validation loss
-    section("5. How well does each model predict the next token?")
     entropy = unigram_entropy(train_tokens, cfg.vocab_size)
+    print(f"Corpus: {len(train_tokens):,} train and {len(val_tokens):,} val tokens (a 90/10 split).")
+    print(f"A checkpoint is saved to {args.out / 'checkpoint'} at every evaluation (--resume continues from it).")
+    t0 = time.perf_counter()
+    _, metrics = train_with_checkpoints(args, args.out / "checkpoint", params, cfg, tc, train_tokens, val_tokens)
+    seconds = time.perf_counter() - t0
+    print(f"Trained {steps} steps in {format_duration(seconds)}.")
+    atomic_write_json(args.out / "metrics.json", {"config": cfg.to_dict(), "unigram_entropy": entropy, **metrics})
+    return metrics, entropy, seconds
+
+
+def per_node_loss(args, cfg, metrics, entropy):
+    """Section 5: every node's validation loss against the unigram entropy, and the levels compared."""
+    section("5. How well does each model predict the next token?")
     print(f"Unigram entropy of the tokens: {entropy:.3f} nats (a model that ignores context).")
     print("\n".join(loss_table(metrics, cfg, entropy)))
     means = [np.mean([metrics["val"][node_key((level, j))][-1] for j in range(cfg.n_models(level))])
@@ -112,11 +117,13 @@ def main(argv=None):
     print("Mean val loss per level: " + ", ".join(f"level {l}: {m:.3f}" for l, m in enumerate(means)))
     beaten = [node for node in nodes(cfg) if metrics["val"][node_key(node)][-1] <= entropy - 0.5]
     ordered = all(means[level] < means[level + 1] for level in range(cfg.levels - 1))
-    print(f"{len(beaten)} of {cfg.n_nodes} models are at least 0.5 nats below the unigram entropy.")
-    print("Each level beats the next, smaller one on average." if ordered else
-          "The levels are not yet ordered by width: train longer (--steps) to see wider models win.")
+    conclude(args, f"{len(beaten)} of {cfg.n_nodes} models are at least 0.5 nats below the unigram entropy.")
+    conclude(args, "Each level beats the next, smaller one on average." if ordered else
+             "The levels are not yet ordered by width: train longer (--steps) to see wider models win.")
 
-    # %% 6. A sample from every node
+
+def sample_every_node(args, cfg, params, tokenizer):
+    """Section 6: every node continues the same prompt."""
     section("6. A sample from every node")
     samples = {}
     for level, j in nodes(cfg):
@@ -125,48 +132,20 @@ def main(argv=None):
         samples[node_key((level, j))] = text
         print(f"--- model ({level},{j}), width {cfg.width(level)} ---\n{text}\n")
     stuck = [key for key, text in samples.items() if len(set(text[len(PROMPT):])) <= 1]
-    print("The prototype's untrained models printed 'RRRR...'. Here, models whose sample is one repeated "
-          f"character: {stuck if stuck else 'none'}.")
+    conclude(args, "The prototype's untrained models printed 'RRRR...'. Here, models whose sample is one repeated "
+                   f"character: {stuck if stuck else 'none'}.")
+    return samples
 
-    # %% 7. Figures
+
+def figures(cfg, params, metrics, entropy, out):
+    """Section 7: loss curves (with the unigram baseline), who owns which weight entry, the tree."""
     section("7. Figures")
-    figures = save_figures(params, cfg, metrics, out)
-    for f in figures:
-        print(f"saved {f}")
-    atomic_write_json(out / "summary.json", {
-        "steps": steps, "train_seconds": train_seconds, "unigram_entropy": entropy,
-        "val": {k: v[-1] for k, v in metrics["val"].items()}, "samples": samples})
-    print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
-    return 0
-
-
-def save_figures(params, cfg, metrics, out):
-    """Loss curves per node, which model owns each entry of the MLP and attention weights, the tree."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = plt.cm.viridis(np.linspace(0, 0.85, cfg.levels))
-    for level, j in nodes(cfg):
-        key = node_key((level, j))
-        ax.plot(metrics["eval_step"], metrics["val"][key], color=colors[level],
-                label=f"level {level} (width {cfg.width(level)})" if j == 0 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("val loss (nats/token)")
-    ax.set_title("Validation loss of every node")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out / "loss_curves.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    # Who owns which entry of the MLP and attention weights (drawn through view), and the tree.
-    from tinyfractal.tools.plots import ownership_maps, tree_figure
+    from tinyfractal.tools.plots import loss_curves, ownership_maps, tree_figure
+    paths = [loss_curves(metrics, cfg, out / "loss_curves.png", unigram=entropy)]
     paths += ownership_maps(cfg, out, kinds=["Wgate_Wup", "Wdown", "Wq", "Wo"])
     paths.append(tree_figure(cfg, out / "tree.png", params))
-    return paths
+    for path in paths:
+        print(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -1,41 +1,34 @@
 """Lesson 5, coupling: the levels talk to each other (upstream and downstream residuals) vs the base model.
 
-Run: python -m tinyfractal.lessons.coupling [--quick] [--out DIR] [--steps N]
+Run: python -m tinyfractal.lessons.coupling [--quick] [--out DIR] [--steps N] [--seed S] [--resume]
 """
-import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 from autograd import value_and_grad
 
 from tinyfractal import Config, Tokenizer, init_params, nodes
+from tinyfractal.api import needed_nodes, node_run_flops, tree_loss
 from tinyfractal.core import fast
-from tinyfractal.variants import coupled as C
+from tinyfractal.core.flops import coupling_add_flops
+from tinyfractal.inference import decoder
+from tinyfractal.inference.sample import generate
+from tinyfractal.lessons.base import STEPS as BASE_STEPS
+from tinyfractal.lessons._common import conclude, pyplot, run, save_figure, section, train_with_checkpoints
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
-from tinyfractal.inference.sample import generate
-from tinyfractal.training.train import TrainConfig, format_duration, node_key, train
+from tinyfractal.training.train import TrainConfig, format_duration, node_key
+from tinyfractal.variants import coupled as C
+from tinyfractal.variants import variant_of
 
 PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou R"
 VARIANTS = ("base", "upstream", "downstream")
-STEPS = 500        # the base lesson trains 1500 steps; three models at 1500 would not fit in ~8 minutes
+BASE_LESSON_STEPS = BASE_STEPS[0]   # three models at the base lesson's step count would take too long here
+STEPS = (500, 6)           # per variant: full run, --quick
 
 
-def section(title):
-    print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m tinyfractal.lessons.coupling", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="lesson_output/coupling", help="folder for figures and summary.json")
-    p.add_argument("--quick", action="store_true", help="a few steps only, to check that everything runs")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps per variant (default {STEPS}, 6 with --quick)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
-    return args
+def main(argv=None):
+    return run("coupling", __doc__, lesson, argv, steps=STEPS, trains=True)
 
 
 def configs():
@@ -49,17 +42,36 @@ def name(node):
     return f"({node[0]},{node[1]})"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+def lesson(args):
     cfgs = configs()
     cfg = cfgs["base"]
-    leaf, root = (cfg.levels - 1, 0), (0, 0)
+    tokenizer = Tokenizer.default()
+    ids = np.array([tokenizer.encode(PROMPT)[-12:]])
+    what_flows_where(cfgs)
+    a_level_is_a_reshape(args, cfgs, ids)
+    flops_step, run_flops = what_it_costs(cfgs, ids)
+    trained, metrics, seconds, tc, train_tokens = training(args, cfgs, tokenizer)
+    entropy = unigram_entropy(train_tokens, cfg.vocab_size)
+    final = per_node_table(args, cfg, trained, metrics, entropy)
+    samples = samples_from_each(args, cfgs, trained, tokenizer)
+    step_time, in_training = step_times(args, cfgs, trained, train_tokens, tc, seconds)
+    section("8. Figures")
+    for f in save_figures(cfg, metrics, final, run_flops, args.out):
+        print(f"saved {f}")
+    atomic_write_json(args.out / "summary.json", {
+        "steps": tc.steps, "quick": args.quick, "batch_size": tc.batch_size, "train_seconds": seconds,
+        "unigram_entropy": entropy, "val": {v: {node_key(n): x for n, x in final[v].items()} for v in VARIANTS},
+        "step_seconds_median": step_time, "step_seconds_in_training": in_training,
+        "train_step_flops": flops_step,
+        "node_run_flops": {node_key(n): f for n, f in run_flops.items()},
+        "coupling_scale": {v: np.asarray(trained[v]["coupling_scale"]).tolist() for v in ("upstream", "downstream")},
+        "samples": samples})
 
-    # %% 1. What flows where
+
+def what_flows_where(cfgs):
+    """Section 1: the three variants, and which nodes each must run to run one node."""
     section("1. Three ways to run a tree of models")
+    cfg = cfgs["base"]
     print(f"The 'tiny' preset: levels={cfg.levels}, split={cfg.split}, widths "
           f"{[cfg.width(l) for l in range(cfg.levels)]}, {cfg.layers} layers.")
     print("""
@@ -72,17 +84,18 @@ downstream  after every layer, each child (l,k) adds scale[l,i] * (its slice of 
             you must run its chain of ancestors.
 scale       coupling_scale, one learnable number per (receiving level, layer), starting at 1.0.""")
     print(f"\n{'node':>6}  {'base runs':<12} {'upstream runs':<44} downstream runs")
-    for node in (root, (1, 1), (cfg.levels - 1, cfg.n_models(cfg.levels - 1) - 1)):
-        runs = {v: " ".join(name(n) for n in C.needed_nodes(c, *node)) for v, c in cfgs.items()}
+    for node in ((0, 0), (1, 1), (cfg.levels - 1, cfg.n_models(cfg.levels - 1) - 1)):
+        runs = {v: " ".join(name(n) for n in needed_nodes(c, *node)) for v, c in cfgs.items()}
         print(f"{name(node):>6}  {runs['base']:<12} {runs['upstream']:<44} {runs['downstream']}")
 
-    # %% 2. Whole levels at once
+
+def a_level_is_a_reshape(args, cfgs, ids):
+    """Section 2: the coupling of a whole level is a reshape; with scale 0 the coupled tree is the base model."""
     section("2. The coupling for a whole level is a reshape")
-    tokenizer = Tokenizer.default()
-    ids = np.array([tokenizer.encode(PROMPT)[-12:]])
-    up = cfgs["upstream"]
+    cfg, up = cfgs["base"], cfgs["upstream"]
     params = init_params(up, args.seed)
-    states, _ = C.run_states(params, up.override(coupling="none"), ids, C.tree_ranges(up))
+    still = dict(params, coupling_scale=np.zeros_like(params["coupling_scale"]))   # scale 0: the base states
+    states, _ = variant_of(up).run_states(still, up, ids, C.all_models(up))
     x2, x1 = states[2], states[1]
     joined = C.concat_children(x2, up.split)
     by_hand = np.stack([np.concatenate([x2[2 * j], x2[2 * j + 1]], axis=-1) for j in range(2)])
@@ -94,7 +107,7 @@ scale       coupling_scale, one learnable number per (receiving level, layer), s
     pieces = C.split_to_children(x1, up.split)
     print(f"split_to_children is the inverse: {x1.shape} -> {pieces.shape}; "
           f"child 3 gets parent 1's second half: {np.array_equal(pieces[3], x1[1][..., 24:])}")
-    zero = cfgs["upstream"].override(coupling_scale_init=0.0)
+    zero = up.override(coupling_scale_init=0.0)
     p0 = init_params(zero, args.seed)
     base_params = {k: v for k, v in p0.items() if k != "coupling_scale"}
     worst = max(float(np.abs(C.forward_tree(p0, zero, ids)[l] - fast.forward_level(base_params, cfg, l, ids)).max())
@@ -102,10 +115,14 @@ scale       coupling_scale, one learnable number per (receiving level, layer), s
     print(f"With coupling_scale_init=0 the coupled tree IS the base model at step 0: max |logit difference| "
           f"over all nodes = {worst}")
 
-    # %% 3. What it costs
+
+def what_it_costs(cfgs, ids):
+    """Section 3: FLOPs of a training step per variant, and FLOPs to run one node, checked by the decoder."""
     section("3. What it costs: FLOPs")
+    cfg = cfgs["base"]
+    leaf = (cfg.levels - 1, 0)
     B, T = 16, cfg.context
-    flops_step = {v: C.train_step_flops(c, B, T) for v, c in cfgs.items()}
+    flops_step = {v: variant_of(c).train_step_flops(c, B) for v, c in cfgs.items()}
     print(f"One training step (batch {B} x {T} tokens, forward + backward ~ 3 x forward) runs the whole tree in")
     print("every variant; the coupling only adds a multiply and an add per coordinate per layer:")
     for v in VARIANTS:
@@ -114,42 +131,50 @@ scale       coupling_scale, one learnable number per (receiving level, layer), s
     print(f"{'node':>6} {'width':>5}  " + "  ".join(f"{v:>18}" for v in VARIANTS))
     run_flops = {}
     for node in nodes(cfg):
-        run_flops[node] = {v: C.node_run_flops(c, *node, T) for v, c in cfgs.items()}
+        run_flops[node] = {v: node_run_flops(c, *node, T) for v, c in cfgs.items()}
         cells = [f"{run_flops[node][v] / 1e6:8.2f} M ({run_flops[node][v] / run_flops[node]['base']:4.2f}x)"
                  for v in VARIANTS]
         print(f"{name(node):>6} {cfg.width(node[0]):5d}  " + "  ".join(f"{c:>18}" for c in cells))
-    counted = C.Runner(init_params(cfgs["downstream"], 0), cfgs["downstream"], *leaf)
-    C.prefill(counted, ids[:, :1].repeat(T, axis=1))
-    adds = sum(C.coupling_flops(cfgs["downstream"], m, T) for m, _ in C.needed_nodes(cfgs["downstream"], *leaf))
-    print(f"Check: the runner counted {counted.flops:,} matmul FLOPs for leaf {name(leaf)} under downstream;"
+    down = cfgs["downstream"]
+    counted = decoder.node_decoder(init_params(down, 0), down, *leaf)
+    decoder.prefill(counted, ids[:, :1].repeat(T, axis=1))
+    adds = sum(coupling_add_flops(down, m, T) for m, _ in needed_nodes(down, *leaf) if m > 0)
+    print(f"Check: the decoder counted {counted.flops:,} matmul FLOPs for leaf {name(leaf)} under downstream;"
           f" the formula says {run_flops[leaf]['downstream'] - adds:,} (+ {adds:,} for the coupling adds).")
     print("Upstream makes the root cost its whole subtree; downstream makes every leaf pay for its\n"
           "ancestors, the root included, so a leaf is no longer the cheap model to run.")
+    return flops_step, run_flops
 
-    # %% 4. Train the three
+
+def training(args, cfgs, tokenizer):
+    """Section 4: the three variants trained with the same seed, batches and steps; checkpoints in OUT/VARIANT."""
     section("4. Training base, upstream and downstream: same seed, same batches, same steps")
-    steps = args.steps or (6 if args.quick else STEPS)
+    steps = args.steps
     batch = 8 if args.quick else 16
     tc = TrainConfig(steps=steps, batch_size=batch, lr=3e-3, min_lr=3e-4, warmup=min(50, steps // 10),
                      eval_interval=max(1, steps // 10), eval_batches=1 if args.quick else 8,
                      log_interval=max(1, steps // 5), seed=args.seed)
-    if not args.quick and steps < 1500:
-        print(f"{steps} steps per variant (the base lesson trains 1500; three runs of 1500 would take too long).")
+    if not args.quick and steps < BASE_LESSON_STEPS:
+        print(f"{steps} steps per variant (the base lesson trains {BASE_LESSON_STEPS}; three runs of "
+              f"{BASE_LESSON_STEPS} would take too long).")
     print(f"Settings: {tc}")
+    print(f"Each variant saves a checkpoint at every evaluation in {args.out}/VARIANT (--resume continues).")
     train_tokens, val_tokens = train_val_split(load_tokens(tokenizer))
     trained, metrics, seconds = {}, {}, {}
     for v in VARIANTS:
         print(f"\n--- {v} ---")
         trained[v] = init_params(cfgs[v], args.seed)
         t0 = time.perf_counter()
-        _, metrics[v] = train(trained[v], cfgs[v], tc, train_tokens, val_tokens)
+        _, metrics[v] = train_with_checkpoints(args, args.out / v, trained[v], cfgs[v], tc, train_tokens, val_tokens)
         seconds[v] = time.perf_counter() - t0
         print(f"{v}: {steps} steps in {format_duration(seconds[v])} (evaluations included)")
+    return trained, metrics, seconds, tc, train_tokens
 
-    # %% 5. Per-node validation loss
+
+def per_node_table(args, cfg, trained, metrics, entropy):
+    """Section 5: every node's final val loss under the three variants, level means, the learned scales."""
     section("5. Validation loss of every node, side by side")
-    entropy = unigram_entropy(train_tokens, cfg.vocab_size)
-    print(f"After {steps} steps; unigram entropy {entropy:.3f} nats. Lower is better.")
+    print(f"After {args.steps} steps; unigram entropy {entropy:.3f} nats. Lower is better.")
     print(f"{'node':>6} {'width':>5} " + " ".join(f"{v:>10}" for v in VARIANTS) + "   up-base  down-base")
     final = {v: {node: metrics[v]["val"][node_key(node)][-1] for node in nodes(cfg)} for v in VARIANTS}
     for node in nodes(cfg):
@@ -165,46 +190,39 @@ scale       coupling_scale, one learnable number per (receiving level, layer), s
                                         for row in np.asarray(trained[v]["coupling_scale"])))
     print("Upstream leaves are untouched (row 2 unused) and the downstream root is untouched (row 0 unused):\n"
           "those scales get no gradient and stay at 1.")
+    return final
 
-    # %% 6. Samples
+
+def samples_from_each(args, cfgs, trained, tokenizer):
+    """Section 6: a sample from a leaf and from the root under each variant."""
     section("6. A sample from a leaf and from the root under each")
+    cfg = cfgs["base"]
     samples = {}
-    n_new = 12 if args.quick else 60
     for v in VARIANTS:
-        for node in (leaf, root):
+        for node in ((cfg.levels - 1, 0), (0, 0)):
             text = generate(trained[v], cfgs[v], tokenizer, PROMPT, level=node[0], index=node[1],
-                            max_new_tokens=n_new, temperature=0.8, top_k=40, seed=args.seed)
+                            max_new_tokens=12 if args.quick else 60, temperature=0.8, top_k=40, seed=args.seed)
             samples[f"{v} {node_key(node)}"] = text
             print(f"--- {v}, node {name(node)} (width {cfg.width(node[0])}) ---\n{text[len(PROMPT):]!r}\n")
+    return samples
 
-    # %% 7. Step time
+
+def step_times(args, cfgs, trained, train_tokens, tc, seconds):
+    """Section 7: one training step of each variant timed side by side, and the wall time per step in training."""
     section("7. Training step time relative to base (measured side by side)")
-    step_time = time_steps(cfgs, trained, train_tokens, batch, args.seed, repeats=1 if args.quick else 5)
-    in_training = {v: seconds[v] / steps for v in VARIANTS}
+    step_time = time_steps(cfgs, trained, train_tokens, tc.batch_size, args.seed, repeats=1 if args.quick else 5)
+    in_training = {v: seconds[v] / tc.steps for v in VARIANTS}
     print(f"{'variant':<11} {'step (median)':>14} {'x base':>7}   {'in training*':>12} {'x base':>7}")
     for v in VARIANTS:
         print(f"{v:<11} {step_time[v] * 1000:11.1f} ms {step_time[v] / step_time['base']:7.3f}   "
               f"{in_training[v] * 1000:9.1f} ms {in_training[v] / in_training['base']:7.3f}")
-    print("* wall time of the training run per step, evaluations included; on a shared machine the\n"
-          "  side-by-side median (one step of each variant in turn, same batch) is the fairer number.\n"
-          "The FLOPs per step are the same (section 3), so any difference comes from the reshapes and\n"
-          "adds between levels, and from running the levels layer by layer together instead of one\n"
-          "after another; a ratio within a few percent of 1 is noise on a shared machine.")
-
-    # %% 8. Figures
-    section("8. Figures")
-    for f in save_figures(cfg, metrics, final, run_flops, out):
-        print(f"saved {f}")
-    atomic_write_json(out / "summary.json", {
-        "steps": steps, "batch_size": batch, "train_seconds": seconds, "unigram_entropy": entropy,
-        "val": {v: {node_key(n): x for n, x in final[v].items()} for v in VARIANTS},
-        "step_seconds_median": step_time, "step_seconds_in_training": in_training,
-        "train_step_flops": flops_step,
-        "node_run_flops": {node_key(n): f for n, f in run_flops.items()},
-        "coupling_scale": {v: np.asarray(trained[v]["coupling_scale"]).tolist() for v in ("upstream", "downstream")},
-        "samples": samples})
-    print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
-    return 0
+    print("* wall time of the training run per step, evaluations included (with --resume: of this run only);\n"
+          "  on a shared machine the side-by-side median (one step of each variant in turn, same batch) is\n"
+          "  the fairer number.")
+    conclude(args, "The FLOPs per step are the same (section 3), so any difference comes from the reshapes and\n"
+                   "adds between levels, and from running the levels layer by layer together instead of one\n"
+                   "after another; a ratio within a few percent of 1 is noise on a shared machine.")
+    return step_time, in_training
 
 
 def time_steps(cfgs, trained, tokens, batch, seed, repeats):
@@ -212,8 +230,7 @@ def time_steps(cfgs, trained, tokens, batch, seed, repeats):
     ids, targets = batch_at(tokens, batch, cfgs["base"].context, seed, 0)
     steps = {}
     for v, c in cfgs.items():
-        loss = fast.tree_loss if c.coupling == "none" else C.tree_loss
-        steps[v] = value_and_grad(lambda p, c=c, loss=loss: loss(p, c, ids, targets))
+        steps[v] = value_and_grad(lambda p, c=c: tree_loss(p, c, ids, targets))
         steps[v](trained[v])                                                  # warm up
     times = {v: [] for v in cfgs}
     for _ in range(repeats):
@@ -226,10 +243,7 @@ def time_steps(cfgs, trained, tokens, batch, seed, repeats):
 
 def save_figures(cfg, metrics, final, run_flops, out):
     """Val loss per level over training for the three variants; final per-node loss; FLOPs to run a node."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     paths, colors = [], {"base": "#444444", "upstream": "#d95f02", "downstream": "#1b9e77"}
     fig, axes = plt.subplots(1, cfg.levels, figsize=(4 * cfg.levels, 3.8), sharey=True)
     for level, ax in enumerate(axes):
@@ -240,10 +254,7 @@ def save_figures(cfg, metrics, final, run_flops, out):
         ax.set_xlabel("step")
     axes[0].set_ylabel("val loss (nats/token)")
     axes[0].legend()
-    fig.tight_layout()
-    paths.append(out / "loss_curves.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "loss_curves.png"))
 
     all_nodes = nodes(cfg)
     x = np.arange(len(all_nodes))
@@ -263,10 +274,7 @@ def save_figures(cfg, metrics, final, run_flops, out):
             low = min(min(vals) for vals in values.values())
             ax.set_ylim(bottom=max(0.0, low - 0.3))
         ax.legend()
-        fig.tight_layout()
-        paths.append(out / fname)
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save_figure(fig, out / fname))
     return paths
 
 

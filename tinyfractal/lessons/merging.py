@@ -3,21 +3,25 @@
 Run: python -m tinyfractal.lessons.merging [--quick] [--out DIR] [--steps-per-stage A,B,C] [--joint-steps N]
      [--off-diagonal zero|random]
 """
-import argparse
+import dataclasses
+import json
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 
 from tinyfractal import Config, Tokenizer
-from tinyfractal.training.checkpoint import atomic_write_json
+from tinyfractal.core.formulas import rmsnorm, rope, rope_tables, softmax
+from tinyfractal.api import init_params
+from tinyfractal.core.model import cross_entropy, forward
+from tinyfractal.core.tree import nodes
+from tinyfractal.lessons._common import (conclude, pyplot, run, save_figure, section, train_with_checkpoints,
+                                         uninterrupted)
+from tinyfractal.training.checkpoint import atomic_write_json, exists, load, save
 from tinyfractal.training.data import batch_at, load_tokens
 from tinyfractal.training.grow import chunk_data, grow, parse_steps, step_flops, union
-from tinyfractal.training.merge import merge, root_loss
-from tinyfractal.core.model import cross_entropy, forward, init_params, rmsnorm, rope, rope_tables, softmax
-from tinyfractal.training.train import TrainConfig, evaluate, format_duration, node_key, train
-from tinyfractal.core.tree import nodes
+from tinyfractal.training.merge import extract, merge, root_loss
+from tinyfractal.training.train import TrainConfig, evaluate, format_duration, node_key
 
 FULL_STEPS = "600,500,1000"     # leaves, the two level-1 merges, the root merge
 FULL_JOINT = 800
@@ -25,33 +29,39 @@ QUICK_STEPS = "3,2,2"
 QUICK_JOINT = 3
 
 
-def section(title):
-    print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
+def main(argv=None):
+    return run("merging", __doc__, lesson, argv, trains=True, arguments=arguments)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m tinyfractal.lessons.merging", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="lesson_output/merging", help="folder for figures, metrics and checkpoints")
-    p.add_argument("--quick", action="store_true", help="a smaller model and a few steps, to check that it runs")
-    p.add_argument("--steps-per-stage", default=None, help=f"leaves first (default {FULL_STEPS})")
+def arguments(p):
+    p.add_argument("--steps-per-stage", default=None, help=f"leaves first (default {FULL_STEPS}, {QUICK_STEPS} "
+                                                           f"with --quick)")
     p.add_argument("--joint-steps", type=int, default=None, help=f"steps of the jointly trained model "
-                                                                 f"(default {FULL_JOINT})")
+                                                                 f"(default {FULL_JOINT}, {QUICK_JOINT} with --quick)")
     p.add_argument("--off-diagonal", choices=["zero", "random"], default="zero",
                    help="how the new blocks start (random: 0.1 of the usual init)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+
+
+def lesson(args):
     if args.joint_steps is not None and args.joint_steps < 1:
-        p.error("--joint-steps must be >= 1")
-    return args
+        raise ValueError(f"--joint-steps must be >= 1, got {args.joint_steps}")
+    cfg, tc, steps, joint_steps, tokens, chunks = the_plan(args)
+    grown, stages, leaves = growing(args, cfg, tc, steps, tokens)
+    s = cfg.split
+    demo = why_a_parent_starts_worse(cfg, tc, leaves, chunks)
+    figures = [parent_loss_falls(args, cfg, stages)]
+    metrics, budgets, val, alone_steps = baselines(args, cfg, tc, grown, stages, steps, joint_steps, chunks)
+    reach, figure = compute_saved(args, cfg, stages, metrics, budgets)
+    atomic_write_json(args.out / "summary.json", {
+        "config": cfg.to_dict(), "quick": args.quick, "steps_per_stage": steps, "joint_steps": joint_steps,
+        "alone_steps": alone_steps, "split": s, "budgets": budgets,
+        "val": {name: {node_key(n): v for n, v in losses.items()} for name, losses in val.items()},
+        "root_val_curves": {name: [m["eval_step"], m["val"]["0.0"]] for name, m in metrics.items()},
+        "reach": reach, "coupling_demo": demo, "figures": [str(f) for f in figures + [figure]]})
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-
-    # %% 1. The plan
+def the_plan(args):
+    """Section 1: the stages, their steps, the cost of one step of each, and the corpus cut in chunks."""
     section("1. The plan: train small models apart, then merge them")
     cfg = Config.preset("tiny")
     if args.quick:
@@ -76,106 +86,169 @@ def main(argv=None):
     for t in range(1, L):
         costs[f"new parent, width {cfg.width(L - 1 - t)} (stage {t + 1})"] = step_flops(cfg.sub(L - 1 - t),
                                                                                      tc.batch_size)
-    costs["joint: all seven nodes"] = step_flops(cfg, tc.batch_size, levels=range(L))
+    costs[f"joint: all {cfg.n_nodes} nodes"] = step_flops(cfg, tc.batch_size, levels=range(L))
     for name, flops in costs.items():
-        print(f"  {name:<34} {flops / 1e9:8.3f} GFLOP")
+        print(f"  {name:<34} {gflop(flops):>8} GFLOP")
     print("A merged stage trains with the new parent's loss alone: its children are frozen, so their losses "
           "cannot move.")
-
-    tokenizer = Tokenizer.default()
-    tokens = load_tokens(tokenizer)
+    tokens = load_tokens(Tokenizer.default())
     chunks = chunk_data(tokens, s ** (L - 1), cfg.context)
-    train_all, val_all = union(chunks, 0, len(chunks))
     print(f"Corpus: {len(tokens):,} tokens in {len(chunks)} chunks of ~{len(tokens) // len(chunks):,}, each split "
           f"90/10.")
+    return cfg, tc, steps, joint_steps, tokens, chunks
 
-    # %% 2. Growing
+
+def gflop(flops):
+    """FLOPs as GFLOP, with decimals only where the number is small (a quick run's)."""
+    return f"{flops / 1e9:.0f}" if flops >= 1e10 else f"{flops / 1e9:.3f}"
+
+
+def show_merged(t, record, s):
+    """One merge, as it happens: the children kept exactly, and the val losses at the moment of merging."""
+    level, g = record["node"]
+    kids = ", ".join(f"({level + 1},{s * g + r})" for r in range(s))
+    at = record["val_at_merge"]
+    width = record.get("width", "?")
+    print(f"\n  merged {kids} -> ({level},{g}), width {width}; it trains on chunks "
+          f"{record['chunks'][0]}..{record['chunks'][1] - 1}")
+    print("    each child still gives exactly its standalone logits: max abs diff = " +
+          ", ".join(str(d) for d in record["logit_max_abs_diff"]))
+    print(f"    val loss at the moment of merging: parent {at['0.0']:.4f}   children " +
+          "  ".join(f"{at[f'1.{r}']:.4f}" for r in range(s)))
+
+
+def show_trained(t, record, s):
+    """One model of a stage, trained: a leaf's val loss, or a parent's with its (unchanged) children's."""
+    level, g = record["node"]
+    if t == 0:
+        print(f"  leaf ({level},{g}) trained on chunk {g}: val loss {record['final_val']['0.0']:.4f} "
+              f"on its own chunk ({format_duration(record['seconds'])})")
+        return
+    print(f"    after {record['steps']} steps on the {record['new_entries']:,} new entries: parent "
+          f"{record['final_val']['0.0']:.4f}   children " +
+          "  ".join(f"{record['final_val'][f'1.{r}']:.4f}" for r in range(s)) +
+          f"   (children bit for bit unchanged: {record['children_unchanged']})")
+
+
+def saved_growth(args, cfg, steps, folder):
+    """With --resume, a finished growth saved in `folder` by this lesson: (params, stages), else None."""
+    if not args.resume or not exists(folder):
+        return None
+    params, saved_cfg, meta = load(folder)
+    grown = meta.get("grow", {})
+    if saved_cfg != cfg or meta.get("quick") != args.quick or grown.get("steps_per_stage") != steps \
+            or grown.get("off_diagonal") != args.off_diagonal:
+        raise ValueError(f"cannot resume: {folder} holds another growth (other config, steps or options); "
+                         f"run without --resume to start over")
+    stages = [json.loads((folder / f"stage{t}.json").read_text(encoding="utf-8"))["models"]
+              for t in range(cfg.levels)]
+    return params, stages
+
+
+def growing(args, cfg, tc, steps, tokens):
+    """Section 2: grow the tree stage by stage (training.grow); with --resume a finished growth is reused.
+
+    Returns (grown params, stage records, the trained leaves). Growing restarts from the leaves if it
+    was interrupted: only a finished growth is saved.
+    """
     section("2. Growing, stage by stage")
-    leaves = {}
+    s, folder = cfg.split, args.out / "grown"
+    done = saved_growth(args, cfg, steps, folder)
+    if done is not None:
+        grown, stages = done
+        print(f"--resume: reusing the finished growth in {folder}.")
+        for t, records in enumerate(stages):
+            for record in records:
+                if t > 0:
+                    show_merged(t, record, s)
+                show_trained(t, record, s)
+    else:
+        def on_merge(t, record, params, model_cfg):
+            record["width"] = model_cfg.hidden
+            show_merged(t, record, s)
 
-    def merged(t, record, params, model_cfg):
-        level, g = record["node"]
-        kids = ", ".join(f"({level + 1},{s * g + r})" for r in range(s))
-        at = record["val_at_merge"]
-        print(f"\n  merged {kids} -> ({level},{g}), width {model_cfg.hidden}; it trains on chunks "
-              f"{record['chunks'][0]}..{record['chunks'][1] - 1}")
-        print("    each child still gives exactly its standalone logits: max abs diff = " +
-              ", ".join(str(d) for d in record["logit_max_abs_diff"]))
-        print(f"    val loss at the moment of merging: parent {at['0.0']:.4f}   children " +
-              "  ".join(f"{at[f'1.{r}']:.4f}" for r in range(s)))
+        def progress(msg):
+            """Training progress, without the first-step lines (the stage headers say what starts)."""
+            if not args.quick and "step" in msg and not re.search(r"step\s+1/", msg):
+                print("    " + msg)
 
-    def trained(t, record, params, model_cfg):
-        level, g = record["node"]
-        if t == 0:
-            leaves[g] = params
-            print(f"  leaf ({level},{g}) trained on chunk {g}: val loss {record['final_val']['0.0']:.4f} "
-                  f"on its own chunk ({format_duration(record['seconds'])})")
-            return
-        print(f"    after {record['steps']} steps on the {record['new_entries']:,} new entries: parent "
-              f"{record['final_val']['0.0']:.4f}   children " +
-              "  ".join(f"{record['final_val'][f'1.{r}']:.4f}" for r in range(s)) +
-              f"   (children bit for bit unchanged: {record['children_unchanged']})")
+        grown, stages = grow(cfg, tc, steps, tokens=tokens, off_diagonal=args.off_diagonal, out=folder,
+                             log=progress, on_stage=lambda t, record, params, c: show_trained(t, record, s),
+                             on_merge=on_merge)
+        _, _, meta = load(folder)          # record the lesson and the kind of run with the grown model
+        with uninterrupted():
+            save(folder, grown, cfg, {**meta, "lesson": args.name, "quick": args.quick})
+    L = cfg.levels
+    leaves = [extract(grown, cfg, L - 1, r) for r in range(s)]   # frozen since stage 1: the trained leaves
+    return grown, stages, leaves
 
-    def progress(msg):
-        """Training progress, without the first-step lines (the stage headers say what starts)."""
-        if not args.quick and "step" in msg and not re.search(r"step\s+1/", msg):
-            print("    " + msg)
-    grown, stages = grow(cfg, tc, steps, tokens=tokens, off_diagonal=args.off_diagonal, out=out / "grown",
-                         log=progress, on_stage=trained, on_merge=merged)
+
+def why_a_parent_starts_worse(cfg, tc, leaves, chunks):
+    """Section 3: re-make the first merge and measure the three couplings of its zero off-diagonal blocks."""
+    section("3. Why a parent does not start as the sum of its children")
+    L, s = cfg.levels, cfg.split
+    child_cfg = cfg.sub(L - 1)
+    parent, pcfg = merge(leaves, child_cfg, s)
+    print(f"Re-making the first merge (leaves (2,0) and (2,1) -> a model of width {pcfg.hidden}) to look inside it.")
+    print("Its off-diagonal blocks are zero, so the children's numbers never mix through a weight. Yet:")
+    ids, targets = batch_at(union(chunks, 0, s)[1], tc.batch_size, cfg.context, 99, 0)
+    return coupling_demo(parent, pcfg, leaves, child_cfg, ids, targets)
+
+
+def parent_loss_falls(args, cfg, stages):
+    """Section 4: each merged parent's val loss from the merge on, against its best child's; the figure."""
+    section("4. How the parent's loss falls while only the new blocks train")
+    figure = plot_parent_losses(stages, args.out / "parent_loss.png")
+    print(f"saved {figure}")
+    for t in range(1, cfg.levels):
+        for r in stages[t]:
+            v = r["metrics"]["val"]["0.0"]
+            print(f"  stage {t + 1} parent ({r['node'][0]},{r['node'][1]}): at merge {r['val_at_merge']['0.0']:.4f}"
+                  f" -> {v[0]:.4f} after {r['metrics']['eval_step'][0]} steps -> {v[-1]:.4f} after {r['steps']}; "
+                  f"best child {min(r['val_at_merge'][f'1.{c}'] for c in range(cfg.split)):.4f}")
+    return figure
+
+
+def baselines(args, cfg, tc, grown, stages, steps, joint_steps, chunks):
+    """Section 5: the tree trained jointly and the root trained alone, at the grown tree's FLOPs.
+
+    Both save a checkpoint at every evaluation (OUT/joint, OUT/alone) and continue with --resume.
+    """
+    section("5. Baselines at the same compute: the tree trained jointly, and the root alone")
+    L = cfg.levels
+    train_all, val_all = union(chunks, 0, len(chunks))
+    joint_step_flops = step_flops(cfg, tc.batch_size, levels=range(L))
+    root_step_flops = step_flops(cfg, tc.batch_size)
+    alone_steps = max(1, round(joint_steps * joint_step_flops / root_step_flops))
+    print(f"joint: lesson 1's training (mean loss of all {cfg.n_nodes} nodes), {joint_steps} steps.")
+    print(f"alone: the root trained from scratch with its own loss only (what model-growth papers compare\n"
+          f"       with), {alone_steps} steps: the same FLOPs, as its step is cheaper.")
+    print("Both read the same data as the grown root: the union of the chunks' train parts.")
     budgets = {"grown": {"optimizer steps": sum(r["steps"] for st in stages for r in st),
                          "parallel steps": sum(steps),
                          "flops": sum(r["train_flops"] for st in stages for r in st),
                          "cpu": sum(r["cpu_seconds"] for st in stages for r in st),
                          "wall": sum(r["seconds"] for st in stages for r in st)}}
-
-    # %% 3. Why the parent does not start as its children
-    section("3. Why a parent does not start as the sum of its children")
-    child_cfg = cfg.sub(L - 1)
-    first = [leaves[r] for r in range(s)]
-    parent, pcfg = merge(first, child_cfg, s)
-    print(f"Re-making the first merge (leaves (2,0) and (2,1) -> a model of width {pcfg.hidden}) to look inside it.")
-    print("Its off-diagonal blocks are zero, so the children's numbers never mix through a weight. Yet:")
-    ids, targets = batch_at(union(chunks, 0, s)[1], tc.batch_size, cfg.context, 99, 0)
-    demo = coupling_demo(parent, pcfg, first, child_cfg, ids, targets)
-
-    # %% 4. Figure: how the parent's loss falls
-    section("4. How the parent's loss falls while only the new blocks train")
-    figures = [plot_parent_losses(stages, out / "parent_loss.png")]
-    print(f"saved {figures[-1]}")
-    for t in range(1, L):
-        for r in stages[t]:
-            v = r["metrics"]["val"]["0.0"]
-            print(f"  stage {t + 1} parent ({r['node'][0]},{r['node'][1]}): at merge {r['val_at_merge']['0.0']:.4f}"
-                  f" -> {v[0]:.4f} after {r['metrics']['eval_step'][0]} steps -> {v[-1]:.4f} after {r['steps']}; "
-                  f"best child {min(r['val_at_merge'][f'1.{c}'] for c in range(s)):.4f}")
-
-    # %% 5. The same tree trained jointly, and the root alone from scratch
-    section("5. Baselines at the same compute: the tree trained jointly, and the root alone")
-    joint_steps_flops = step_flops(cfg, tc.batch_size, levels=range(L))
-    root_steps_flops = step_flops(cfg, tc.batch_size)
-    alone_steps = max(1, round(joint_steps * joint_steps_flops / root_steps_flops))
-    print(f"joint: lesson 1's training (mean loss of all {cfg.n_nodes} nodes), {joint_steps} steps.")
-    print(f"alone: the root trained from scratch with its own loss only (what model-growth papers compare\n"
-          f"       with), {alone_steps} steps: the same FLOPs, as its step is cheaper.")
-    print("Both read the same data as the grown root: the union of the chunks' train parts.")
     runs, metrics = {"grown": grown}, {}
+    quiet = (lambda msg: None) if args.quick else (lambda msg: print("    " + msg))
     for name, n, loss_fn in (("joint", joint_steps, None), ("alone", alone_steps, root_loss)):
         params = init_params(cfg, args.seed)
         wall, cpu = time.perf_counter(), time.process_time()
-        _, metrics[name] = train(params, cfg, TrainConfig(**{**tc.__dict__, "steps": n}), train_all, val_all,
-                                 loss_fn=loss_fn, log=progress)
+        _, metrics[name] = train_with_checkpoints(args, args.out / name, params, cfg, dataclasses.replace(tc, steps=n),
+                                                  train_all, val_all, loss_fn=loss_fn, log=quiet)
         budgets[name] = {"optimizer steps": n, "parallel steps": n,
-                         "flops": n * (joint_steps_flops if loss_fn is None else root_steps_flops),
+                         "flops": n * (joint_step_flops if loss_fn is None else root_step_flops),
                          "cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall}
         runs[name] = params
-    print("\nBudgets (training only; evaluation not counted):")
-    print(f"  {'':<6} {'optimizer steps':>15} {'parallel steps':>14} {'GFLOP':>7} {'CPU s':>6} {'wall s':>6}")
+    print("\nBudgets (training only; evaluation not counted" + ("; --resume: times of this run only)" if args.resume
+                                                             else ")") + ":")
+    print(f"  {'':<6} {'optimizer steps':>15} {'parallel steps':>14} {'GFLOP':>8} {'CPU s':>6} {'wall s':>6}")
     for name, b in budgets.items():
-        print(f"  {name:<6} {b['optimizer steps']:15d} {b['parallel steps']:14d} {b['flops'] / 1e9:7.0f} "
+        print(f"  {name:<6} {b['optimizer steps']:15d} {b['parallel steps']:14d} {gflop(b['flops']):>8} "
               f"{b['cpu']:6.0f} {b['wall']:6.0f}")
     print("  optimizer steps: every model's steps added up; parallel steps: the models of a stage are\n"
           "  independent, so with enough cores a stage takes as long as one of them. Equal steps and equal\n"
-          "  FLOPs cannot both hold: a joint step runs all seven models, a grown step one.")
+          f"  FLOPs cannot both hold: a joint step runs all {cfg.n_nodes} models, a grown step one.")
     batches = 2 if args.quick else 16
     val = {name: evaluate(params, cfg, val_all, tc.batch_size, batches) for name, params in runs.items()}
     print(f"\nPer-node val loss on the same {batches} batches of the union of the chunks' val parts:")
@@ -183,28 +256,26 @@ def main(argv=None):
     for node in nodes(cfg):
         print(f"  {str(node).replace(' ', ''):>6} {cfg.width(node[0]):5d} {val['grown'][node]:8.4f} "
               f"{val['joint'][node]:8.4f} {val['alone'][node]:8.4f} {val['grown'][node] - val['joint'][node]:+14.4f}")
-    print("  The 'alone' model's sub-models were never trained: only a FractalFormer trained as a tree\n"
-          "  (jointly or by growing) gives useful models at every node.")
+    print("  The 'alone' run trains the root's loss only: its sub-models never learn.")
+    conclude(args, "  Only a FractalFormer trained as a tree (jointly or by growing) gives useful models at every node.")
+    return metrics, budgets, val, alone_steps
 
-    # %% 6. How much compute does growing save?
+
+def compute_saved(args, cfg, stages, metrics, budgets):
+    """Section 6: the compute the grown root needs to reach each baseline root's loss, and the other way; figure."""
     section("6. How much compute does growing save?")
-    reach = {name: steps_to_reach(stages, metrics[name], budgets[name]["flops"], name) for name in ("joint", "alone")}
+    reach = {name: steps_to_reach(args, stages, metrics[name], budgets[name]["flops"], name)
+             for name in ("joint", "alone")}
     print("\nModel-growth papers (bert2BERT, LiGO) warm-start a large model from smaller trained ones, then train\n"
           "ALL of it, and report 45-50% less compute than training the large model from scratch at equal loss.\n"
           "Here the children stay frozen, so a parent learns only through its off-diagonal blocks, and the\n"
           f"grown tree holds {cfg.n_nodes} trained models, as the joint one does; the root alone is one model.")
     for name, r in reach.items():
-        print(f"  against the {name} run: " + (f"{r['saving']:.0%} of the compute saved to reach its root's loss"
-                                               if r["reached"] else "its root's loss is not reached"))
-    figures.append(plot_root_vs_flops(stages, metrics, budgets, out / "root_vs_flops.png"))
-    print(f"saved {figures[-1]}")
-    atomic_write_json(out / "summary.json", {
-        "config": cfg.to_dict(), "steps_per_stage": steps, "joint_steps": joint_steps, "alone_steps": alone_steps,
-        "budgets": budgets, "val": {name: {node_key(n): v for n, v in losses.items()} for name, losses in val.items()},
-        "root_val_curves": {name: [m["eval_step"], m["val"]["0.0"]] for name, m in metrics.items()},
-        "reach": reach, "coupling_demo": demo})
-    print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
-    return 0
+        conclude(args, f"  against the {name} run: " + (f"{r['saving']:.0%} of the compute saved to reach its root's "
+                                                        f"loss" if r["reached"] else "its root's loss is not reached"))
+    figure = plot_root_vs_flops(stages, metrics, budgets, args.out / "root_vs_flops.png")
+    print(f"saved {figure}")
+    return reach, figure
 
 
 def attention_probs(x, Wq, Wk, h, theta):
@@ -265,7 +336,7 @@ def coupling_demo(parent, pcfg, children, child_cfg, ids, targets):
         print(f"    child {r}: mean total-variation distance between the attention rows = {tv[-1]:.3f} "
               f"(0 = same, 1 = disjoint)")
 
-    print("\n(d) The result: the parent's logits are not the sum of its children's, and its loss starts higher.")
+    print("\n(d) The parent's logits against the sum of its children's, and the losses on this batch.")
     plog = forward(parent, pcfg, ids)
     clogs = [forward(c, child_cfg, ids) for c in children]
     total = sum(clogs)
@@ -285,7 +356,7 @@ def coupling_demo(parent, pcfg, children, child_cfg, ids, targets):
             "losses": losses}
 
 
-def steps_to_reach(stages, baseline, baseline_flops, name):
+def steps_to_reach(args, stages, baseline, baseline_flops, name):
     """Root steps and FLOPs the grown root needs to reach a baseline root's final val loss (section 6),
     and the baseline's steps to reach the grown root's final val loss. Curves are read at every eval."""
     root = stages[-1][0]
@@ -293,29 +364,29 @@ def steps_to_reach(stages, baseline, baseline_flops, name):
     before = sum(r["train_flops"] for st in stages[:-1] for r in st)
     curve = list(zip(root["metrics"]["eval_step"], root["metrics"]["val"]["0.0"]))
     print(f"\nTarget: the {name} root's final val loss {target:.4f} ({baseline['eval_step'][-1]} steps, "
-          f"{baseline_flops / 1e9:.0f} GFLOP). The grown root's stage starts after {before / 1e9:.0f} GFLOP.")
+          f"{gflop(baseline_flops)} GFLOP). The grown root's stage starts after {gflop(before)} GFLOP.")
     hit = next(((step, v) for step, v in curve if v <= target), None)
     result = {"target": target, "before_root_flops": before, "baseline_flops": baseline_flops}
     if hit is None:
         best_step, best = min(curve, key=lambda c: c[1])
-        print(f"  The grown root does NOT reach it in {root['steps']} steps: best {best:.4f} at step {best_step}.")
+        conclude(args, f"  The grown root does NOT reach it in {root['steps']} steps: best {best:.4f} at step {best_step}.")
         result.update(reached=False, best=best, best_step=best_step)
     else:
         step, v = hit
         spent = before + root["step_flops"] * step
         result.update(reached=True, root_step=step, spent_flops=spent, saving=1 - spent / baseline_flops)
-        print(f"  The grown root reaches it at root step {step} (val {v:.4f}; evals every "
-              f"{curve[1][0] - curve[0][0] if len(curve) > 1 else step} steps), after {spent / 1e9:.0f} GFLOP in all: "
-              f"{result['saving']:.0%} of the {name} run's compute saved.")
+        conclude(args, f"  The grown root reaches it at root step {step} (val {v:.4f}; evals every "
+                       f"{curve[1][0] - curve[0][0] if len(curve) > 1 else step} steps), after {gflop(spent)} GFLOP "
+                       f"in all: {result['saving']:.0%} of the {name} run's compute saved.")
     grown_final, grown_flops = root["final_val"]["0.0"], before + root["train_flops"]
     back = next((step for step, v in zip(baseline["eval_step"], baseline["val"]["0.0"]) if v <= grown_final), None)
     if back is None:
-        print(f"  The other way round: the {name} root never reaches the grown root's final {grown_final:.4f} "
-              f"in its {baseline['eval_step'][-1]} steps.")
+        conclude(args, f"  The other way round: the {name} root never reaches the grown root's final "
+                       f"{grown_final:.4f} in its {baseline['eval_step'][-1]} steps.")
     else:
         needed = baseline_flops * back / baseline["eval_step"][-1]
-        print(f"  The other way round: the {name} root reaches the grown root's final {grown_final:.4f} at step "
-              f"{back}, after {needed / 1e9:.0f} GFLOP; growing spent {grown_flops / needed:.2f}x that.")
+        conclude(args, f"  The other way round: the {name} root reaches the grown root's final {grown_final:.4f} at "
+                       f"step {back}, after {gflop(needed)} GFLOP; growing spent {grown_flops / needed:.2f}x that.")
         result["baseline_flops_to_grown_final"] = needed
     result["baseline_step_to_grown_final"] = back
     return result
@@ -323,9 +394,7 @@ def steps_to_reach(stages, baseline, baseline_flops, name):
 
 def plot_parent_losses(stages, path):
     """Val loss of every merged parent from the moment of merging, with its children's as dashed lines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     merged = [r for st in stages[1:] for r in st]
     fig, axes = plt.subplots(1, len(merged), figsize=(4.2 * len(merged), 3.6), sharey=True, squeeze=False)
     for ax, r in zip(axes[0], merged):
@@ -339,37 +408,36 @@ def plot_parent_losses(stages, path):
         ax.set_xlabel("steps on the new blocks")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("val loss (nats/token)")
-    fig.suptitle("After a merge the parent starts above its children; training the new blocks brings it down")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.suptitle("Each merged parent's val loss while only its new blocks train")
+    return save_figure(fig, path)
 
 
 def plot_root_vs_flops(stages, metrics, budgets, path):
     """Root val loss against training FLOPs spent so far: grown (its root stage) and the baselines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     root = stages[-1][0]
     before = sum(r["train_flops"] for st in stages[:-1] for r in st)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot([(before + root["step_flops"] * s) / 1e9 for s in [0] + root["metrics"]["eval_step"]],
-            [root["val_at_merge"]["0.0"]] + root["metrics"]["val"]["0.0"], "o-", ms=3, label="grown root")
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
+    grown = [root["val_at_merge"]["0.0"]] + root["metrics"]["val"]["0.0"]
+    ax.plot([(before + root["step_flops"] * s) / 1e9 for s in [0] + root["metrics"]["eval_step"]], grown, "o-", ms=3,
+            label="grown root")
+    curves = [grown]
     for (name, m), marker in zip(metrics.items(), "s^"):
         per_step = budgets[name]["flops"] / budgets[name]["optimizer steps"]
         ax.plot([per_step * s / 1e9 for s in m["eval_step"]], m["val"]["0.0"], marker + "-", ms=3,
                 label=f"{name} root")
+        curves.append(m["val"]["0.0"])
     ax.axvline(before / 1e9, ls=":", color="gray", label="leaves + level-1 merges done")
-    ax.set_ylim(top=min(ax.get_ylim()[1], 4.5))
+    # From the data: every curve's end and the whole grown curve stay in view; a baseline's first
+    # evaluations, far above (tens of nats), may be cut off at the top so the ends can be compared.
+    low = min(min(c) for c in curves)
+    high = max(max(grown), max(c[-1] for c in curves))
+    margin = 0.08 * (high - low) or 0.1
+    ax.set_ylim(low - margin, high + margin)
     ax.set_xlabel("training GFLOP spent (matmuls, 3x forward)")
     ax.set_ylabel("root val loss (nats/token)")
     ax.set_title("The root's loss against the compute spent to get it")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Lesson 3, fast inference: a KV cache, the sub-models drafting for the big model, all experts at once.
 
-Run: python -m tinyfractal.lessons.speculative [--quick] [--out DIR] [--ckpt DIR] [--steps N]
+Run: python -m tinyfractal.lessons.speculative [--quick] [--out DIR] [--ckpt DIR] [--steps N] [--resume]
 
 The model comes from --ckpt, else from this lesson's earlier output (OUT/checkpoint), else from the
 base lesson's output (lesson_output/base/checkpoint), else it is trained here (--steps, default 600).
+A --quick run trains its own 3-step model, and a full run never takes a --quick run's model.
 """
-import argparse
 import time
 from pathlib import Path
 
@@ -13,53 +13,75 @@ import numpy as np
 
 from tinyfractal import Config, Tokenizer, init_params
 from tinyfractal.inference import decoder as infer
-from tinyfractal.training.checkpoint import atomic_write_json, load
-from tinyfractal.training.data import load_tokens, train_val_split
 from tinyfractal.inference.ensemble import ensemble_losses, ensemble_table
-from tinyfractal.tools.infer_bench import call_times, cache_vs_recompute, default_choices, spec_table, timed
 from tinyfractal.inference.sample import generate, generate_reference
 from tinyfractal.inference.speculative import parse_drafters, speculative_ids
-from tinyfractal.training.train import TrainConfig, evaluate, format_duration, save_run, train
+from tinyfractal.lessons._common import (OUTPUT, conclude, is_quick, load_trained, pyplot, run, save_figure,
+                                         section, train_with_checkpoints)
+from tinyfractal.tools.infer_bench import call_times, cache_vs_recompute, default_choices, spec_table, timed
+from tinyfractal.training.checkpoint import atomic_write_json, exists, read_meta
+from tinyfractal.training.data import load_tokens, train_val_split
+from tinyfractal.training.train import TrainConfig, evaluate, format_duration
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+STEPS = (600, 3)      # if no trained model is found: full run, --quick
+BASE_CHECKPOINT = OUTPUT / "base" / "checkpoint"
 
 
-def section(title):
-    print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
+def main(argv=None):
+    return run("speculative", __doc__, lesson, argv, steps=STEPS, trains=True, arguments=arguments)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m tinyfractal.lessons.speculative", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="lesson_output/speculative", help="folder for figures, results and the model")
-    p.add_argument("--quick", action="store_true", help="a tiny run of seconds, to check that everything works")
-    p.add_argument("--ckpt", default=None, help="a trained checkpoint to use instead of training one")
-    p.add_argument("--steps", type=int, default=None, help="training steps if no model is found (default 600)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
-    return args
+def arguments(p):
+    p.add_argument("--ckpt", default=None, help="a trained checkpoint to use instead of finding or training one")
 
 
-def get_model(args, out, tokenizer):
-    """(params, cfg, where it came from): a checkpoint if one is found, else a freshly trained tiny model."""
-    own = out / "checkpoint"
-    candidates = [Path(args.ckpt)] if args.ckpt else ([] if args.quick else [own, Path("lesson_output/base/checkpoint")])
-    for path in candidates:
-        if (path / "meta.json").exists() or args.ckpt:
-            params, cfg, meta = load(path)
-            return params, cfg, f"loaded {path} (trained {meta.get('step', '?')} steps)"
+def lesson(args):
+    tokenizer = Tokenizer.default()
+    params, cfg, val_tokens = a_trained_model(args, tokenizer)
+    results = {"cache": kv_cache(args, params, cfg, tokenizer)}
+    one_speculative_run(args, params, cfg, tokenizer)
+    results.update(drafter_table(args, params, cfg, tokenizer, val_tokens))
+    results["curves"], figure = acceptance_against_k(args, params, cfg, tokenizer, val_tokens)
+    results["ensemble"] = all_experts(args, params, cfg, val_tokens)
+    section("7. Figures and results")
+    atomic_write_json(args.out / "results.json", results)
+    print(f"saved {figure}\nsaved {args.out / 'results.json'}")
+
+
+def get_model(args, tokenizer):
+    """(params, cfg, where it came from): --ckpt, else a trained checkpoint found on disk, else one trained here.
+
+    A --quick run's checkpoint is never taken for a trained model (unless this run is quick too).
+    """
+    if args.ckpt:
+        params, cfg, meta = load_trained(Path(args.ckpt), args.quick)
+        return params, cfg, f"loaded {args.ckpt} (trained {meta.get('step', '?')} steps)"
+    own = args.out / "checkpoint"
+    for path in [] if args.quick or args.resume else [own, BASE_CHECKPOINT]:
+        if not exists(path):     # a run folder (step folders + checkpoint.json) or an old flat one
+            continue
+        _, meta, _ = read_meta(path)
+        if is_quick(meta):
+            print(f"Not using {path}: it holds a --quick run's model ({meta.get('step', '?')} steps).")
+            continue
+        if meta.get("step") != meta.get("train", {}).get("steps", meta.get("step")):
+            print(f"Not using {path}: its training stopped at step {meta.get('step')} of "
+                  f"{meta['train']['steps']} (finish it with --resume).")
+            continue
+        params, cfg, meta = load_trained(path, args.quick)
+        return params, cfg, f"loaded {path} (trained {meta.get('step', '?')} steps)"
     cfg = Config.preset("tiny")
-    steps = args.steps or (3 if args.quick else 600)
+    steps = args.steps
     tc = TrainConfig(steps=steps, batch_size=4 if args.quick else 16, warmup=min(50, steps // 10),
-                     eval_interval=steps, eval_batches=1 if args.quick else 8, log_interval=max(1, steps // 12),
-                     seed=args.seed)
+                     eval_interval=max(1, steps // 4), eval_batches=1 if args.quick else 8,
+                     log_interval=max(1, steps // 12), seed=args.seed)
     params = init_params(cfg, args.seed)
     train_tokens, val_tokens = train_val_split(load_tokens(tokenizer))
-    print(f"No trained model found: training the 'tiny' preset for {steps} steps (every node at once).")
+    print(f"No trained model found: training the 'tiny' preset for {steps} steps (every node at once),\n"
+          f"saving {own} at every evaluation.")
     t0 = time.perf_counter()
-    state, metrics = train(params, cfg, tc, train_tokens, val_tokens)
-    save_run(own, params, cfg, tc, state, metrics)
+    train_with_checkpoints(args, own, params, cfg, tc, train_tokens, val_tokens)
     return params, cfg, f"trained here in {format_duration(time.perf_counter() - t0)}, saved to {own}"
 
 
@@ -68,37 +90,33 @@ def shown(tokenizer, ids):
     return "·".join(tokenizer.decode([int(t)]) for t in ids).replace("\n", "⏎")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    tokenizer = Tokenizer.default()
-    quick = args.quick
-    results = {}
-
-    # %% 1. A trained FractalFormer
+def a_trained_model(args, tokenizer):
+    """Section 1: the model, and every node's val loss."""
     section("1. A trained FractalFormer: seven models in one set of arrays")
-    params, cfg, source = get_model(args, out, tokenizer)
+    params, cfg, source = get_model(args, tokenizer)
     print(f"Model: {source}\n{cfg}")
     _, val_tokens = train_val_split(load_tokens(tokenizer))
-    losses = evaluate(params, cfg, val_tokens, 4 if quick else 16, 1 if quick else 8)
+    losses = evaluate(params, cfg, val_tokens, 4 if args.quick else 16, 1 if args.quick else 8)
     print(f"\n{'node':>6} {'width':>5} {'val loss':>8}")
     for (level, j), v in losses.items():
         print(f"{f'({level},{j})':>6} {cfg.width(level):5d} {v:8.3f}")
-    print("The small models are worse, but they are not random: they often guess the same next token as\n"
-          "the root. That is what makes them useful drafters, for free: they ARE the root's own weights.")
+    conclude(args, "The small models are worse, but they are not random: they often guess the same next token as\n"
+                   "the root. That is what makes them useful drafters, for free: they ARE the root's own weights.")
+    return params, cfg, val_tokens
 
-    # %% 2. The KV cache
+
+def kv_cache(args, params, cfg, tokenizer):
+    """Section 2: the KV cache against recomputing the window, within one window and past it."""
     section("2. The KV cache: never recompute the past")
+    quick = args.quick
     print("Without a cache, every new token re-runs the whole window: generating n tokens costs about\n"
           "n^2/2 token-rows of work. With a cache, each layer keeps the keys and values it has computed;\n"
           "a new token costs one row per matmul plus one read of the cache. One cache per node, or one for\n"
           "all the models of a level at once (a leading N axis):")
     for level in range(cfg.levels):
-        m = infer.Models(params, cfg, level, range(cfg.n_models(level)))
+        m = infer.Decoder(params, cfg, level, range(cfg.n_models(level)))
         cache = m.new_cache(1)
-        print(f"  level {level}: {m.N} model(s), K and V per layer of shape {cache.k[0].shape} "
+        print(f"  level {level}: {m.N} model(s), K and V per layer of shape {cache.k[level][0].shape} "
               f"(N, batch, kv heads, context, head dim)")
     print("RoPE rotates q and k by the token's position in the window, exactly as the full forward does.\n"
           f"When the window ({cfg.context} tokens) is full, decoding slides: the cache is rebuilt from the\n"
@@ -107,7 +125,7 @@ def main(argv=None):
     new = 8 if quick else cfg.context - prompt_len
     print(f"\nWithin one window: greedy, {new} new tokens after the {prompt_len}-token prompt, from the root,\n"
           "cached `generate` vs `generate_reference` (which re-runs the window for every token):")
-    results["cache"] = cache_vs_recompute(params, cfg, tokenizer, PROMPT, new, 1 if quick else 3)
+    results = cache_vs_recompute(params, cfg, tokenizer, PROMPT, new, 1 if quick else 3)
     longer = 16 if quick else 4 * cfg.context
     print(f"\nPast the window: {longer} new tokens. With keep = context every step after the window fills\n"
           "is a full recompute (exactly the reference, and about as slow); keep = context/2 recomputes\n"
@@ -116,14 +134,18 @@ def main(argv=None):
         seconds, text = timed(lambda: generate(params, cfg, tokenizer, PROMPT, max_new_tokens=longer,
                                                temperature=0, keep=keep_rule))
         print(f"  keep={keep_rule or cfg.context:3d}: cached {seconds:6.3f} s ({longer / seconds:5.0f} tok/s)")
-        results[f"cache_keep_{keep_rule or cfg.context}_s"] = seconds
+        results[f"keep_{keep_rule or cfg.context}_s"] = seconds
     seconds, reference = timed(lambda: generate_reference(params, cfg, tokenizer, PROMPT, max_new_tokens=longer,
                                                           temperature=0))
     print(f"  full recompute: {seconds:6.3f} s ({longer / seconds:5.0f} tok/s); keep=context/2 text equals it: "
           f"{text == reference}")
+    return results
 
-    # %% 3. One speculative run, round by round
+
+def one_speculative_run(args, params, cfg, tokenizer):
+    """Section 3: one self-speculative run, round by round: drafts, what the root kept, its own token."""
     section("3. Self-speculative decoding: the small models draft, the root checks")
+    quick = args.quick
     drafters, k = "2", 4
     print(f"Verifier: the root (0,0). Drafters: every level-2 model ({drafters!r}), each proposing k={k}\n"
           "tokens greedily from its own cache, all four in one batched computation. The root checks every\n"
@@ -152,8 +174,12 @@ def main(argv=None):
           f"{stats.mean_accepted:.2f} drafted tokens kept per round, {stats.verifier_calls_per_token:.2f} "
           f"root calls per token (plain decoding: 1.00).")
 
-    # %% 4. Which drafters? The table
+
+def drafter_table(args, params, cfg, tokenizer, val_tokens):
+    """Section 4: acceptance and speed-ups for every choice of drafters and k, greedy and sampled."""
     section("4. Which drafters, how many tokens? Acceptance and speed-up")
+    quick = args.quick
+    keep = cfg.context // 2
     prompts = [tokenizer.encode(PROMPT)] + ([] if quick else [val_tokens[5000:5024].tolist()])
     choices = ["1.0", "2"] if quick else default_choices(cfg, (0, 0))
     ks = [1, 2] if quick else [1, 2, 4]
@@ -163,8 +189,7 @@ def main(argv=None):
           "1st acc = rounds whose first drafted token was kept; FLOP x = matmul FLOPs of plain decoding /\n"
           "speculative; latency x = the same with each forward pass costing ONE token row (hardware that is\n"
           "bound by reading the weights); wall x = measured time ratio on this machine.")
-    rows, base = spec_table(params, cfg, prompts, choices, ks, n_new, keep, repeats=1 if quick else 3)
-    results["table"] = rows
+    rows, _ = spec_table(params, cfg, prompts, choices, ks, n_new, keep, repeats=1 if quick else 3)
     print("\nWhy is 'FLOP x' always below 1? The root must score every token it keeps (plus the refused\n"
           "ones), so it never does less work than plain decoding, and the drafters add theirs. Speculation\n"
           "saves SEQUENTIAL passes, not arithmetic: 'latency x' is the gain where a pass over k+1 rows costs\n"
@@ -173,18 +198,24 @@ def main(argv=None):
     times = call_times(params, cfg, (0, 0), max(ks), calls=20 if quick else 200)
     for name, t in times.items():
         print(f"    one cached call, {name:<28} {t:8.0f} us")
-    best_of_n(rows)
+    best_of_n(args, rows)
     print("\nGreedy text from a small model soon loops ('the some the some ...'), and in a loop every model\n"
           "agrees, which flatters the acceptance above. Sampling does not loop. At temperature 0.8 the\n"
           "root's distribution is kept exactly (one drafter: accept with min(1, p/q); several: each in\n"
           "turn against what the refusals left of p):")
     sampled, _ = spec_table(params, cfg, prompts, ["1.0"] if quick else ["1.0", "1", "2.0", "2", "1+2"],
                             [1] if quick else [1, 2], n_new, keep, repeats=1, temperature=0.8)
-    results["table_sampled"] = sampled
-    best_of_n(sampled)
+    best_of_n(args, sampled)
+    return {"table": rows, "table_sampled": sampled, "call_us": times}
 
-    # %% 5. Acceptance against draft length
+
+def acceptance_against_k(args, params, cfg, tokenizer, val_tokens):
+    """Section 5: sampled acceptance and tokens per root call against the draft length k; the figure."""
     section("5. Acceptance against the draft length k")
+    quick = args.quick
+    keep = cfg.context // 2
+    prompts = [tokenizer.encode(PROMPT)] + ([] if quick else [val_tokens[5000:5024].tolist()])
+    n_new = 12 if quick else 120
     curve_choices = ["1.0", "2"] if quick else ["1.0", "1", "2.0", "2", "1+2"]
     curve_ks = [1, 2] if quick else [1, 2, 3, 4, 6, 8]
     seeds = 1 if quick else 3
@@ -202,49 +233,42 @@ def main(argv=None):
             curves[choice].append((total[0] / max(1, total[1]), total[2] / max(1, total[3])))
         print(f"  drafters {choice:>5}: acceptance " + " ".join(f"k={kk}:{a:.2f}" for kk, (a, _) in
                                                             zip(curve_ks, curves[choice])))
-    print("Longer drafts are accepted less often per token (one miss ends the run), but each root call\n"
-          "yields more tokens: see the right panel.")
-    results["curves"] = {c: {"k": curve_ks, "acceptance": [a for a, _ in v], "tokens_per_root_call": [t for _, t in v]}
-                         for c, v in curves.items()}
-    figure = save_figure(curve_ks, curves, out / "acceptance_vs_k.png")
+    conclude(args, "Longer drafts are accepted less often per token (one miss ends the run), but each root call\n"
+                   "yields more tokens: see the right panel.")
+    results = {c: {"k": curve_ks, "acceptance": [a for a, _ in v], "tokens_per_root_call": [t for _, t in v]}
+               for c, v in curves.items()}
+    return results, save_acceptance_figure(curve_ks, curves, args.out / "acceptance_vs_k.png")
 
-    # %% 6. All experts at once
+
+def all_experts(args, params, cfg, val_tokens):
+    """Section 6: every model of a level answers at once, pooled two ways, against its members and parent."""
     section("6. All experts at once: pooling every model of a level")
     print("A mixture of experts picks a few experts per token with a gate. Here every model of a level is\n"
           "an expert and ALL of them answer, in one batched pass, with no gate and no new weights:\n"
           "  ens:logprob  the mean of their log-probabilities, renormalised (a product of experts)\n"
           "  ens:prob     the mean of their probabilities (a mixture)")
-    nodes_loss, levels, families = ensemble_losses(params, cfg, val_tokens, 4 if quick else 16, 1 if quick else 8)
+    nodes_loss, levels, families = ensemble_losses(params, cfg, val_tokens, 4 if args.quick else 16,
+                                                   1 if args.quick else 8)
     print("\n".join(ensemble_table(cfg, nodes_loss, levels, families)))
     print("Pooling always beats the members' MEAN loss (a law: Jensen's inequality). Whether it beats the\n"
           "best member, or the parent whose weights contain all of them, is what the table shows.")
-    results["ensemble"] = {"nodes": {f"{l}.{j}": v for (l, j), v in nodes_loss.items()},
-                           "levels": {f"{l}:{h}": v for (l, h), v in levels.items()},
-                           "families": {f"{l}.{j}": v for (l, j), v in families.items()}}
-
-    # %% 7. Files
-    section("7. Figures and results")
-    atomic_write_json(out / "results.json", results)
-    print(f"saved {figure}\nsaved {out / 'results.json'}")
-    print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
-    return 0
+    return {"nodes": {f"{l}.{j}": v for (l, j), v in nodes_loss.items()},
+            "levels": {f"{l}:{h}": v for (l, h), v in levels.items()},
+            "families": {f"{l}.{j}": v for (l, j), v in families.items()}}
 
 
-def best_of_n(rows):
+def best_of_n(args, rows):
     """Print the mean first-token acceptance of single drafters against that of drafter sets."""
     singles = [r["first_accept"] for r in rows if "." in r["drafters"]]
     sets = [r["first_accept"] for r in rows if "." not in r["drafters"]]
-    if singles and sets:
+    if singles and sets and not args.quick:
         print(f"Best-of-N: mean first-token acceptance with ONE drafter {np.mean(singles):.3f}, "
               f"with a whole level (or more) {np.mean(sets):.3f}.")
 
 
-def save_figure(ks, curves, path):
+def save_acceptance_figure(ks, curves, path):
     """Acceptance rate and tokens per root call against k, one line per drafter choice."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 4))
     for choice, values in curves.items():
         left.plot(ks, [a for a, _ in values], marker="o", label=f"drafters {choice}")
         right.plot(ks, [t for _, t in values], marker="o", label=f"drafters {choice}")
@@ -256,10 +280,7 @@ def save_figure(ks, curves, path):
     left.set_title("Acceptance against k")
     right.set_title("Tokens per verifier call")
     left.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Training (`train`) runs over the whole text as one sequence, with no splitting o
     occurrences left to right ("aaa" holds ("a", "a") once, not twice);
   - the most frequent allowed pair merges; ties go to the smallest (id_a, id_b);
   - the merge replaces every occurrence, non-overlapping, left to right.
-On input.txt this gives SPEC §3's list: th, ", ", ou, er, in, an, ":\\n", the, ... Note that merge 10
+On input.txt this gives the prototype's list (docs/design.md): th, ", ", ou, er, in, an, ":\\n", the, ... Note that merge 10
 ("\\n\\n", 7096 times) ties with "en" (also 7096); the tie rule picks "\\n\\n" because "\\n" has id 0.
 Counting overlapping occurrences instead gives "\\n\\n" 7098 and the same 63 merges with no tie.
 
@@ -23,7 +23,6 @@ Command line: python -m tinyfractal.text.bpe [--input input.txt] [--merges 63]
                                               [--out tokenizer/tokenizer.json] [--check]
 """
 
-import argparse
 import json
 import sys
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyfractal.cli_args import Parser, UsageError, reporting
+from tinyfractal.files import atomic_write_bytes
 from tinyfractal.paths import CORPUS, TOKENIZER
 
 DEFAULT_INPUT = CORPUS
@@ -229,7 +230,6 @@ class Tokenizer:
     def save(self, path):
         """Write to_json() to path atomically: a temp file in the same directory, then os.replace,
         so a crash never leaves a half-written tokenizer behind."""
-        from tinyfractal.training.checkpoint import atomic_write_bytes
         atomic_write_bytes(path, self.to_json().encode("utf-8"))
 
     @classmethod
@@ -343,56 +343,54 @@ def train_reference(text, num_merges=63):
     return Tokenizer(chars, merges)
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # argparse prints the usage and exits; we want one line on stderr and main() to return 2.
-        raise _UsageError(message)
-
-
 def _read_text(path):
     try:
         with open(path, encoding="utf-8", newline="") as f:  # newline="": keep "\r" if the file has it
             return f.read()
     except OSError as e:
-        raise _UsageError(f"cannot read {path}: {e.strerror}") from None
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise _UsageError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UsageError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _is_shipped(path):
+    """True if path is the shipped tokenizer (the repository's or the installed package's copy)."""
+    from tinyfractal.paths import SHIPPED_TOKENIZERS
+    return Path(path).resolve() in {p.resolve() for p in SHIPPED_TOKENIZERS}
+
+
+@reporting
 def main(argv=None):
     """Train on --input and write --out (or, with --check, compare with it). Returns the exit code:
-    0 ok, 1 --check found a difference, 2 bad input."""
-    parser = _Parser(prog="python -m tinyfractal.text.bpe", description="Train the character-pair BPE tokenizer.")
+    0 ok, 1 --check found a difference, 2 bad input (one line on stderr, cli_args.py)."""
+    parser = Parser(prog="python -m tinyfractal.text.bpe", description="Train the character-pair BPE tokenizer.")
     parser.add_argument("--input", default=str(DEFAULT_INPUT), help="training text (default: input.txt)")
     parser.add_argument("--merges", type=int, default=63, help="number of merges (default 63 -> 128 tokens)")
     parser.add_argument("--out", default=str(DEFAULT_PATH), help="output JSON (default: tokenizer/tokenizer.json)")
     parser.add_argument("--check", action="store_true", help="compare with --out instead of writing; exit 1 if different")
-    try:
-        args = parser.parse_args(argv)
-        if args.merges < 0:
-            raise _UsageError(f"--merges must be >= 0, got {args.merges}")
-        text = _read_text(args.input)
-        print(f"training BPE on {args.input}: {len(text):,} characters, {len(set(text))} base symbols, {args.merges} merges")
-        n_base = len(set(text))
+    parser.add_argument("--force", action="store_true",
+                        help="allow writing over the shipped tokenizer/tokenizer.json, which every model depends on")
+    args = parser.parse_args(argv)
+    if args.merges < 0:
+        raise UsageError(f"--merges must be >= 0, got {args.merges}")
+    if not args.check and not args.force and _is_shipped(args.out):
+        raise UsageError(f"refusing to overwrite the shipped {args.out}: every model and checkpoint uses it. "
+                         f"Write elsewhere with --out FILE, compare with --check, or pass --force")
+    text = _read_text(args.input)
+    print(f"training BPE on {args.input}: {len(text):,} characters, {len(set(text))} base symbols, {args.merges} merges")
+    n_base = len(set(text))
 
-        def show(rank, pair, count):
-            a, b = pair
-            print(f"  {rank:3d}  id {n_base + rank:4d}  {a!r:>8} + {b!r:<8} -> {a + b!r:<10} {count:7d} times")
+    def show(rank, pair, count):
+        a, b = pair
+        print(f"  {rank:3d}  id {n_base + rank:4d}  {a!r:>8} + {b!r:<8} -> {a + b!r:<10} {count:7d} times")
 
-        t0 = time.perf_counter()
-        tok = train(text, args.merges, on_merge=show)
-        t1 = time.perf_counter()
-        n_tokens = len(tok.encode_array(text))
-        t2 = time.perf_counter()
-        print(f"trained in {t1 - t0:.2f} s; the text is {n_tokens:,} tokens ({len(text) / n_tokens:.3f} characters "
-              f"per token), encoded in {t2 - t1:.2f} s")
-    except (_UsageError, ValueError) as e:
-        print(f"tokenizer: error: {e}", file=sys.stderr)
-        return 2
+    t0 = time.perf_counter()
+    tok = train(text, args.merges, on_merge=show)
+    t1 = time.perf_counter()
+    n_tokens = len(tok.encode_array(text))
+    t2 = time.perf_counter()
+    print(f"trained in {t1 - t0:.2f} s; the text is {n_tokens:,} tokens ({len(text) / n_tokens:.3f} characters "
+          f"per token), encoded in {t2 - t1:.2f} s")
     out = Path(args.out)
     if args.check:
         if not out.exists():
@@ -406,8 +404,7 @@ def main(argv=None):
     try:
         tok.save(out)
     except OSError as e:
-        print(f"tokenizer: error: cannot write {out}: {e.strerror}", file=sys.stderr)
-        return 2
+        raise UsageError(f"cannot write {out}: {e.strerror}") from None
     print(f"wrote {out} ({tok.vocab_size} tokens)")
     return 0
 

@@ -26,34 +26,16 @@ import time
 import numpy as onp
 from autograd import value_and_grad
 
-from tinyfractal.core import fast
-from tinyfractal.core import model
-from tinyfractal.core import ops
+from tinyfractal import api
+from tinyfractal.cli_args import Parser, reporting
 from tinyfractal.config import Config
+from tinyfractal.core import machinery
+from tinyfractal.core.flops import step_flops_by_kind
+from tinyfractal.core.tree import flatten
 from tinyfractal.training.train import TrainConfig, adamw_init, adamw_step, clip_by_global_norm
-from tinyfractal.core.tree import flatten, unflatten
 
-PATHS = ("fast", "reference")
-
-
-def step_flops(cfg, batch):
-    """Matmul FLOPs of one training step, by kind: {kind: flops}; backward counted as 2x forward.
-
-    Also 'attention (causal half)': QK and PV counting only the T(T+1)/2 unmasked pairs.
-    """
-    T, V, H, K, L = cfg.context, cfg.vocab_size, cfg.heads, cfg.kv_heads, cfg.layers
-    M = batch * T
-    out = dict.fromkeys(["projections q k v o", "mlp gate up down", "attention QK PV", "output logits"], 0)
-    causal = 0
-    for level in range(cfg.levels):
-        N, d, h, f = cfg.n_models(level), cfg.width(level), cfg.head_width(level), cfg.mlp_width(level)
-        out["projections q k v o"] += 3 * L * N * 2 * M * d * (2 * H * h + 2 * K * h)
-        out["mlp gate up down"] += 3 * L * N * 2 * M * 3 * d * f
-        out["attention QK PV"] += 3 * L * N * 2 * 2 * batch * H * T * T * h
-        causal += 3 * L * N * 2 * 2 * batch * H * (T * (T + 1) // 2) * h
-        out["output logits"] += 3 * N * 2 * M * d * V
-    total = sum(out.values())
-    return {**out, "total": total, "total (attention causal half)": total - out["attention QK PV"] + causal}
+PATHS = ("fast", "reference")       # the NumPy engine's two paths
+BACKENDS = ("numpy", "jax")         # --backend jax adds the path "jax": the JAX engine (tinyfractal/jax_engine/bench.py)
 
 
 def matmul_shapes(cfg, batch):
@@ -74,7 +56,7 @@ def measure_peak(cfg, batch, budget=0.05):
     """Best float32 GFLOP/s over the model's matmul shapes: (GFLOP/s, shape, how).
 
     Each shape is timed for about `budget` seconds two ways, as plain np.matmul (BLAS's own threads)
-    and as ops.batched_matmul (our threads, single-threaded BLAS); the fastest run counts.
+    and as machinery.batched_matmul (our threads, single-threaded BLAS); the fastest run counts.
     """
     rng = onp.random.default_rng(0)
     best = (0.0, None, None)
@@ -84,7 +66,7 @@ def measure_peak(cfg, batch, budget=0.05):
         out = onp.empty((Bm, m, n), dtype=onp.float32)
         flops = 2.0 * Bm * m * k * n
         for how, run in (("np.matmul", lambda: onp.matmul(a, b, out=out)),
-                         ("ops.batched_matmul", lambda: ops.batched_matmul(a, b))):
+                         ("machinery.batched_matmul", lambda: machinery.batched_matmul(a, b))):
             run()
             reps, fastest, start = 0, float("inf"), time.perf_counter()
             while reps < 3 or time.perf_counter() - start < budget:
@@ -99,10 +81,14 @@ def measure_peak(cfg, batch, budget=0.05):
 
 def training_step(path, cfg, tc, seed=0):
     """A function running one full training step of `path` on its own fresh parameters."""
-    params = model.init_params(cfg, seed)
-    loss = fast.tree_loss if path == "fast" else model.tree_loss_reference
+    if path == "jax":
+        from tinyfractal.jax_engine.bench import training_step as jax_step
+        return jax_step(cfg, tc, seed)
+    params = api.init_params(cfg, seed)
+    loss = api.tree_loss if path == "fast" else api.tree_loss_reference
     value_grad = value_and_grad(lambda p, ids, targets: loss(p, cfg, ids, targets))
     state = adamw_init(params)
+    flat_params = flatten(params)
     timings = {}
 
     def step(ids, targets):
@@ -111,7 +97,7 @@ def training_step(path, cfg, tc, seed=0):
         t1 = time.perf_counter()
         flat_g = flatten(grads)
         clip_by_global_norm(flat_g, tc.grad_clip)
-        adamw_step(params, unflatten(flat_g), state, tc.lr, tc)
+        adamw_step(flat_params, flat_g, state, tc.lr, tc)
         timings["optimizer"] = time.perf_counter() - t1
         timings["forward+backward"] = t1 - t0
         return float(value)
@@ -126,13 +112,13 @@ def batches(cfg, batch, count, seed=0):
         yield ids[:, :-1], ids[:, 1:]
 
 
-def time_steps(cfg, tc, steps, warmup, paths):
+def time_steps(cfg, tc, steps, warmup, paths, runners=None):
     """Wall and CPU seconds of every timed training step of each path, one step of each in turn.
 
     CPU seconds (all threads of this process) tell what the step costs when the machine is shared:
     on an idle machine with c cores the wall time could approach CPU / c.
     """
-    runners = {path: training_step(path, cfg, tc) for path in paths}
+    runners = runners or {path: training_step(path, cfg, tc) for path in paths}
     wall, cpu = {path: [] for path in paths}, {path: [] for path in paths}
     for i, (ids, targets) in enumerate(batches(cfg, tc.batch_size, warmup + steps)):
         for path, run in runners.items():
@@ -151,7 +137,7 @@ def profile_fast_step(cfg, tc, steps=3):
     data = list(batches(cfg, tc.batch_size, steps + 1, seed=1))
     run(*data[0])
     total, optimizer = 0.0, 0.0
-    with ops.profiling() as seconds:
+    with machinery.profiling() as seconds:
         for ids, targets in data[1:]:
             t0 = time.perf_counter()
             run(ids, targets)
@@ -167,8 +153,8 @@ def peak_memory(preset, path, batch, steps=2):
     """Peak resident memory (bytes) of a fresh process running `steps` training steps of `path`."""
     cmd = [sys.executable, "-m", "tinyfractal.tools.bench", "--preset", preset, "--batch", str(batch),
            "--steps", str(steps), "--memory-of", path]
-    if ops._blas:
-        cmd += ["--blas-threads", str(ops._blas[1]())]
+    if machinery.blas_threads() is not None:
+        cmd += ["--blas-threads", str(machinery.blas_threads())]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the memory probe for {path} failed: {done.stderr.strip()[-500:]}")
@@ -203,14 +189,15 @@ def run_bench(preset, steps, warmup, batch=None, paths=PATHS, memory=True, profi
     tc = TrainConfig.preset(preset)
     if batch is not None:
         tc = tc.override(batch_size=batch)
-    flops = step_flops(cfg, tc.batch_size)
+    flops = step_flops_by_kind(cfg, tc.batch_size)
     memory = {path: peak_memory(preset, path, tc.batch_size) for path in paths} if memory else {}
     peak, peak_shape, peak_how = measure_peak(cfg, tc.batch_size)
-    wall, cpu = time_steps(cfg, tc, steps, warmup, paths)
+    runners = {path: training_step(path, cfg, tc) for path in paths}
+    wall, cpu = time_steps(cfg, tc, steps, warmup, paths, runners)
     medians = {path: statistics.median(t) for path, t in wall.items()}
     tokens = tc.batch_size * cfg.context
     result = {"preset": preset, "batch": tc.batch_size, "context": cfg.context, "tokens_per_step": tokens,
-              "models": cfg.n_nodes, "steps": steps, "warmup": warmup, "threads": ops.THREADS,
+              "models": cfg.n_nodes, "steps": steps, "warmup": warmup, "threads": machinery.THREADS,
               "load_average_1min": os.getloadavg()[0], "flops_per_step": flops,
               "matmul_peak_gflops": peak, "matmul_peak_shape": list(peak_shape), "matmul_peak_by": peak_how,
               "paths": {}}
@@ -226,10 +213,24 @@ def run_bench(preset, steps, warmup, batch=None, paths=PATHS, memory=True, profi
             result["paths"][path]["peak_rss_bytes"] = memory[path]
     if "fast" in medians and "reference" in medians:
         result["speedup"] = medians["reference"] / medians["fast"]
-    if profile_steps:
+    if "jax" in paths:
+        add_jax(result, cfg, tc, medians, runners["jax"].compile_seconds)
+    if profile_steps and "fast" in paths:
         step, table = profile_fast_step(cfg, tc, profile_steps)
         result["profile"] = {"step_seconds": step, "steps": profile_steps, "seconds": table}
     return result
+
+
+def add_jax(result, cfg, tc, medians, compile_seconds):
+    """The JAX engine's extras: compile time, its devices, and MFU against its own device's matmul peak."""
+    from tinyfractal.jax_engine.bench import measure_peak as jax_peak
+    jax_path = result["paths"]["jax"]
+    jax_path["compile_seconds"] = compile_seconds
+    peak, shape, device = jax_peak(matmul_shapes(cfg, tc.batch_size))
+    result.update(jax_matmul_peak_gflops=peak, jax_matmul_peak_shape=list(shape), jax_device=device)
+    jax_path["mfu_own_peak"] = jax_path["gflops"] / peak
+    if "fast" in medians:
+        result["jax_vs_fast"] = medians["fast"] / medians["jax"]
 
 
 def report(r):
@@ -250,6 +251,14 @@ def report(r):
                      f"{p['mfu']:6.1%} {p['mfu_causal_half']:10.1%} {rss:>9}")
     if "speedup" in r:
         lines.append(f"speed-up of the fast path over the reference: {r['speedup']:.2f}x")
+    if "jax" in r["paths"]:
+        j = r["paths"]["jax"]
+        lines.append(f"jax: compiling the step took {j['compile_seconds']:.1f} s (once, not in the step time); "
+                     f"jnp.matmul peak on {r['jax_device']}: {r['jax_matmul_peak_gflops']:.1f} GFLOP/s, "
+                     f"MFU against it {j['mfu_own_peak']:.1%}")
+        if "jax_vs_fast" in r:
+            lines.append(f"jax step time relative to the numpy fast path: {1 / r['jax_vs_fast']:.2f}x "
+                         f"({'faster' if r['jax_vs_fast'] > 1 else 'slower'})")
     if "profile" in r:
         step = r["profile"]["step_seconds"]
         lines += ["", f"profile of a fast step ({step:.3f} s wall, mean of {r['profile']['steps']} steps):"]
@@ -258,41 +267,47 @@ def report(r):
     return "\n".join(lines)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr and exit code 2."""
-
-    def error(self, message):
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
+@reporting
 def main(argv=None):
     parser = Parser(prog="python -m tinyfractal.tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny", choices=sorted(("tiny", "original", "sierpinski", "micro")))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per path (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per path first")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's training batch)")
-    parser.add_argument("--paths", default="fast,reference", help="comma-separated: fast, reference")
+    parser.add_argument("--paths", default="fast,reference", help="comma-separated: fast, reference (the numpy engine)")
+    parser.add_argument("--backend", default="numpy",
+                        help="comma-separated engines: numpy (the --paths), jax (pip install 'tinyfractal[jax]')")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--profile-steps", type=int, default=3, help="fast steps to profile (0: none)")
     parser.add_argument("--blas-threads", type=int, default=None,
                         help="set OpenBLAS's own thread count for the whole run (the reference path uses it)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
-    parser.add_argument("--memory-of", choices=PATHS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", choices=PATHS + ("jax",), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     paths = tuple(p for p in args.paths.split(",") if p)
     if not paths or any(p not in PATHS for p in paths):
         parser.error(f"--paths must be a comma-separated subset of {','.join(PATHS)}, got {args.paths!r}")
+    backends = tuple(b for b in args.backend.split(",") if b)
+    if not backends or any(b not in BACKENDS for b in backends):
+        parser.error(f"--backend must be a comma-separated subset of {','.join(BACKENDS)}, got {args.backend!r}")
+    if "jax" in backends or args.memory_of == "jax":
+        from tinyfractal.jax_engine import require
+        try:
+            require("--backend jax")
+        except ValueError as e:
+            parser.error(str(e))
+    paths = (paths if "numpy" in backends else ()) + (("jax",) if "jax" in backends else ())
     for name in ("steps", "batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be a positive integer, got {value}")
     if args.warmup < 0 or args.profile_steps < 0:
         parser.error("--warmup and --profile-steps must be >= 0")
+    machinery.tune()
     if args.blas_threads is not None:
-        if args.blas_threads < 1 or ops._blas is None:
+        if args.blas_threads < 1 or machinery.blas_threads() is None:
             parser.error("--blas-threads needs a positive count and numpy's bundled OpenBLAS")
-        ops._blas[0](args.blas_threads)
+        machinery.set_blas_threads(args.blas_threads)
     if args.memory_of:
         cfg, tc = Config.preset(args.preset), TrainConfig.preset(args.preset)
         tc = tc.override(batch_size=args.batch) if args.batch else tc
@@ -300,7 +315,7 @@ def main(argv=None):
         return 0
     result = run_bench(args.preset, args.steps, args.warmup, args.batch, paths, not args.no_memory,
                        args.profile_steps)
-    result["blas_threads"] = ops._blas[1]() if ops._blas else None
+    result["blas_threads"] = machinery.blas_threads()
     print(json.dumps(result, indent=1) if args.json else report(result))
     return 0
 

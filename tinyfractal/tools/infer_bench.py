@@ -8,12 +8,12 @@ Timings run with one BLAS thread (set before NumPy loads, by re-running this com
 process): on a shared CPU, multi-threaded BLAS stalls for milliseconds on the tiny matrices of
 decoding. Every ratio compares runs made back to back in the same process, in alternating order.
 """
-import argparse
-import json
 import os
 import subprocess
 import sys
 import time
+
+from tinyfractal.cli_args import Parser, reporting
 
 CHILD = "TINYFRACTAL_BENCH_CHILD"
 
@@ -56,7 +56,7 @@ def cache_vs_recompute(params, cfg, tokenizer, prompt, new, repeats=1, log=print
 def bench_cache(args, log=print):
     """The cache target: `original` preset (random init), a corpus prompt, `new` greedy tokens."""
     from tinyfractal.config import Config
-    from tinyfractal.core.model import init_params
+    from tinyfractal.api import init_params
     from tinyfractal.text.bpe import Tokenizer
     cfg = Config.preset(args.preset)
     params = init_params(cfg, 0)
@@ -92,7 +92,7 @@ def spec_table(params, cfg, prompts, choices, ks, new, keep, repeats=3, verifier
     from tinyfractal.inference.speculative import parse_drafters, speculative_ids
 
     def plain():
-        m = infer.node_models(params, cfg, *verifier)
+        m = infer.node_decoder(params, cfg, *verifier)
         outs = []
         for i, p in enumerate(prompts):
             rng = onp.random.default_rng(i)
@@ -152,16 +152,16 @@ def call_times(params, cfg, verifier=(0, 0), k=4, calls=200):
             times.append(time.perf_counter() - t)
         return float(onp.median(times)) * 1e6         # the median: a shared machine has long stalls
 
-    V = infer.node_models(params, cfg, *verifier)
+    V = infer.node_decoder(params, cfg, *verifier)
     out["verifier, 1 token"] = per_call(V, onp.ones((1, 1), int))
     for R, T in sorted({(1, 2), (1, k + 1), (4, k + 1)}):
         out[f"verifier, {R} x {T} tokens"] = per_call(V, onp.ones((R, T), int))
     for level in range(verifier[0] + 1, cfg.levels):
         nodes = resolve_drafters(cfg, verifier, level)
-        out[f"one level-{level} drafter"] = per_call(infer.Models(params, cfg, level, [nodes[0][1]]),
+        out[f"one level-{level} drafter"] = per_call(infer.Decoder(params, cfg, level, [nodes[0][1]]),
                                                      onp.ones((1, 1), int))
         out[f"all {len(nodes)} level-{level} drafters"] = per_call(
-            infer.Models(params, cfg, level, [j for _, j in nodes]), onp.ones((len(nodes), 1, 1), int))
+            infer.Decoder(params, cfg, level, [j for _, j in nodes]), onp.ones((len(nodes), 1, 1), int))
     return out
 
 
@@ -184,7 +184,7 @@ def break_even(times):
 def bench_calls(args, log=print):
     """Per-call times for a config (random init: no acceptance is measured) and the break-even acceptance."""
     from tinyfractal.config import Config
-    from tinyfractal.core.model import init_params
+    from tinyfractal.api import init_params
     cfg = Config.preset(args.preset).override(**dict(item.split("=", 1) for item in args.set))
     params = init_params(cfg, 0)
     log(f"{cfg}\nmedian time of one cached call, {args.calls} calls each, one BLAS thread:")
@@ -250,10 +250,10 @@ def add_stats(a, b):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m tinyfractal.tools.infer_bench", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m tinyfractal.tools.infer_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads for the timings (default 1)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     c = sub.add_parser("cache", help="KV cache vs full recompute")
     c.add_argument("--preset", default="original")
     c.add_argument("--prompt-tokens", type=int, default=56)
@@ -279,6 +279,7 @@ def build_parser():
     return parser
 
 
+@reporting
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -286,13 +287,9 @@ def main(argv=None):
         env = dict(os.environ, **{CHILD: "1", "OPENBLAS_NUM_THREADS": str(args.threads),
                                   "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)})
         return subprocess.call([sys.executable, "-m", "tinyfractal.tools.infer_bench", *argv], env=env)
-    try:
-        result = {"cache": bench_cache, "spec": bench_spec, "calls": bench_calls}[args.command](args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = {"cache": bench_cache, "spec": bench_spec, "calls": bench_calls}[args.command](args)
     if args.json:
-        from tinyfractal.training.checkpoint import atomic_write_json
+        from tinyfractal.files import atomic_write_json
         atomic_write_json(args.json, result)
     return 0
 

@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as onp  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from tinyfractal.core.model import count_params, forward, init_params, param_shapes  # noqa: E402
+from tinyfractal.api import init_params, param_shapes  # noqa: E402
+from tinyfractal.core.model import count_params, forward  # noqa: E402
 from tinyfractal.core.tree import map_roles, nodes, parent, view  # noqa: E402
 
 # Each kind is one figure: its panels are (title, flat name of layer 0's array or a top-level array).
@@ -287,10 +288,14 @@ def _load_metrics(metrics):
     return metrics
 
 
-def loss_curves(metrics, cfg, path):
+def loss_curves(metrics, cfg, path, unigram=None):
     """Loss curves from a metrics dict or metrics.json path (train.save_run's format):
-    the tree loss per step, and every node's train (dashed) and val (solid) loss per eval."""
+    the tree loss per step, and every node's train (dashed) and val (solid) loss per eval.
+
+    `unigram` (default: the metrics' "unigram_entropy", if any) draws the loss of a model that ignores
+    context as a dotted line: a node below it has learned something from the context."""
     metrics = _load_metrics(metrics)
+    unigram = metrics.get("unigram_entropy") if unigram is None else unigram
     for key in ("step", "loss", "eval_step", "train", "val"):
         if key not in metrics:
             raise ValueError(f"metrics lack {key!r}; expected the keys step, loss, eval_step, train, val "
@@ -314,6 +319,11 @@ def loss_curves(metrics, cfg, path):
                    label=f"({level},{j}) width {cfg.width(level)}")
         right.plot(metrics["eval_step"], metrics["train"][key], color=colour, linewidth=width * 0.6,
                    linestyle="--")
+    if unigram is not None:
+        for ax in (left, right):
+            ax.axhline(unigram, color="grey", linestyle=":", linewidth=1.2,
+                       label=f"unigram entropy {unigram:.3f} (ignores context)")
+        left.legend(fontsize=8)
     right.set_xlabel("step")
     right.set_ylabel("loss (nats/token)")
     right.set_title("every node: val (solid), train (dashed)")
@@ -324,15 +334,11 @@ def loss_curves(metrics, cfg, path):
 
 def attention_probs(params, cfg, ids, level, index):
     """Attention probabilities of model (level, index) for ids (B,T): one (B,H,T,T) array per layer,
-    caught from the reference forward by its trace hook."""
-    caught = []
-
-    def hook(op, weights, x, out):
-        if op.startswith("softmax"):
-            caught.append(onp.asarray(out))
-
-    forward(view(params, cfg, level, index), cfg.sub(level), ids, trace=hook)
-    return caught
+    caught from the reference forward by tracing it."""
+    from tinyfractal.tools.trace import Tracer, tracing
+    with tracing(Tracer(params, cfg, level, index, keep_outputs=True)) as tracer:
+        forward(view(params, cfg, level, index), cfg.sub(level), ids)
+    return [onp.asarray(step.output) for step in tracer.steps if step.op.startswith("softmax")]
 
 
 def attention_maps(params, cfg, tokenizer, prompt, level, path, layers=None):
@@ -395,8 +401,8 @@ def merge_counts(merges, path, label_first=63):
     return _save(fig, path)
 
 
-def add_command(sub):
-    p = sub.add_parser("figures", help="ownership maps, tree, attention maps (and loss curves) of a config")
+def arguments(p):
+    """The arguments of `python -m tinyfractal figures` (cli.py's command table names this function)."""
     p.add_argument("--preset", default="tiny")
     p.add_argument("--ckpt", default=None, help="draw a trained checkpoint (and its metrics.json if present)")
     p.add_argument("--out", required=True, help="folder for the PNG files")
@@ -406,7 +412,7 @@ def add_command(sub):
 
 
 def run_figures(args, extra):
-    from tinyfractal.cli import parse_overrides
+    from tinyfractal.cli_args import parse_overrides
     from tinyfractal.config import Config
     from tinyfractal.text.bpe import Tokenizer
     metrics = None

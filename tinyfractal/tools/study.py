@@ -33,7 +33,7 @@ import numpy as onp
 
 from tinyfractal import Config, Tokenizer, init_params, load, nodes, save
 from tinyfractal.config import FAITHFUL
-from tinyfractal.cli import Parser, parse_overrides, split_overrides
+from tinyfractal.cli_args import Parser, parse_overrides, reporting, split_overrides
 from tinyfractal.tools.plots import _save as save_png   # atomic PNG write, Agg backend
 from tinyfractal.training.checkpoint import atomic_write_json, load_optimizer
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
@@ -60,7 +60,7 @@ def budget(args, extra):
     base = QUICK if args.quick else FULL
     pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
     seeds = parse_seeds(pick["seeds"])
-    model_over, train_over = split_overrides(parse_overrides(extra))
+    model_over, train_over = split_overrides(parse_overrides(extra), ("model", Config), ("training", TrainConfig))
     cfg = Config.preset(pick["preset"])
     cfg = (cfg.faithful() if args.faithful else cfg).override(**{"context": pick["context"], **model_over})
     if cfg.tokenizer != "bpe":
@@ -366,19 +366,11 @@ def run_table(args):
     return 0
 
 
+@reporting
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args, extra = parse_args(argv)
-        return run_tax(args, extra, argv) if args.command == "tax" else run_table(args)
-    except SystemExit as e:
-        return e.code
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 2
+    args, extra = parse_args(argv)
+    return run_tax(args, extra, argv) if args.command == "tax" else run_table(args)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,40 @@
 """The shape trace: one forward pass of one model of the tree, op by op.
 
-For every op of the reference forward (model.py) it prints the op, the slices of the shared arrays
-the op read, and its input and output shapes, like the print statements of the original notebook.
-The slices are not recomputed from the index formulas of tree.py: `locate` reads them off the memory
-addresses of the views the forward really used, so a wrong view would print a wrong slice (and the
-trace marks any slice that differs from the one SPEC's table gives).
+For every step of the reference forward (core/model.py) it prints the step, the slices of the shared
+arrays it read, and its input and output shapes, like the print statements of the original notebook.
+Nothing in the model knows it is traced: `tracing` wraps the model's step functions from outside for
+the duration of one pass. The slices are not recomputed from the index formulas of tree.py: `locate`
+reads them off the memory addresses of the views the forward really used, so a wrong view would print
+a wrong slice (and the trace marks any slice that differs from the role table of docs/design.md).
 
     python -m tinyfractal trace --preset tiny --level 2 --index 1
     from tinyfractal.tools.trace import trace_node; steps = trace_node(params, cfg, 2, 1, ids)
 """
+import contextlib
+import inspect
 from dataclasses import dataclass, field
 
 import numpy as onp
 
+from tinyfractal.core import model
 from tinyfractal.core.model import count_params, forward
 from tinyfractal.core.tree import flatten, node_slices, roles_of, view
+from tinyfractal.variants import variant_of
+
+# The step functions of core/model.py that a trace wraps, and how each is printed ({} = the norm's gain).
+STEPS = {
+    "embed": "x = rmsnorm(E[ids], emb_norm)",
+    "norm": "rmsnorm(x, {})",
+    "project_qkv": "q, k, v = x Wq, x Wk, x Wv",
+    "rotate": "rope on q, k (pairs m, m + h/2)",
+    "attention_weights": "softmax(q k^T / sqrt(h), causal)",
+    "mix_heads": "attn out = (probs v) Wo",
+    "gated_hidden": "hidden = gelu(x Wgate + bgate) * (x Wup + bup)",
+    "down": "mlp out = hidden Wdown + bdown",
+    "output_table": "tied output: rmsnorm(E, out_norm)",
+    "logits_of": "logits = rmsnorm(x, final_norm) out_emb^T",
+}
+ACTIVATIONS = {"x", "ids", "q", "k", "v", "probs", "hidden", "table"}   # step arguments that are not weights
 
 
 def _address(a):
@@ -73,18 +93,20 @@ class Step:
     uses: list = field(default_factory=list)       # [(flat name, index, full shape, expected index)]
     shape_in: str = "-"
     shape_out: str = "-"
+    output: object = None       # the step's result, kept only by a Tracer(keep_outputs=True)
 
     def mismatches(self):
         return [name for name, index, _, expected in self.uses if index != expected]
 
 
 class Tracer:
-    """The hook for `model.forward(..., trace=Tracer(params, cfg, level, index))`: records Steps.
+    """Records the Steps of one traced pass (see `tracing`).
 
     `params` are the full shared arrays, the view given to forward must be cut from them.
     """
 
-    def __init__(self, params, cfg, level, index):
+    def __init__(self, params, cfg, level, index, keep_outputs=False):
+        self.keep_outputs = keep_outputs
         self.flat = flatten(params)
         self.cfg, self.level, self.index = cfg, level, index
         self.steps = []
@@ -92,12 +114,38 @@ class Tracer:
 
     def find(self, v):
         """(flat name, index) of the shared array that view v lives in; ValueError if none holds it."""
+        found = self.owner(v)
+        if found is None:
+            raise ValueError(f"an op read an array of shape {onp.shape(v)} that is not a slice of the shared "
+                             f"arrays; trace a view of the same params that were given to the Tracer")
+        return found
+
+    def owner(self, v):
+        """(flat name, index) of the shared array that v is a slice of, or None (an activation)."""
         for name, base in self.flat.items():
             index = locate(v, base)
             if index is not None:
                 return name, index
-        raise ValueError(f"an op read an array of shape {onp.shape(v)} that is not a slice of the shared "
-                         f"arrays; trace a view of the same params that were given to the Tracer")
+        return None
+
+    def wrap(self, step, fn):
+        """fn, recording a Step each time it runs. Its array arguments named in ACTIVATIONS are its input;
+        every other array argument is a weight, which must be a slice of the shared arrays."""
+        names = list(inspect.signature(fn).parameters)
+
+        def traced(*args):
+            out = fn(*args)
+            weights, inputs = {}, []
+            for name, a in zip(names, args):
+                if name in ACTIVATIONS:
+                    inputs.append(a)
+                elif isinstance(a, onp.ndarray):
+                    weights[self.find(a)[0].split(".")[-1]] = a
+            x = inputs[0] if len(inputs) == 1 else (tuple(inputs) or None)
+            self(STEPS[step].format(*weights), weights, x, out)
+            return out
+        return traced
+
 
     def __call__(self, op, weights, x, out):
         uses = []
@@ -111,11 +159,26 @@ class Tracer:
         if uses:  # an op without weights (rope, softmax) belongs to the layer of the op before it
             layers = {int(name.split(".")[1]) for name, *_ in uses if name.startswith("layers.")}
             self._layer = layers.pop() if layers else None
-        self.steps.append(Step(self._layer, op, uses, format_shape(x), format_shape(out)))
+        self.steps.append(Step(self._layer, op, uses, format_shape(x), format_shape(out),
+                               out if self.keep_outputs else None))
+
+
+@contextlib.contextmanager
+def tracing(tracer):
+    """Within this block, every step function of core/model.py reports to `tracer` (restored after)."""
+    originals = {name: getattr(model, name) for name in STEPS}
+    try:
+        for name, fn in originals.items():
+            setattr(model, name, tracer.wrap(name, fn))
+        yield tracer
+    finally:
+        for name, fn in originals.items():
+            setattr(model, name, fn)
 
 
 def trace_node(params, cfg, level, index, ids, log=print):
     """Run model (level, index) on ids (B,T) with the trace on; print every op with log; return the Steps."""
+    variant_of(cfg).require("trace", "the shape trace")
     cfg.check_node(level, index)
     ids = onp.asarray(ids)
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
@@ -124,7 +187,8 @@ def trace_node(params, cfg, level, index, ids, log=print):
         raise ValueError(f"the input has {ids.shape[1]} tokens but the context is {cfg.context}")
     tracer = Tracer(params, cfg, level, index)
     node_params = view(params, cfg, level, index)
-    logits = forward(node_params, cfg.sub(level), ids, trace=tracer)
+    with tracing(tracer):
+        logits = forward(node_params, cfg.sub(level), ids)
     for line in format_trace(tracer.steps, cfg, level, index, count_params(node_params), logits.shape):
         log(line)
     return tracer.steps
@@ -145,16 +209,17 @@ def format_trace(steps, cfg, level, index, n_params, logits_shape):
         for name, idx, shape, expected in step.uses:
             short = name.split(".")[-1]
             full = "(" + ",".join(str(n) for n in shape) + ")"
-            mark = "" if idx == expected else f"   !! SPEC says [{format_index(expected, shape)}]"
+            mark = "" if idx == expected else f"   !! the role table says [{format_index(expected, shape)}]"
             lines.append(f"{'':<8}reads {short}[{format_index(idx, shape)}] of {full}{mark}")
     bad = sum(len(s.mismatches()) for s in steps)
     lines.append(f"logits {format_shape(onp.zeros(logits_shape))}; "
-                 + ("every slice above matches SPEC's table" if bad == 0 else f"{bad} slices differ from SPEC's table"))
+                 + ("every slice above matches the role table (docs/design.md)" if bad == 0
+                    else f"{bad} slices differ from the role table (docs/design.md)"))
     return lines
 
 
-def add_command(sub):
-    p = sub.add_parser("trace", help="one forward pass of one node, printing every op's slices and shapes")
+def arguments(p):
+    """The arguments of `python -m tinyfractal trace` (cli.py's command table names this function)."""
     p.add_argument("--preset", default="tiny")
     p.add_argument("--ckpt", default=None, help="trace a trained checkpoint instead of a fresh preset")
     p.add_argument("--level", type=int, default=0)
@@ -165,9 +230,9 @@ def add_command(sub):
 
 
 def run_trace(args, extra):
-    from tinyfractal.cli import parse_overrides
+    from tinyfractal.cli_args import parse_overrides
     from tinyfractal.config import Config
-    from tinyfractal.core.model import init_params
+    from tinyfractal.api import init_params
     from tinyfractal.text.bpe import Tokenizer
     if args.ckpt:
         if extra:
@@ -178,9 +243,7 @@ def run_trace(args, extra):
         cfg = Config.preset(args.preset).override(**parse_overrides(extra))
         params = init_params(cfg, args.seed)
     cfg.check_node(args.level, args.index)
-    if getattr(cfg, "coupling", "none") != "none" or getattr(cfg, "tokenizer", "bpe") != "bpe":
-        raise ValueError("trace follows the base model's reference forward (model.py); it does not trace "
-                         "coupled or byte models: use coupling=none and tokenizer=bpe")
+    variant_of(cfg).require("trace", "the shape trace")
     tok = Tokenizer.default()
     if tok.vocab_size != cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the config's vocab_size is {cfg.vocab_size}")

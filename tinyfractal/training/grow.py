@@ -1,6 +1,6 @@
 """Growing a FractalFormer: train small models apart, merge them, train only what is new, repeat.
 
-The original's plan (SPEC.md section 4, "infinite fusion"):
+The original's plan ("infinite fusion", docs/design.md):
   stage 0          split**(L-1) standalone leaf models, each on its own contiguous chunk of the corpus
                    (90/10 train/val inside each chunk);
   stage 1 .. L-1   merge each group of `split` models into the level above (merge.py), freeze the
@@ -16,10 +16,12 @@ import time
 import numpy as onp
 
 from tinyfractal.training.checkpoint import atomic_write_json, save
-from tinyfractal.variants.coupled import model_flops
+from tinyfractal.core.flops import model_flops, train_step_flops
+from tinyfractal.variants import variant_of
 from tinyfractal.training.data import batch_at, train_val_split
-from tinyfractal.training.merge import OFF_DIAGONAL, extract, frozen_loss, merge, trainable_mask
-from tinyfractal.core.model import forward, init_params
+from tinyfractal.training.merge import OFF_DIAGONAL, extract, merge, root_loss, trainable_mask
+from tinyfractal.api import init_params
+from tinyfractal.core.model import forward
 from tinyfractal.training.train import TrainConfig, evaluate, node_key, train
 from tinyfractal.core.tree import flatten, view
 
@@ -55,7 +57,7 @@ def stage_steps(steps, levels):
 
 def step_flops(cfg, batch_size, levels=(0,)):
     """Matmul FLOPs of one training step whose loss reads the models of `levels`: 3x their forward."""
-    return 3 * batch_size * sum(cfg.n_models(m) * model_flops(cfg, m, cfg.context) for m in levels)
+    return train_step_flops(cfg, batch_size, lambda m: model_flops(cfg, m, cfg.context), levels)
 
 
 def logit_diffs(params, cfg, children, child_cfg, ids):
@@ -71,10 +73,128 @@ def same_arrays(a, b):
 
 
 def check_growable(cfg):
-    if cfg.coupling != "none":
-        raise ValueError(f"grow builds uncoupled trees; got coupling={cfg.coupling!r}, allowed: 'none'")
-    if cfg.tokenizer != "bpe":
-        raise ValueError(f"grow trains on the BPE corpus; got tokenizer={cfg.tokenizer!r}, allowed: 'bpe'")
+    variant_of(cfg).require("grow", "growing a tree (grow)")
+
+
+def corpus_tokens(cfg):
+    """The corpus as tokens of the default tokenizer, which must have the config's vocabulary."""
+    from tinyfractal.training.data import load_tokens
+    from tinyfractal.text.bpe import Tokenizer
+    tokenizer = Tokenizer.default()
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
+    return load_tokens(tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Stage t of growing config `cfg`: its models sit at `level` of the final tree, each reads `per_model`
+    chunks of the corpus and trains for `steps` steps with `tc` (whose seed is the run's)."""
+    cfg: object
+    tc: TrainConfig
+    t: int
+    steps: int
+
+    @property
+    def level(self):
+        return self.cfg.levels - 1 - self.t
+
+    @property
+    def model_cfg(self):
+        return self.cfg.sub(self.level)
+
+    @property
+    def per_model(self):
+        return self.cfg.split ** self.t
+
+    def data(self, chunks, g):
+        """Model g's train and val tokens (the union of its chunks) and the start of its record."""
+        lo, hi = g * self.per_model, (g + 1) * self.per_model
+        train_tokens, val_tokens = union(chunks, lo, hi)
+        record = {"node": [self.level, g], "chunks": [lo, hi], "steps": self.steps,
+                  "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens)),
+                  "step_flops": step_flops(self.model_cfg, self.tc.batch_size)}
+        return train_tokens, val_tokens, record
+
+    def train_config(self, g):
+        """Model g's training settings: this stage's step count and a seed of its own."""
+        return dataclasses.replace(self.tc, steps=self.steps, seed=self.tc.seed + 1000 * self.t + g)
+
+    def prefix(self, g):
+        return f"[stage {self.t + 1}/{self.cfg.levels} node ({self.level},{g})] "
+
+
+def train_model(stage, g, params, tokens, record, trainable=None, loss_fn=None, children=None, log=print):
+    """Train model g of a stage in place: all of it (a leaf), or only the `trainable` entries (a merged
+    parent, with `loss_fn` its frozen loss). Fills the record with time, FLOPs, metrics and, for a merged
+    parent, whether its `children` are still bit for bit what they were."""
+    model_cfg, tc_g = stage.model_cfg, stage.train_config(g)
+    wall, cpu = time.perf_counter(), time.process_time()
+    _, metrics = train(params, model_cfg, tc_g, *tokens, trainable=trainable, loss_fn=loss_fn,
+                       log=lambda msg: log(stage.prefix(g) + msg))
+    record["seconds"] = time.perf_counter() - wall
+    record["cpu_seconds"] = time.process_time() - cpu
+    record["train_flops"] = record["step_flops"] * stage.steps
+    record["metrics"] = metrics
+    record["final_val"] = {k: v[-1] for k, v in metrics["val"].items()}
+    if children is not None:
+        record["children_unchanged"] = all(same_arrays(extract(params, model_cfg, 1, r), child)
+                                           for r, child in enumerate(children))
+    return record
+
+
+def train_leaves(stage, chunks, log=print, on_stage=None):
+    """Stage 0: every leaf of the final tree trained alone, from its own init, on its own chunk.
+    Returns (the leaf models' params, their records)."""
+    models, records = [], []
+    for g in range(stage.cfg.n_models(stage.level)):
+        train_tokens, val_tokens, record = stage.data(chunks, g)
+        params = init_params(stage.model_cfg, stage.train_config(g).seed)
+        records.append(train_model(stage, g, params, (train_tokens, val_tokens), record, log=log))
+        models.append(params)
+        if on_stage:
+            on_stage(stage.t, record, params, stage.model_cfg)
+    return models, records
+
+
+def merge_children(stage, g, children, val_tokens, record, off_diagonal, scale, log=print):
+    """Merge the `split` models of the stage below into parent g, and check the merge: every child gives its
+    standalone logits inside the parent (max abs diff), and the val loss of every node at the moment of
+    merging. Returns (the parent's params, its mask of new entries)."""
+    cfg, level, model_cfg, s = stage.cfg, stage.level, stage.model_cfg, stage.cfg.split
+    params, merged_cfg = merge(children, cfg.sub(level + 1), s, off_diagonal, scale, seed=stage.train_config(g).seed)
+    if merged_cfg != model_cfg:   # internal invariant: merging s models of sub(l+1) gives sub(l)
+        raise RuntimeError(f"merge produced {merged_cfg}, expected {model_cfg}")
+    ids, _ = batch_at(val_tokens, 4, cfg.context, 4321, 0)
+    record["logit_max_abs_diff"] = logit_diffs(params, model_cfg, children, cfg.sub(level + 1), ids)
+    at_merge = evaluate(params, model_cfg, val_tokens, stage.tc.batch_size, stage.tc.eval_batches)
+    record["val_at_merge"] = {node_key(n): v for n, v in at_merge.items()}
+    trainable = trainable_mask(params, model_cfg)
+    record["new_entries"] = int(sum(m.sum() for m in trainable.values()))
+    log(stage.prefix(g) + f"merged {[f'({level + 1},{g * s + r})' for r in range(s)]}: children's logits "
+        f"max abs diff {max(record['logit_max_abs_diff'])}; val at merge: parent "
+        f"{at_merge[(0, 0)]:.4f}, children " + ", ".join(f"{at_merge[(1, r)]:.4f}" for r in range(s)))
+    return params, trainable
+
+
+def merge_stage(stage, chunks, below, off_diagonal, scale, log=print, on_stage=None, on_merge=None):
+    """Stage t > 0: each group of `split` models of the stage below merged into its parent, the children
+    frozen, and only the new off-diagonal blocks trained on the union of the children's chunks.
+    Returns (the parents' params, their records)."""
+    s = stage.cfg.split
+    models, records = [], []
+    for g in range(stage.cfg.n_models(stage.level)):
+        train_tokens, val_tokens, record = stage.data(chunks, g)
+        children = below[g * s:(g + 1) * s]
+        params, trainable = merge_children(stage, g, children, val_tokens, record, off_diagonal, scale, log)
+        if on_merge:
+            on_merge(stage.t, record, params, stage.model_cfg)
+        records.append(train_model(stage, g, params, (train_tokens, val_tokens), record, trainable,
+                                   root_loss, children, log))
+        models.append(params)
+        if on_stage:
+            on_stage(stage.t, record, params, stage.model_cfg)
+    return models, records
 
 
 def grow(cfg, tc, steps, tokens=None, off_diagonal="zero", scale=0.1, out=None, log=print, on_stage=None,
@@ -94,84 +214,41 @@ def grow(cfg, tc, steps, tokens=None, off_diagonal="zero", scale=0.1, out=None, 
     if off_diagonal not in OFF_DIAGONAL:
         raise ValueError(f"off_diagonal must be one of {OFF_DIAGONAL}, got {off_diagonal!r}")
     counts = stage_steps(steps, cfg.levels)
-    if tokens is None:
-        from tinyfractal.training.data import load_tokens
-        from tinyfractal.text.bpe import Tokenizer
-        tokenizer = Tokenizer.default()
-        if tokenizer.vocab_size != cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
-        tokens = load_tokens(tokenizer)
-    L, s = cfg.levels, cfg.split
-    chunks = chunk_data(tokens, s ** (L - 1), cfg.context)
+    chunks = chunk_data(corpus_tokens(cfg) if tokens is None else tokens, cfg.split ** (cfg.levels - 1), cfg.context)
     models, stages = [], []
-    for t in range(L):
-        level = L - 1 - t                           # where this stage's models sit in the final tree
-        model_cfg = cfg.sub(level)
-        per_model = s ** t                          # chunks each model of this stage reads
-        tc_t = dataclasses.replace(tc, steps=counts[t])
-        log(f"== stage {t + 1}/{L}: {cfg.n_models(level)} model(s) of width {model_cfg.hidden}, "
-            f"levels {model_cfg.levels}, {counts[t]} steps each")
-        records, trained = [], []
-        for g in range(cfg.n_models(level)):
-            train_tokens, val_tokens = union(chunks, g * per_model, (g + 1) * per_model)
-            tc_g = dataclasses.replace(tc_t, seed=tc.seed + 1000 * t + g)
-            record = {"node": [level, g], "chunks": [g * per_model, (g + 1) * per_model], "steps": counts[t],
-                      "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens))}
-            prefix = f"[stage {t + 1}/{L} node ({level},{g})] "
-            if t == 0:
-                params = init_params(model_cfg, tc_g.seed)
-                trainable, loss_fn, children = None, None, None
-                record["step_flops"] = step_flops(model_cfg, tc.batch_size)
-            else:
-                children = models[g * s:(g + 1) * s]
-                params, merged_cfg = merge(children, cfg.sub(level + 1), s, off_diagonal, scale, seed=tc_g.seed)
-                if merged_cfg != model_cfg:   # internal invariant: merging s models of sub(l+1) gives sub(l)
-                    raise RuntimeError(f"merge produced {merged_cfg}, expected {model_cfg}")
-                ids, _ = batch_at(val_tokens, 4, cfg.context, 4321, 0)
-                record["logit_max_abs_diff"] = logit_diffs(params, model_cfg, children, cfg.sub(level + 1), ids)
-                at_merge = evaluate(params, model_cfg, val_tokens, tc.batch_size, tc.eval_batches)
-                record["val_at_merge"] = {node_key(n): v for n, v in at_merge.items()}
-                trainable = trainable_mask(params, model_cfg)
-                loss_fn = frozen_loss(trainable)
-                record["new_entries"] = int(sum(m.sum() for m in trainable.values()))
-                record["step_flops"] = step_flops(model_cfg, tc.batch_size)
-                log(prefix + f"merged {[f'({level + 1},{g * s + r})' for r in range(s)]}: children's logits "
-                    f"max abs diff {max(record['logit_max_abs_diff'])}; val at merge: parent "
-                    f"{at_merge[(0, 0)]:.4f}, children " + ", ".join(f"{at_merge[(1, r)]:.4f}" for r in range(s)))
-                if on_merge:
-                    on_merge(t, record, params, model_cfg)
-            wall, cpu = time.perf_counter(), time.process_time()
-            _, metrics = train(params, model_cfg, tc_g, train_tokens, val_tokens, trainable=trainable,
-                               loss_fn=loss_fn, log=lambda msg: log(prefix + msg))
-            record["seconds"] = time.perf_counter() - wall
-            record["cpu_seconds"] = time.process_time() - cpu
-            record["train_flops"] = record["step_flops"] * counts[t]
-            record["metrics"] = metrics
-            record["final_val"] = {k: v[-1] for k, v in metrics["val"].items()}
-            if children is not None:
-                record["children_unchanged"] = all(same_arrays(extract(params, model_cfg, 1, r), child)
-                                                   for r, child in enumerate(children))
-            records.append(record)
-            trained.append(params)
-            if on_stage:
-                on_stage(t, record, params, model_cfg)
-        models = trained
+    for t in range(cfg.levels):
+        stage = Stage(cfg, tc, t, counts[t])
+        log(f"== stage {t + 1}/{cfg.levels}: {cfg.n_models(stage.level)} model(s) of width {stage.model_cfg.hidden}, "
+            f"levels {stage.model_cfg.levels}, {counts[t]} steps each")
+        if t == 0:
+            models, records = train_leaves(stage, chunks, log, on_stage)
+        else:
+            models, records = merge_stage(stage, chunks, models, off_diagonal, scale, log, on_stage, on_merge)
         stages.append(records)
         if out is not None:
-            atomic_write_json(f"{out}/stage{t}.json", {"stage": t, "level": level, "config": model_cfg.to_dict(),
-                                                       "train": dataclasses.asdict(tc_t), "models": records})
-    params = models[0]
+            write_stage(out, stage, records)
     if out is not None:
-        save(out, params, cfg, {"grow": {"steps_per_stage": counts, "off_diagonal": off_diagonal, "scale": scale,
-                                         "train": dataclasses.asdict(tc),
-                                         "final_val": stages[-1][0]["final_val"],
-                                         "train_flops": sum(r["train_flops"] for st in stages for r in st)}})
-        log(f"saved the grown model to {out} (stage metrics in {out}/stage0.json .. stage{L - 1}.json)")
-    return params, stages
+        save_grown(out, models[0], cfg, tc, counts, off_diagonal, scale, stages, log)
+    return models[0], stages
 
 
-def add_command(sub):
-    p = sub.add_parser("grow", help="grow a FractalFormer: train leaves apart, merge, train the new blocks, repeat")
+def write_stage(out, stage, records):
+    """out/stage{t}.json: the stage's config, settings and one record per model."""
+    atomic_write_json(f"{out}/stage{stage.t}.json", {
+        "stage": stage.t, "level": stage.level, "config": stage.model_cfg.to_dict(),
+        "train": dataclasses.asdict(dataclasses.replace(stage.tc, steps=stage.steps)), "models": records})
+
+
+def save_grown(out, params, cfg, tc, counts, off_diagonal, scale, stages, log=print):
+    """The grown model as a checkpoint in `out`, with how it was grown in its meta."""
+    save(out, params, cfg, {"grow": {"steps_per_stage": counts, "off_diagonal": off_diagonal, "scale": scale,
+                                     "train": dataclasses.asdict(tc), "final_val": stages[-1][0]["final_val"],
+                                     "train_flops": sum(r["train_flops"] for st in stages for r in st)}})
+    log(f"saved the grown model to {out} (stage metrics in {out}/stage0.json .. stage{cfg.levels - 1}.json)")
+
+
+def arguments(p):
+    """The arguments of `python -m tinyfractal grow` (cli.py's command table names this function)."""
     p.add_argument("--preset", default="tiny")
     p.add_argument("--out", required=True, help="folder for the final checkpoint and stage{t}.json metrics")
     p.add_argument("--steps-per-stage", default=None,
@@ -191,9 +268,9 @@ def parse_steps(text, levels):
 
 
 def run_grow(args, extra):
-    from tinyfractal.cli import parse_overrides, split_overrides
+    from tinyfractal.cli_args import parse_overrides, split_overrides
     from tinyfractal.config import Config
-    model_over, train_over = split_overrides(parse_overrides(extra))
+    model_over, train_over = split_overrides(parse_overrides(extra), ("model", Config), ("training", TrainConfig))
     cfg = Config.preset(args.preset).override(**model_over)
     tc = TrainConfig.preset(args.preset).override(**train_over)
     steps = parse_steps(args.steps_per_stage, cfg.levels) if args.steps_per_stage else tc.steps

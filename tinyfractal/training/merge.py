@@ -1,7 +1,7 @@
 """Model merging: place trained models on the diagonal blocks of a larger FractalFormer, and back.
 
 `merge` is the write-side twin of `tree.view`: child r of the merged model *is* view (1, r), so
-writing each child through its view puts every array exactly where the index maps of SPEC.md
+writing each child through its view puts every array exactly where the index maps of docs/design.md
 section 1 say, and moves the child's own descendants one level down unchanged. What is left over,
 the off-diagonal blocks of the projection and MLP matrices, is all that is new; `trainable_mask`
 marks exactly those entries so training can leave the children bit for bit as they were.
@@ -9,12 +9,12 @@ marks exactly those entries so training can leave the children bit for bit as th
 import dataclasses
 
 import numpy as onp
-from autograd.extend import defvjp, primitive
 
 from tinyfractal.core import fast
 from tinyfractal.config import Config
-from tinyfractal.core.model import init_params, param_shapes
-from tinyfractal.core.tree import flatten, index_mask, map_roles, unflatten, view
+from tinyfractal.api import init_params, param_shapes
+from tinyfractal.variants import variant_of
+from tinyfractal.core.tree import flatten, index_mask, map_roles, view
 
 OFF_DIAGONAL = ("zero", "random")
 
@@ -43,9 +43,7 @@ def _check_children(children, child_cfg, split):
                 for f in dataclasses.fields(Config) if getattr(c, f.name) != getattr(cfgs[0], f.name)]
         if diff:
             raise ValueError(f"child {r}'s config differs from child 0's: {', '.join(diff)}")
-    if cfgs[0].coupling != "none":
-        raise ValueError(f"merge places uncoupled models; got coupling={cfgs[0].coupling!r}, allowed: 'none' "
-                         f"(a coupled parent would send its state into, or share per-level scales with, its children)")
+    variant_of(cfgs[0]).require("merge", "merging models (merge)")
     want = flatten(param_shapes(cfgs[0]))
     dtypes = set()
     for r, child in enumerate(children):
@@ -112,32 +110,6 @@ def trainable_mask(params, cfg, frozen_level=1):
     return {name: ~c for name, c in flatten(covered).items()}
 
 
-@primitive
-def only_trainable(a, mask):
-    """Identity on values; the gradient flowing back is zeroed outside `mask`.
-
-    Frozen entries then add nothing to the gradient norm that clipping measures, so clipping sees
-    the same gradient it would if the new blocks were the only parameters.
-    """
-    return a
-
-
-defvjp(only_trainable, lambda ans, a, mask: lambda g: g * mask)
-
-
-def mask_gradients(params, trainable):
-    """params with `only_trainable` applied to every array (flat names from `trainable`)."""
-    flat = flatten(params)
-    return unflatten({k: only_trainable(v, trainable[k]) if k in trainable else v for k, v in flat.items()})
-
-
 def root_loss(params, cfg, ids, targets, rng=None):
     """Cross-entropy of the root model (0, 0) alone: the tree loss with level_weights [1, 0, 0, ...]."""
     return fast.cross_entropy_per_model(fast.forward_level(params, cfg, 0, ids, rng), targets)[0]
-
-
-def frozen_loss(trainable, loss=root_loss):
-    """A train.train loss_fn whose gradient is zero on frozen entries (see `only_trainable`)."""
-    def loss_fn(params, cfg, ids, targets, rng=None):
-        return loss(mask_gradients(params, trainable), cfg, ids, targets, rng)
-    return loss_fn

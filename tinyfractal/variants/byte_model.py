@@ -1,4 +1,4 @@
-"""Byte-level FractalFormer: the smallest models read bytes, the upper levels read "concepts" (SPEC §4).
+"""Byte-level FractalFormer: the smallest models read bytes, the upper levels read "concepts" (docs/design.md).
 
 With `tokenizer="bytes"` the vocabulary is the 256 byte values of UTF-8 text, so every string works.
 A model at level l of an L-level tree reads the bytes in groups of g_l = split^(L-1-l): the leaves
@@ -25,49 +25,15 @@ import math
 import numpy as onp
 import autograd.numpy as np
 
-from tinyfractal.core import fast
-from tinyfractal.core.model import attention, dropout, level_weight_table, mlp, rmsnorm, scale_output
-from tinyfractal.core.tree import group_size, level_view, nodes, view
+from tinyfractal.core import fast, flops, formulas, model
+from tinyfractal.core.model import scale_output
+from tinyfractal.core.tree import group_size, level_view, view
+from tinyfractal.text.byte_tokenizer import DECODE_NOTE, ByteTokenizer  # noqa: F401  (DECODE_NOTE: for lessons)
+from tinyfractal.validate import check_ids
+from tinyfractal.variants.interface import FEATURES
+from tinyfractal.variants.base import Base
 
 PAD_BYTE = ord("\n")   # left padding of a prompt to whole groups: the start of a line, as in the corpus
-DECODE_NOTE = ("bytes are decoded as UTF-8 with errors='replace': a byte sequence that is not valid UTF-8 "
-               "shows as U+FFFD (\ufffd) instead of failing")
-
-
-class ByteTokenizer:
-    """Text <-> UTF-8 bytes. 256 ids, no unknown characters, and `decode` never fails."""
-    vocab_size = 256
-
-    def encode(self, text):
-        """str -> list of byte values 0..255."""
-        if not isinstance(text, str):
-            raise ValueError(f"text must be a string, got {type(text).__name__}")
-        try:
-            return list(text.encode("utf-8"))
-        except UnicodeEncodeError as e:
-            raise ValueError(f"text holds a lone surrogate {text[e.start]!r} at {e.start}, which UTF-8 cannot "
-                             f"encode; only real characters can be encoded") from None
-
-    def encode_array(self, text):
-        """str -> (n_bytes,) int32."""
-        return onp.asarray(self.encode(text), dtype=onp.int32)
-
-    def decode(self, ids):
-        """Byte values -> str; invalid UTF-8 becomes U+FFFD (errors='replace'), so this never fails."""
-        ids = [int(i) for i in onp.asarray(ids, dtype=onp.int64).reshape(-1)]
-        bad = [i for i in ids if not 0 <= i < 256]
-        if bad:
-            raise ValueError(f"byte ids must be in 0..255, got {bad[:5]}")
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
-def check_bytes(cfg):
-    """Raise ValueError unless cfg is a byte model this module can run."""
-    if cfg.tokenizer != "bytes":
-        raise ValueError(f"this is a byte-model function but the config has tokenizer={cfg.tokenizer!r}; "
-                         f"use tokenizer='bytes' (with vocab_size=256)")
-    if cfg.coupling != "none":
-        raise ValueError(f"byte models run uncoupled; got coupling={cfg.coupling!r}, allowed: 'none'")
 
 
 def context_bytes(cfg, level):
@@ -80,16 +46,9 @@ def bits(nats):
     return nats / math.log(2)
 
 
-def check_groups(cfg, groups):
-    """groups must be (B, T, g) byte values with g = g_0 of this config and T <= context."""
-    groups = onp.asarray(groups)
-    g = group_size(cfg, 0)
-    if groups.ndim != 3 or groups.shape[2] != g or not 1 <= groups.shape[1] <= cfg.context:
-        raise ValueError(f"a level-0 model of this config reads groups of shape (B, T, {g}) with "
-                         f"1 <= T <= context={cfg.context}; got shape {groups.shape}")
-    if groups.size and (groups.min() < 0 or groups.max() > 255):
-        raise ValueError(f"byte ids must be in 0..255, got values {groups.min()}..{groups.max()}")
-    return groups
+def check_groups(cfg, groups, level=0, what="groups"):
+    """groups must be (B, T, g_level) integer byte values in [0, 256) with 1 <= T <= context."""
+    return check_ids(cfg, groups, what, group=group_size(cfg, level))
 
 
 def slot_gain(params, name, g):
@@ -104,25 +63,23 @@ def concept_embedding(params, cfg, groups):
     groups = check_groups(cfg, groups)
     B, T, g = groups.shape
     summed = np.sum(params["E"][groups] * slot_gain(params, "P", g), axis=2)      # (B,T,g,D) -> (B,T,D)
-    return rmsnorm(summed, params["emb_norm"], cfg.eps)
+    return formulas.rmsnorm(summed, params["emb_norm"], cfg.eps)
 
 
 def slot_logits(x, params, cfg, g):
     """One distribution per slot of the next group. x (B,T,D) -> (B,T,g,V)."""
     B, T, D = x.shape
-    h = rmsnorm(x, params["final_norm"], cfg.eps)[:, :, None, :] * slot_gain(params, "Q", g)   # (B,T,g,D)
+    h = formulas.rmsnorm(x, params["final_norm"], cfg.eps)[:, :, None, :] * slot_gain(params, "Q", g)  # (B,T,g,D)
     h = scale_output(h, params, cfg)
-    out_emb = rmsnorm(params["E"], params["out_norm"], cfg.eps)                                # (V,D)
+    out_emb = model.output_table(params["E"], params["out_norm"], cfg.eps)                             # (V,D)
     return np.reshape(np.dot(np.reshape(h, (B * T * g, D)), np.transpose(out_emb)), (B, T, g, -1))
 
 
 def forward(params, cfg, groups, rng=None):
     """Logits of one byte model. groups (B,T,g_0) byte ids -> (B,T,g_0,V): the next group's bytes."""
-    check_bytes(cfg)
     x = concept_embedding(params, cfg, groups)                                  # (B,T,D)
     for p in params["layers"]:
-        x = x + dropout(attention(rmsnorm(x, p["attn_norm"], cfg.eps), p, cfg), cfg.dropout, rng)
-        x = x + dropout(mlp(rmsnorm(x, p["mlp_norm"], cfg.eps), p), cfg.dropout, rng)
+        x = model.layer(x, p, cfg, rng)
     return slot_logits(x, params, cfg, groups.shape[2])
 
 
@@ -133,27 +90,27 @@ def cross_entropy(logits, targets):
 
 # The level-batched fast path: every op carries the leading N axis of level_view, as in fast.py.
 
-def forward_stacked(P, cfg, groups, rng=None):
+def forward_stacked(stacked, cfg, groups, rng=None):
     """Logits of N byte models stacked on a leading axis. groups (B,T,g) -> (N,B,T,g,V)."""
-    check_bytes(cfg)
     groups = check_groups(cfg, groups)
     B, T, g = groups.shape
-    N, V, d = P["E"].shape
-    e = np.reshape(fast.embed(P, groups.reshape(B, T * g)), (N, B, T, g, d))
-    gain_in = slot_gain(P, "P", g)
+    N, V, d = stacked["E"].shape
+    e = np.reshape(fast.embed(stacked, groups.reshape(B, T * g)), (N, B, T, g, d))
+    gain_in = slot_gain(stacked, "P", g)
     gain_in = gain_in[:, None, None] if g > 1 else gain_in                      # (N,1,1,g,d)
-    x = fast.norm(np.sum(e * gain_in, axis=3), P["emb_norm"], cfg.eps)          # (N,B,T,d)
-    for p in P["layers"]:
+    x = fast.norm(np.sum(e * gain_in, axis=3), stacked["emb_norm"], cfg.eps)    # (N,B,T,d)
+    for p in stacked["layers"]:
         x = fast.block(x, p, cfg, rng)
-    gain_out = slot_gain(P, "Q", g)
+    gain_out = slot_gain(stacked, "Q", g)
     gain_out = gain_out[:, None, None] if g > 1 else gain_out
-    h = scale_output(fast.norm(x, P["final_norm"], cfg.eps)[:, :, :, None, :] * gain_out, P, cfg)   # (N,B,T,g,d)
-    out_emb = fast.norm(P["E"], P["out_norm"], cfg.eps)                         # (N,V,d)
+    h = scale_output(fast.norm(x, stacked["final_norm"], cfg.eps)[:, :, :, None, :] * gain_out, stacked, cfg)
+    out_emb = fast.norm(stacked["E"], stacked["out_norm"], cfg.eps)             # (N,V,d)
     return fast.matmul_rows(h, np.transpose(out_emb, (0, 2, 1)))                # (N,B,T,g,V)
 
 
 def forward_level(params, cfg, level, groups, rng=None):
     """Logits of every model of one level. groups (B,T,g_level) -> (N,B,T,g_level,V)."""
+    cfg.check_level(level)
     return forward_stacked(level_view(params, cfg, level), cfg.sub(level), groups, rng)
 
 
@@ -196,24 +153,6 @@ def slot_losses(params, cfg, ids, targets):
     return out
 
 
-def tree_loss(params, cfg, ids, targets, level_weights=None, rng=None):
-    """Mean over every node of its loss in nats per byte (weighted per level if asked)."""
-    weights = level_weight_table(cfg, level_weights)
-    losses = node_losses(params, cfg, ids, targets, rng)
-    return sum(weights[level] * np.sum(losses[level]) for level in range(cfg.levels))
-
-
-def tree_loss_reference(params, cfg, ids, targets, level_weights=None):
-    """The tree loss node by node with the reference forward. Readable, slow."""
-    weights = level_weight_table(cfg, level_weights)
-    loss = 0.0
-    for level, j in nodes(cfg):
-        inputs, wanted = level_batch(ids, targets, cfg, level)
-        loss = loss + weights[level] * cross_entropy(forward(view(params, cfg, level, j), cfg.sub(level), inputs),
-                                                     wanted)
-    return loss
-
-
 # Data.
 
 def group_rows(byte_ids, cfg):
@@ -227,46 +166,137 @@ def group_rows(byte_ids, cfg):
 def load_split(cfg, path=None):
     """The corpus as bytes, split 90/10 as data.train_val_split, each part as rows of g_0 bytes."""
     from tinyfractal.training.data import load_tokens, train_val_split
-    check_bytes(cfg)
     byte_ids = load_tokens(ByteTokenizer()) if path is None else load_tokens(ByteTokenizer(), path)
     train, val = train_val_split(byte_ids)
     return group_rows(train, cfg), group_rows(val, cfg)
 
 
+def node_flops(cfg, level, T):
+    """Forward matmul FLOPs of one model at this level for T positions: its layers, and g output slots each."""
+    return flops.model_flops(cfg, level, T, logits=False) + flops.output_flops(cfg, level, T, slots=group_size(cfg, level))
+
+
 def flops_per_byte(cfg, level):
-    """Forward matmul FLOPs per byte of one model at this level, counted as coupling.model_flops counts
-    (2 per multiply-add, attention over the full T x T square as computed), plus g output slots per position."""
-    from tinyfractal.variants.coupled import model_flops
-    T, g = cfg.context, group_size(cfg, level)
-    return (model_flops(cfg, level, T, logits=False) + T * 2 * g * cfg.width(level) * cfg.vocab_size) / (T * g)
+    """Forward matmul FLOPs per byte of one model at this level, over a full context."""
+    return node_flops(cfg, level, cfg.context) / context_bytes(cfg, level)
 
 
-# Generation.
 
-def generate(params, cfg, prompt, level=0, index=0, max_new_bytes=200, temperature=1.0, top_k=None,
-             top_p=None, seed=0):
-    """Text from byte model (level, index): the prompt followed by max_new_bytes sampled bytes.
 
-    The prompt (an empty one starts from a newline) is padded on the left with PAD_BYTE to whole
-    groups of g_l bytes. Each step runs the model on the last `context` groups and samples the next
-    group's g_l bytes slot by slot, each slot with its own temperature / top-k / top-p filtered
-    distribution. The slots come from the same state, so given the past they are drawn independently.
-    The new bytes are decoded with errors='replace' (DECODE_NOTE): the text is always valid.
-    """
-    from tinyfractal.inference.sample import check_sampling, sample_token
-    check_bytes(cfg)
-    cfg.check_node(level, index)
-    check_sampling(temperature, top_k, top_p, max_new_bytes)
-    tok = ByteTokenizer()
-    p, sub, g = view(params, cfg, level, index), cfg.sub(level), group_size(cfg, level)
-    ids = tok.encode(prompt if prompt else "\n")
-    ids = [PAD_BYTE] * (-len(ids) % g) + ids
-    rng = onp.random.default_rng(seed)
-    new = []
-    while len(new) < max_new_bytes:
-        window = onp.asarray(ids[-cfg.context * g:]).reshape(1, -1, g)
-        logits = forward(p, sub, window)[0, -1]                                 # (g, V)
-        group = [sample_token(logits[m], rng, temperature, top_k, top_p) for m in range(g)]
-        ids += group
-        new += group
-    return prompt + tok.decode(new[:max_new_bytes])
+class Bytes(Base):
+    """The byte variant: the generic machinery with concept embeddings in and one distribution per slot out."""
+    name = "bytes"
+    features = tuple(f for f in FEATURES if f not in ("speculative", "grow", "trace"))
+    why_not = {
+        "speculative": "its levels read groups of different sizes, so a drafter's positions are not the verifier's",
+        "grow": "growing trains BPE leaves on chunks of the corpus; byte models are not wired into it",
+        "trace": "the shape trace follows the token model's ops; a byte model sums slots into concepts first",
+    }
+    extra_roles = {"P": ("G", "R"), "Q": ("G", "R")}
+
+    def validate(self, cfg):
+        if cfg.vocab_size != 256:
+            raise ValueError(f"the bytes variant reads the 256 byte values, so vocab_size must be 256, got {cfg.vocab_size}")
+        if cfg.coupling != "none":
+            raise ValueError(f"the bytes variant runs uncoupled models, so coupling must be 'none', got {cfg.coupling!r}")
+
+    def extra_params(self, cfg):
+        """A gain per byte slot on input and output, for every level above the leaves: (slots, D) each."""
+        from tinyfractal.core.tree import slot_offset
+        slots = slot_offset(cfg, cfg.levels - 1)
+        return {"P": onp.zeros((slots, cfg.hidden), onp.float32), "Q": onp.zeros((slots, cfg.hidden), onp.float32)}
+
+    def tokenizer(self, cfg):
+        return ByteTokenizer()
+
+    def training_rows(self, cfg, tokens):
+        return group_rows(tokens, cfg)
+
+    def check_ids(self, cfg, ids, what="groups", level=0):
+        return check_groups(cfg, ids, level, what)
+
+    def check_targets(self, cfg, ids, targets):
+        targets = check_groups(cfg, targets, 0, "targets")
+        if targets.shape != ids.shape:
+            raise ValueError(f"targets have shape {targets.shape} but groups have {ids.shape}; they must match")
+        return targets
+
+    def level_batch(self, cfg, level, ids, targets):
+        return level_batch(ids, targets, cfg, level)
+
+    def forward(self, params, cfg, ids, rng=None):
+        return forward(params, cfg, ids, rng)
+
+    def forward_node(self, params, cfg, level, index, ids):
+        """Node (level, index) on its level's own groups (B,T,g_level)."""
+        return forward(view(params, cfg, level, index), cfg.sub(level), ids)
+
+    def level_logits(self, params, cfg, level, ids, rng=None):
+        return forward_level(params, cfg, level, ids, rng)
+
+    def node_losses(self, params, cfg, ids, targets, rng=None):
+        return node_losses(params, cfg, ids, targets, rng)
+
+    def node_flops(self, cfg, level, T):
+        return node_flops(cfg, level, T)
+
+    # decoding: a position is a group of g bytes
+
+    def check_decoder_ids(self, dec, ids):
+        a = onp.asarray(ids)
+        if a.ndim == 4:
+            if a.shape[0] != dec.N:
+                raise ValueError(f"per-model groups must have shape (N={dec.N}, B, Tn, g), got {a.shape}")
+            check_groups(dec.cfg, a.reshape((-1,) + a.shape[2:]), dec.level)
+        else:
+            check_groups(dec.cfg, a, dec.level)
+        return a
+
+    def positions(self, cfg, ids):
+        return ids.shape[-2]
+
+    def batch_of(self, ids):
+        return ids.shape[-3]
+
+    def decoder_embed(self, dec, w, ids):
+        """Concept embeddings: rmsnorm(sum_m E[b_m] * (1 + P[m]), emb_norm). -> (N,B,Tn,d)."""
+        E, g = w.stacked["E"], ids.shape[-1]
+        rows = E[:, ids] if ids.ndim == 3 else E[onp.arange(w.N)[:, None, None, None], ids]   # (N,B,Tn,g,d)
+        if g > 1:
+            rows = rows * (1 + w.stacked["P"][:, None, None, :g])
+        return formulas.rmsnorm(rows.sum(axis=3), w.stacked["emb_norm"][:, None, None, :], dec.cfg.eps, onp)
+
+    def decoder_output(self, dec, w, u):
+        """One distribution per slot: (u * (1+final_norm) * out_gain * (1+Q[m])) . out_table^T. (N,M,d) -> (N,M,g,V)."""
+        g = group_size(dec.cfg, dec.level)
+        gain = (1 + w.stacked["final_norm"][:, None, :]) * w.out_gain                    # (N,1,d)
+        if g > 1:
+            gain = gain * (1 + w.stacked["Q"][:, :g])                                    # (N,g,d)
+        N, M, d = u.shape
+        h = (u[:, :, None, :] * gain[:, None]).reshape(N, M * gain.shape[1], d)
+        out = dec.matmul(h, onp.transpose(w.out_table, (0, 2, 1)))
+        return out.reshape(N, M, gain.shape[1], -1)
+
+    # sampling
+
+    def prompt_ids(self, cfg, tokenizer, prompt, level=0):
+        """The prompt's bytes (an empty prompt is a newline), padded on the left with PAD_BYTE to whole groups."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        g = group_size(cfg, level)
+        ids = tokenizer.encode(prompt if prompt else "\n")
+        ids = [PAD_BYTE] * (-len(ids) % g) + ids
+        return [tuple(ids[i:i + g]) for i in range(0, len(ids), g)]
+
+    def new_positions(self, cfg, level, max_new):
+        """Groups to generate for max_new new bytes."""
+        g = group_size(cfg, level)
+        return -(-max_new // g)
+
+    def choose(self, logits, pick):
+        """The next group: each slot picked from its own distribution. logits (g,V) -> tuple of g bytes."""
+        return tuple(pick(row) for row in logits)
+
+    def text_of(self, tokenizer, new, max_new=None):
+        flat = [b for group in new for b in group]
+        return tokenizer.decode(flat[:max_new])

@@ -1,0 +1,721 @@
+"""The graded exercises: one check per exercise, registered with its lesson, title and hint.
+
+A check receives the student's function and runs it on random inputs (fixed seeds, so a result can be
+reproduced), comparing each answer with the engine's own function (`engine.py`) or with a law the
+answer must obey. It returns quietly when every answer is right, and raises `Failed` with a message that
+says which input went wrong otherwise. The runner (`__init__.run`) turns any other exception into a
+failure too, and prints the hint.
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import engine
+
+
+class Failed(Exception):
+    """A check found a wrong answer; the message names the input and the difference."""
+
+
+@dataclass(frozen=True)
+class Exercise:
+    lesson: str        # the lesson module's name: transformer, base, tokenizer, ...
+    name: str          # the function the student writes in LESSON.py
+    title: str
+    hint: str
+    check: Callable    # check(student_function) -> None, or raises Failed
+
+
+EXERCISES = []
+
+
+def exercise(lesson, name, title, hint):
+    """Register the decorated function as the check of exercise LESSON.NAME."""
+    def register(check):
+        EXERCISES.append(Exercise(lesson, name, title, hint, check))
+        return check
+    return register
+
+
+# Comparing answers
+
+def as_array(got, what):
+    try:
+        return np.asarray(got, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise Failed(f"{what}: returned {type(got).__name__}, not an array of numbers") from None
+
+
+def expect_close(got, want, what, rtol=1e-5, atol=1e-6):
+    """got must have want's shape and agree to the tolerances."""
+    want = np.asarray(want, dtype=np.float64)
+    got = as_array(got, what)
+    if got.shape != want.shape:
+        raise Failed(f"{what}: your answer has shape {got.shape}, the right one has shape {want.shape}")
+    bad = ~np.isclose(got, want, rtol=rtol, atol=atol)
+    if bad.any():
+        i = tuple(int(v) for v in np.argwhere(bad)[0])
+        at = f" (the first at index {i})" if i else ""
+        raise Failed(f"{what}: {int(bad.sum())} of {bad.size} numbers are wrong{at}: you give {got[i]:.6g} "
+                     f"where the right answer is {want[i]:.6g}")
+
+
+def expect_equal(got, want, what):
+    """got == want exactly (ints, tuples, lists...), with both shown on failure."""
+    if got != want:
+        raise Failed(f"{what}: you give {got!r}, the right answer is {want!r}")
+
+
+def as_int(got, what):
+    if isinstance(got, (bool, np.bool_)) or not isinstance(got, (int, np.integer)):
+        raise Failed(f"{what}: returned {got!r} ({type(got).__name__}), not an integer")
+    return int(got)
+
+
+def as_pairs(got, what):
+    """A list of (level, index) pairs as plain int tuples."""
+    try:
+        return [(int(a), int(b)) for a, b in got]
+    except (TypeError, ValueError):
+        raise Failed(f"{what}: returned {got!r}, not a list of (level, index) pairs") from None
+
+
+def random_config(rng, levels=(1, 3), splits=(2, 3), **fixed):
+    """A small valid Config drawn from rng (every divisibility constraint met); `fixed` fields win."""
+    L = int(rng.integers(levels[0], levels[1] + 1))
+    s = int(rng.integers(splits[0], splits[1] + 1))
+    leaves = s ** (L - 1)
+    K = int(rng.choice([1, 2]))
+    fields = dict(vocab_size=int(rng.integers(8, 20)), context=8, layers=int(rng.integers(1, 3)),
+                  heads=K * int(rng.integers(1, 3)), kv_heads=K, head_dim=2 * leaves * int(rng.integers(1, 3)),
+                  hidden=leaves * int(rng.integers(1, 4)), mlp_mult=int(rng.integers(1, 3)), levels=L, split=s)
+    fields.update(fixed)
+    return engine.Config(**fields)
+
+
+def random_params(cfg, rng):
+    """init_params with every array (gains and biases too) replaced by random float32 numbers."""
+    params = engine.init_params(cfg, int(rng.integers(1 << 30)))
+    for a in engine.flatten(params).values():
+        a[...] = rng.standard_normal(a.shape).astype(np.float32) * np.float32(0.5)
+    return params
+
+
+def describe(cfg):
+    return (f"Config(levels={cfg.levels}, split={cfg.split}, hidden={cfg.hidden}, head_dim={cfg.head_dim}, "
+            f"heads={cfg.heads}, kv_heads={cfg.kv_heads}, mlp_mult={cfg.mlp_mult}, layers={cfg.layers})")
+
+
+# Lesson 0: the plain transformer
+
+@exercise("transformer", "rmsnorm", "RMSNorm with its (1+g) gain",
+          "Divide by sqrt(mean(x*x over the LAST axis, keepdims=True) + eps), eps inside the square root, "
+          "then multiply by (1 + g), not by g.")
+def check_rmsnorm(fn):
+    rng = np.random.default_rng(0)
+    for shape, eps in (((3, 5), 1e-6), ((2, 4, 8), 1e-6), ((1, 1, 2), 1e-2), ((6, 16), 0.5)):
+        x = rng.standard_normal(shape) * rng.uniform(0.1, 10)
+        g = rng.standard_normal(shape[-1]) * 0.5
+        expect_close(fn(x.copy(), g.copy(), eps), engine.rmsnorm(x, g, eps), f"rmsnorm of a {shape} array, eps={eps}")
+
+
+@exercise("transformer", "causal_mask", "the causal mask",
+          "Row t is the query position and column s the key position: allowed when s <= t, the lower "
+          "triangle with its diagonal (np.tril of ones, as bool).")
+def check_causal_mask(fn):
+    for T in (1, 2, 5, 9):
+        got = np.asarray(fn(T))
+        want = np.array([[s <= t for s in range(T)] for t in range(T)])
+        if got.shape != (T, T) or got.dtype != bool:
+            raise Failed(f"causal_mask({T}): expected a ({T}, {T}) bool array, got shape {got.shape} dtype {got.dtype}")
+        if not np.array_equal(got, want):
+            t, s = (int(v) for v in np.argwhere(got != want)[0])
+            raise Failed(f"causal_mask({T}): position {t} {'may' if want[t, s] else 'must not'} read position {s}, "
+                         f"but your mask says {bool(got[t, s])}")
+
+
+@exercise("transformer", "rope", "RoPE's half-split rotation",
+          "Pair component m with m + h/2 (not 2m with 2m+1). The angle is position * theta**(-2*m/h) for "
+          "m = 0..h/2-1; rotate (a, b) to (a cos - b sin, a sin + b cos).")
+def check_rope(fn):
+    rng = np.random.default_rng(1)
+    for T, h, theta in ((1, 2, 100.0), (5, 4, 100.0), (7, 8, 10000.0), (4, 16, 100.0)):
+        x = rng.standard_normal((T, h))
+        positions = rng.integers(0, 50, size=T)
+        want = np.stack([engine.rope(x[t][None, None, :], *engine.rope_tables(1, h, theta, start=int(positions[t])))[0, 0]
+                         for t in range(T)])
+        expect_close(fn(x.copy(), positions.copy(), theta), want,
+                     f"rope of a ({T}, {h}) array at positions {positions.tolist()}, theta={theta:g}", rtol=1e-5, atol=1e-5)
+
+
+@exercise("transformer", "attention", "causal multi-query attention with RoPE",
+          "Check your rope and causal_mask first. Query head i reads key/value head i // (H // K); scale the "
+          "scores by 1/sqrt(h); mask BEFORE the softmax (a masked score is -inf); softmax over the keys "
+          "(the last axis); put the heads side by side in order before multiplying by Wo reshaped to (H*h, D).")
+def check_attention(fn):
+    rng = np.random.default_rng(2)
+    for T, D, H, K, h, theta in ((1, 4, 2, 1, 2, 100.0), (5, 6, 4, 1, 4, 100.0), (7, 8, 4, 2, 6, 10000.0)):
+        cfg = engine.Config(vocab_size=8, context=max(T, 2), layers=1, heads=H, kv_heads=K, head_dim=h, hidden=D,
+                            levels=1, rope_theta=theta)
+        p = {"Wq": rng.standard_normal((D, H, h)), "Wk": rng.standard_normal((D, K, h)),
+             "Wv": rng.standard_normal((D, K, h)), "Wo": rng.standard_normal((H, h, D)) / math.sqrt(H * h)}
+        x = rng.standard_normal((T, D))
+        want = engine.attention(x[None], p, cfg)[0]
+        got = fn(x.copy(), *(p[k].copy() for k in ("Wq", "Wk", "Wv", "Wo")), theta)
+        expect_close(got, want, f"attention with T={T}, D={D}, H={H}, K={K}, h={h}", rtol=1e-4, atol=1e-5)
+
+
+@exercise("transformer", "geglu", "the GeGLU MLP",
+          "gelu goes on the GATE branch only (x Wgate + bgate), and the product is elementwise. Use the tanh "
+          "form of gelu with sqrt(2/pi) and 0.044715, not the erf form.")
+def check_geglu(fn):
+    rng = np.random.default_rng(3)
+    for T, D, F in ((1, 2, 4), (5, 6, 12), (3, 8, 32)):
+        p = {"Wgate": rng.standard_normal((D, F)), "bgate": rng.standard_normal(F), "Wup": rng.standard_normal((D, F)),
+             "bup": rng.standard_normal(F), "Wdown": rng.standard_normal((F, D)) / math.sqrt(F),
+             "bdown": rng.standard_normal(D)}
+        x = rng.standard_normal((T, D))
+        want = engine.mlp(x[None], p)[0]
+        got = fn(x.copy(), *(p[k].copy() for k in ("Wgate", "bgate", "Wup", "bup", "Wdown", "bdown")))
+        expect_close(got, want, f"geglu with T={T}, D={D}, F={F}", rtol=1e-5, atol=1e-6)
+
+
+@exercise("transformer", "tied_logits", "the tied output through the normalised embedding",
+          "Two RMSNorms: x with the final_norm gain, and every ROW of E with the out_norm gain; then the dot "
+          "product of each position with each row: (T, D) @ (D, V).")
+def check_tied_logits(fn):
+    rng = np.random.default_rng(4)
+    for V, D, T, eps in ((8, 4, 1, 1e-6), (12, 6, 5, 1e-2), (20, 8, 7, 1e-6)):
+        E, x = rng.standard_normal((V, D)), rng.standard_normal((T, D)) * 3
+        final_norm, out_norm = rng.standard_normal(D) * 0.5, rng.standard_normal(D) * 0.5
+        want = engine.tied_logits(x, E, final_norm, out_norm, eps)
+        got = fn(x.copy(), E.copy(), final_norm.copy(), out_norm.copy(), eps)
+        expect_close(got, want, f"tied_logits with V={V}, D={D}, T={T}, eps={eps:g}", rtol=1e-5, atol=1e-5)
+
+
+@exercise("transformer", "param_count", "count the parameters of a one-level model",
+          "Per layer: two norm gains (D each), Wq D*H*h, Wk and Wv D*K*h each, Wo H*h*D, Wgate and Wup D*F "
+          "each with biases of F, Wdown F*D with a bias of D. Outside the layers: E (V*D) and three gains of D.")
+def check_param_count(fn):
+    rng = np.random.default_rng(5)
+    for _ in range(6):
+        cfg = random_config(rng, levels=(1, 1), vocab_size=int(rng.integers(8, 300)))
+        want = engine.count_params(engine.init_params(cfg, 0))
+        got = as_int(fn(cfg.vocab_size, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.layers),
+                     "param_count")
+        expect_equal(got, want, f"param_count for V={cfg.vocab_size}, D={cfg.hidden}, H={cfg.heads}, "
+                                f"K={cfg.kv_heads}, h={cfg.head_dim}, F={cfg.mlp_hidden}, layers={cfg.layers}")
+
+
+@exercise("transformer", "unrelated_logit_std", "predict the logit scale of a fresh model",
+          "A logit is the dot product of two vectors of length sqrt(d). How large is the dot product of two "
+          "vectors pointing in random directions, as a function of d?")
+def check_unrelated_logit_std(fn):
+    rng = np.random.default_rng(6)
+    for d in (16, 36, 64):
+        cfg = engine.Config(vocab_size=128, context=32, layers=2, heads=4, kv_heads=1, head_dim=16, hidden=d, levels=1)
+        ids = rng.integers(0, 128, size=(8, 32))
+        logits = np.asarray(engine.forward(engine.init_params(cfg, int(rng.integers(1000))), cfg, ids))
+        others = np.ones(logits.shape, dtype=bool)
+        np.put_along_axis(others, ids[..., None], False, -1)
+        measured = float(logits[others].std())
+        got = fn(d)
+        try:
+            got = float(got)
+        except (TypeError, ValueError):
+            raise Failed(f"unrelated_logit_std({d}) returned {got!r}, not a number") from None
+        if not abs(got - measured) <= 0.15 * measured:
+            raise Failed(f"unrelated_logit_std({d}) = {got:.3g}, but a fresh model of width {d} measures "
+                         f"{measured:.3g} (15% allowed)")
+
+
+# Lesson 1: the base model, a tree of models
+
+@exercise("base", "n_nodes", "how many models a tree holds",
+          "Level l holds split**l models; add them up for l = 0 .. levels-1.")
+def check_n_nodes(fn):
+    for levels in (1, 2, 3, 4):
+        for split in (2, 3, 4):
+            cfg = engine.Config(levels=levels, split=split, hidden=split ** (levels - 1),
+                                head_dim=2 * split ** (levels - 1), heads=1)
+            expect_equal(as_int(fn(levels, split), "n_nodes"), len(engine.nodes(cfg)),
+                         f"n_nodes({levels}, {split})")
+
+
+@exercise("base", "children", "the children of a node",
+          "Child r of (l, j) is (l + 1, split*j + r), r = 0 .. split-1; a node at the last level has none.")
+def check_children(fn):
+    rng = np.random.default_rng(10)
+    for _ in range(4):
+        cfg = random_config(rng)
+        for level, index in engine.nodes(cfg):
+            got = as_pairs(fn(cfg, level, index), f"children(cfg, {level}, {index})")
+            expect_equal(got, engine.children(cfg, level, index), f"children of ({level}, {index}) in {describe(cfg)}")
+
+
+@exercise("base", "node_slice", "write node_slices for one role",
+          "The block length is the full length (D for R, F = cfg.mlp_hidden for M, hd = cfg.head_dim for C) "
+          "divided by split**level, not by 2**level; model j's block starts at j times that length.")
+def check_node_slice(fn):
+    rng = np.random.default_rng(11)
+    for _ in range(5):
+        cfg = random_config(rng)
+        full = {"R": cfg.hidden, "M": cfg.mlp_hidden, "C": cfg.head_dim}
+        for level, index in engine.nodes(cfg):
+            for role in "RMC":
+                got = fn(cfg, level, index, role)
+                if not isinstance(got, slice):
+                    raise Failed(f"node_slice(cfg, {level}, {index}, {role!r}) returned {got!r}; return a slice(start, stop)")
+                want = engine.node_slices(cfg, level, index, (role,))[0].indices(full[role])[:2]
+                expect_equal(got.indices(full[role])[:2], want,
+                             f"(start, stop) of node ({level}, {index}) along role {role} in {describe(cfg)}")
+
+
+VIEW_NAMES = ("E", "emb_norm", "final_norm", "out_norm", "attn_norm", "mlp_norm", "Wq", "Wk", "Wv", "Wo",
+              "Wgate", "Wup", "bgate", "bup", "Wdown", "bdown")
+
+
+@exercise("base", "view_array", "cut one model's weights out of the shared arrays (the role table)",
+          "Index with basic slices only (a[rows, :, cols]), never with lists or boolean masks: those copy. "
+          "Wq, Wk, Wv are (R, heads, C); Wo is (heads, C, R); the vocabulary and head axes are shared whole.")
+def check_view_array(fn):
+    rng = np.random.default_rng(12)
+    for _ in range(3):
+        cfg = random_config(rng, levels=(2, 3))
+        params = random_params(cfg, rng)
+        for level, index in engine.nodes(cfg):
+            want_all = engine.view(params, cfg, level, index)
+            for name in VIEW_NAMES:
+                a = params[name] if name in params else params["layers"][0][name]
+                want = want_all[name] if name in want_all else want_all["layers"][0][name]
+                got = fn(name, a, cfg, level, index)
+                what = f"view_array({name!r}, ..., level={level}, index={index}) in {describe(cfg)}"
+                if not isinstance(got, np.ndarray):
+                    raise Failed(f"{what}: returned {type(got).__name__}, not a NumPy array")
+                if got.shape != want.shape:
+                    raise Failed(f"{what}: shape {got.shape}, the model's view has shape {want.shape}")
+                if not np.shares_memory(got, a):
+                    raise Failed(f"{what}: a copy, not a view of the full array")
+                if (got.__array_interface__["data"][0], got.strides) != (want.__array_interface__["data"][0], want.strides):
+                    raise Failed(f"{what}: a view of the wrong block of the full array")
+
+
+@exercise("base", "node_params", "count a leaf's (or any node's) parameters",
+          "A model at level l is a whole model of width D/s^l, head dim hd/s^l and MLP width F/s^l, with ALL "
+          "the heads and the whole vocabulary: count its arrays, do not divide the root's count by s^l.")
+def check_node_params(fn):
+    rng = np.random.default_rng(13)
+    for _ in range(5):
+        cfg = random_config(rng, levels=(2, 3))
+        params = engine.init_params(cfg, 0)
+        for level in range(cfg.levels):
+            expect_equal(as_int(fn(cfg, level), "node_params"), engine.count_params(engine.view(params, cfg, level, 0)),
+                         f"node_params at level {level} of {describe(cfg)}")
+
+
+@exercise("base", "tree_loss", "the tree loss from the per-node losses",
+          "Every NODE counts the same: take the mean over all models of all levels together, not the mean of "
+          "the per-level means (the deeper levels hold more models).")
+def check_tree_loss(fn):
+    rng = np.random.default_rng(14)
+    for _ in range(3):
+        cfg = random_config(rng, levels=(2, 3))
+        params = random_params(cfg, rng)
+        ids = rng.integers(0, cfg.vocab_size, size=(2, cfg.context))
+        targets = rng.integers(0, cfg.vocab_size, size=(2, cfg.context))
+        losses = [np.array(level, dtype=np.float64) for level in engine.node_losses(params, cfg, ids, targets)]
+        want = float(engine.tree_loss(params, cfg, ids, targets))
+        got = fn([level.copy() for level in losses], cfg)
+        expect_close(got, want, f"tree_loss for {describe(cfg)} (per-level losses {[np.round(l, 3).tolist() for l in losses]})",
+                     rtol=1e-5, atol=1e-6)
+
+
+@exercise("base", "deepest_owner", "who owns an entry of Wgate (the ownership map)",
+          "Go from the deepest level up: the first model whose R block holds the row AND whose M block holds "
+          "the column is the answer. Entries off every diagonal block belong to the root only.")
+def check_deepest_owner(fn):
+    rng = np.random.default_rng(15)
+    for _ in range(3):
+        cfg = random_config(rng, levels=(2, 3))
+        params = engine.init_params(cfg, 0)
+        masks = {node: engine.index_mask(params, cfg, *node)["layers"][0]["Wgate"] for node in engine.nodes(cfg)}
+        D, F = cfg.hidden, cfg.mlp_hidden
+        for row, col in zip(rng.integers(0, D, 40), rng.integers(0, F, 40)):
+            owners = [node for node in engine.nodes(cfg) if masks[node][row, col]]
+            want = max(owners)                                  # nodes sort by level first
+            got = fn(cfg, int(row), int(col))
+            try:
+                got = (int(got[0]), int(got[1]))
+            except (TypeError, ValueError, IndexError):
+                raise Failed(f"deepest_owner(cfg, {row}, {col}) returned {got!r}, not a (level, index) pair") from None
+            expect_equal(got, want, f"deepest_owner(cfg, {row}, {col}) in {describe(cfg)}")
+
+
+# Lesson 2: the tokenizer
+
+def _small_ids(rng, n_symbols=3, max_len=20):
+    return [int(v) for v in rng.integers(0, n_symbols, size=int(rng.integers(0, max_len + 1)))]
+
+
+@exercise("tokenizer", "merge_pair", "merge one pair everywhere",
+          "Scan left to right; when (ids[i], ids[i+1]) is the pair, emit new_id and jump two places, else emit "
+          "ids[i] and move one. A run 7 7 7 becomes new 7, not new new.")
+def check_merge_pair(fn):
+    rng = np.random.default_rng(20)
+    cases = [([7, 7, 7], (7, 7)), ([7, 7, 7, 7], (7, 7)), ([], (0, 1)), ([1], (1, 1))]
+    cases += [(_small_ids(rng), (int(rng.integers(3)), int(rng.integers(3)))) for _ in range(30)]
+    for ids, pair in cases:
+        got = fn(list(ids), pair, 99)
+        try:
+            got = [int(v) for v in got]
+        except (TypeError, ValueError):
+            raise Failed(f"merge_pair({ids}, {pair}, 99) returned {got!r}, not a list of ids") from None
+        expect_equal(got, engine.merge_list(list(ids), pair, 99), f"merge_pair({ids}, {pair}, 99)")
+
+
+@exercise("tokenizer", "pair_counts", "the BPE pair count",
+          "Count what a merge would really do: in a run a a a a the pair (a, a) fires twice, not three times "
+          "(non-overlapping, left to right). collections.Counter(zip(ids, ids[1:])) counts overlaps.")
+def check_pair_counts(fn):
+    rng = np.random.default_rng(21)
+    cases = [[7, 7, 7], [7, 7, 7, 7], [1, 2, 1, 2], [5]] + [_small_ids(rng, 4, 25) for _ in range(25)]
+    for ids in cases:
+        got = fn(list(ids))
+        try:
+            got = {(int(a), int(b)): int(n) for (a, b), n in dict(got).items() if n}
+        except (TypeError, ValueError):
+            raise Failed(f"pair_counts({ids}) returned {got!r}, not a dict {{(a, b): count}}") from None
+        want = {p: len(ids) - len(engine.merge_list(list(ids), p, -1)) for p in set(zip(ids, ids[1:]))}
+        expect_equal(dict(sorted(got.items())), dict(sorted(want.items())), f"pair_counts({ids})")
+
+
+_CORPUS = []
+
+
+def _corpus():
+    if not _CORPUS:
+        _CORPUS.append(engine.CORPUS.read_text(encoding="utf-8")[:200_000])
+    return _CORPUS[0]
+
+
+@exercise("tokenizer", "encode", "rank-order BPE encoding",
+          "Apply the merges one after the other in RANK order, each over the whole list (use your merge_pair); "
+          "do not scan the text once, greedily taking the longest token (the prototype's encoder did that).")
+def check_encode(fn):
+    rng = np.random.default_rng(22)
+    tok = engine.Tokenizer.default()
+    text = _corpus()
+    samples = ["First Citizen:", "the", "thee", "Thee", "a", "\n\n", "JULIET:\nO Romeo, Romeo!"]
+    for _ in range(20):
+        start = int(rng.integers(0, len(text) - 80))
+        samples.append(text[start:start + int(rng.integers(1, 80))])
+    for s in samples:
+        got = fn(s, list(tok.chars), [tuple(m) for m in tok.merges])
+        try:
+            got = [int(v) for v in got]
+        except (TypeError, ValueError):
+            raise Failed(f"encode({s!r}) returned {got!r}, not a list of ids") from None
+        want = tok.encode(s)
+        if got != want:
+            shown = lambda ids: "|".join(tok.token_strings[i] if 0 <= i < tok.vocab_size else "?" for i in ids)
+            raise Failed(f"encode({s!r}): you give {shown(got)!r}, the tokenizer gives {shown(want)!r}")
+
+
+@exercise("tokenizer", "first_merge", "the first merge of BPE training",
+          "Three rules: both sides letters or both not (str.isalpha); count non-overlapping occurrences (your "
+          "pair_counts); on a tie take the smallest (id_a, id_b), with ids from the SORTED characters.")
+def check_first_merge(fn):
+    rng = np.random.default_rng(23)
+    alphabet = list("aabbcde  ,.\n")
+    texts = ["aaaa bb", "ab ab, ab.", "e e e e", "hello, hello.", "xyxy yx, ,,", "ba ab ba ab"]
+    texts += ["".join(rng.choice(alphabet, size=int(rng.integers(4, 40)))) for _ in range(30)]
+    for text in texts:
+        try:
+            tok = engine.train_bpe(text, 1)
+        except ValueError:          # nothing may merge in this text
+            continue
+        a, b = tok.merges[0]
+        want = (tok.token_strings[a], tok.token_strings[b])
+        got = fn(text)
+        got = tuple(got) if isinstance(got, (list, tuple)) else got
+        expect_equal(got, want, f"first_merge({text!r})")
+
+
+# Lesson 3: speculative decoding
+
+@exercise("speculative", "accept_greedy", "greedy verification of a draft",
+          "Compare draft[i] with verifier_tokens[i] from i = 0 and stop at the FIRST disagreement; the next "
+          "token is verifier_tokens[accepted] (the verifier's own choice at the first refused place, or the "
+          "bonus token after a full draft).")
+def check_accept_greedy(fn):
+    rng = np.random.default_rng(30)
+    for _ in range(40):
+        k = int(rng.integers(1, 6))
+        draft, verifier = rng.integers(0, 3, size=k), rng.integers(0, 3, size=k + 1)
+        _, a, nxt = engine.accept_greedy(verifier[None], draft[None])
+        got = fn(draft.copy(), verifier.copy())
+        try:
+            got = (int(got[0]), int(got[1]))
+        except (TypeError, ValueError, IndexError):
+            raise Failed(f"accept_greedy returned {got!r}, not (accepted, next_token)") from None
+        expect_equal(got, (a, nxt), f"accept_greedy(draft={draft.tolist()}, verifier_tokens={verifier.tolist()})")
+
+
+@exercise("speculative", "acceptance_rate", "compute an acceptance rate",
+          "Sum over tokens t of q(t) * min(1, p(t)/q(t)): the chance to draw t times the chance to keep it. "
+          "It simplifies to a sum of minimums.")
+def check_acceptance_rate(fn):
+    rng = np.random.default_rng(31)
+    for trial in range(3):
+        V = 5
+        p, q = rng.dirichlet(np.ones(V)), rng.dirichlet(np.ones(V))
+        kept, n = 0, 2000
+        for _ in range(n):                                  # the engine's own accept/reject rule, k = 1
+            t = int(rng.choice(V, p=q))
+            a, _ = engine.accept_sampled(np.stack([p, p]), q[None], np.array([t]), rng)
+            kept += a
+        measured = kept / n
+        try:
+            got = float(fn(p.copy(), q.copy()))
+        except (TypeError, ValueError):
+            raise Failed("acceptance_rate must return a number") from None
+        if not abs(got - measured) <= 0.04:
+            raise Failed(f"acceptance_rate(p={np.round(p, 3).tolist()}, q={np.round(q, 3).tolist()}) = {got:.4f}, "
+                         f"but the engine's accept/reject rule kept {measured:.4f} of {n} drafted tokens")
+
+
+@exercise("speculative", "residual", "the distribution a rejected token is redrawn from",
+          "max(0, p - q) elementwise, divided by its sum. That is p where p exceeds q, shifted down by q, and "
+          "0 where the drafter over-proposes.")
+def check_residual(fn):
+    rng = np.random.default_rng(32)
+    cases = [(rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))) for _ in range(10)]
+    sparse = rng.dirichlet(np.ones(6))
+    sparse[:2] = 0
+    cases += [(sparse / sparse.sum(), rng.dirichlet(np.ones(6))), (cases[0][0], cases[0][0])]
+    for p, q in cases:
+        r = as_array(fn(p.copy(), q.copy()), "residual")
+        what = f"residual(p={np.round(p, 3).tolist()}, q={np.round(q, 3).tolist()})"
+        if r.shape != p.shape or (r < -1e-12).any() or not abs(r.sum() - 1) < 1e-9:
+            raise Failed(f"{what} = {np.round(r, 4).tolist()}: not a distribution over the {p.size} tokens")
+        kept = np.minimum(p, q)                             # drawn from q AND kept
+        produced = kept + (1 - kept.sum()) * r              # ... or refused, then redrawn from r
+        if not np.allclose(produced, p, rtol=0, atol=1e-9):
+            raise Failed(f"{what} = {np.round(r, 4).tolist()}: accept-or-redraw then gives "
+                         f"{np.round(produced, 4).tolist()}, not p")
+
+
+@exercise("speculative", "expected_tokens", "tokens per verifier pass",
+          "P(exactly a drafted tokens kept) = alpha^a (1 - alpha) for a < k, alpha^k for a = k, and every pass "
+          "adds one token of the verifier's own. The mean is a geometric sum: 1 + alpha + ... + alpha^k.")
+def check_expected_tokens(fn):
+    rng = np.random.default_rng(33)
+    for alpha in (0.0, 0.3, 0.7, 1.0):
+        for k in (1, 3, 5):
+            keep = rng.random((20000, k)) < alpha
+            simulated = float(np.cumprod(keep, axis=1).sum(axis=1).mean() + 1)
+            try:
+                got = float(fn(alpha, k))
+            except (TypeError, ValueError):
+                raise Failed("expected_tokens must return a number") from None
+            if not abs(got - simulated) <= 0.02 * simulated:
+                raise Failed(f"expected_tokens({alpha}, {k}) = {got:.4f}, but 20,000 simulated passes give "
+                             f"{simulated:.4f} tokens each")
+
+
+@exercise("speculative", "drafters", "the sub-models that can draft for a node",
+          "A node at level v with index i holds, at a deeper level l, the split**(l - v) consecutive models "
+          "starting at index i * split**(l - v).")
+def check_drafters(fn):
+    rng = np.random.default_rng(34)
+    for _ in range(5):
+        cfg = random_config(rng, levels=(2, 4), splits=(2, 3))
+        for verifier in engine.nodes(cfg):
+            for level in range(verifier[0] + 1, cfg.levels):
+                got = as_pairs(fn(cfg, verifier, level), "drafters")
+                expect_equal(got, engine.resolve_drafters(cfg, verifier, level),
+                             f"drafters of {verifier} at level {level} in {describe(cfg)}")
+
+
+# Lesson 4: merging
+
+@exercise("merging", "parent_config", "the config one level up",
+          "The parent is split times as wide AND has split times the head dim (every model keeps all the "
+          "heads), with one more level; everything else, split included, stays.")
+def check_parent_config(fn):
+    rng = np.random.default_rng(40)
+    for _ in range(8):
+        child = random_config(rng, levels=(1, 3))
+        got = fn(child, child.split)
+        want = engine.parent_config(child, child.split)
+        if got != want:
+            diff = [f"{k}={getattr(got, k, None)!r} (right: {getattr(want, k)!r})" for k in want.to_dict()
+                    if getattr(got, k, None) != getattr(want, k)]
+            raise Failed(f"parent_config({describe(child)}, {child.split}): wrong {', '.join(diff) or repr(got)}")
+
+
+@exercise("merging", "merge2", "write merge for split 2",
+          "Start from zeros of the parent's shapes (parent_config), then write each child through the parent's "
+          "VIEW of node (1, r): tf.view returns views, so view[...] = child writes into the parent's arrays.")
+def check_merge2(fn):
+    rng = np.random.default_rng(41)
+    for _ in range(3):
+        child_cfg = random_config(rng, levels=(1, 2), splits=(2, 2))
+        kids = [random_params(child_cfg, rng) for _ in range(2)]
+        want, cfg = engine.merge(kids, child_cfg, 2)
+        got = fn(*[{k: [dict(l) for l in v] if k == "layers" else v.copy() for k, v in kid.items()} for kid in kids],
+                 child_cfg)
+        try:
+            got = engine.flatten(got)
+        except (AttributeError, KeyError, TypeError):
+            raise Failed(f"merge2 returned {type(got).__name__}, not a params dict like init_params gives") from None
+        for name, w in engine.flatten(want).items():
+            what = f"merge2 for children of {describe(child_cfg)}: array {name}"
+            if name not in got:
+                raise Failed(f"{what} is missing")
+            g = np.asarray(got[name])
+            if g.shape != w.shape or g.dtype != w.dtype:
+                raise Failed(f"{what} has shape {g.shape} {g.dtype}, the merged model needs {w.shape} {w.dtype}")
+            if not np.array_equal(g, w):
+                i = tuple(int(v) for v in np.argwhere(g != w)[0])
+                raise Failed(f"{what} at {i} is {g[i]:.4g}, the merge gives {w[i]:.4g}")
+
+
+@exercise("merging", "new_entries", "how many entries are new after a merge",
+          "The children's index sets inside the parent never overlap, and each child owns exactly as many "
+          "entries as a model of config child_cfg has.")
+def check_new_entries(fn):
+    rng = np.random.default_rng(42)
+    for _ in range(6):
+        child = random_config(rng, levels=(1, 3))
+        cfg = engine.parent_config(child, child.split)
+        params = engine.init_params(cfg, 0)
+        want = int(sum(m.sum() for m in engine.trainable_mask(params, cfg, 1).values()))
+        expect_equal(as_int(fn(child, child.split), "new_entries"), want,
+                     f"new_entries for {child.split} children of {describe(child)}")
+
+
+@exercise("merging", "extract", "a standalone copy of one node",
+          "tf.view gives the right blocks but as views; copy every array with np.array(a, copy=True, order='C') "
+          "(np.ascontiguousarray returns the same memory when the view is already contiguous).")
+def check_extract(fn):
+    rng = np.random.default_rng(43)
+    for _ in range(3):
+        cfg = random_config(rng, levels=(2, 3))
+        params = random_params(cfg, rng)
+        level = int(rng.integers(0, cfg.levels))
+        index = int(rng.integers(0, cfg.n_models(level)))
+        got = fn(params, cfg, level, index)
+        try:
+            got = engine.flatten(got)
+        except (AttributeError, KeyError, TypeError):
+            raise Failed(f"extract returned {type(got).__name__}, not a params dict") from None
+        flat_params = list(engine.flatten(params).values())
+        for name, w in engine.flatten(engine.extract(params, cfg, level, index)).items():
+            what = f"extract(params, cfg, {level}, {index}) for {describe(cfg)}: array {name}"
+            g = got.get(name)
+            if not isinstance(g, np.ndarray):
+                raise Failed(f"{what} is missing or not a NumPy array")
+            expect_close(g, w, what, rtol=0, atol=0)
+            if any(np.shares_memory(g, a) for a in flat_params):
+                raise Failed(f"{what} shares memory with params: a view, not a copy")
+            if not g.flags["C_CONTIGUOUS"]:
+                raise Failed(f"{what} is not contiguous")
+
+
+# Lesson 5: coupling
+
+@exercise("coupling", "upstream_received", "what an upstream parent receives",
+          "Reshape to (N, split, B, T, d), move the split axis next to d (transpose to N, B, T, split, d), "
+          "then reshape to (N, B, T, split*d). A reshape alone interleaves the wrong numbers.")
+def check_upstream_received(fn):
+    rng = np.random.default_rng(50)
+    for s, N, B, T, d in ((2, 1, 1, 3, 2), (2, 2, 2, 4, 3), (3, 3, 1, 2, 2), (4, 1, 2, 1, 1)):
+        x = rng.standard_normal((s * N, B, T, d))
+        expect_close(fn(x.copy(), s), engine.concat_children(x, s),
+                     f"upstream_received of states {x.shape} with split {s}", rtol=0, atol=0)
+
+
+@exercise("coupling", "downstream_received", "what a downstream child receives",
+          "Child k's parent is k // split, and it sits at position r = k % split among its siblings, so it "
+          "gets the parent's coordinates [r*d, (r+1)*d).")
+def check_downstream_received(fn):
+    rng = np.random.default_rng(51)
+    for s, N, B, T, d in ((2, 1, 1, 3, 2), (2, 2, 2, 4, 3), (3, 3, 1, 2, 2), (4, 1, 2, 1, 1)):
+        x = rng.standard_normal((N, B, T, s * d))
+        expect_close(fn(x.copy(), s), engine.split_to_children(x, s),
+                     f"downstream_received of states {x.shape} with split {s}", rtol=0, atol=0)
+
+
+@exercise("coupling", "needed_nodes", "which nodes run to get one node's logits",
+          "Upstream: a parent reads its children, who read theirs, so the whole subtree runs. Downstream: a "
+          "child reads its parent, who reads its own, so the chain of ancestors runs. None: the node alone.")
+def check_needed_nodes(fn):
+    rng = np.random.default_rng(52)
+    for coupling in ("none", "upstream", "downstream"):
+        for _ in range(3):
+            cfg = random_config(rng, levels=(1, 3), coupling=coupling)
+            for level, index in engine.nodes(cfg):
+                got = as_pairs(fn(cfg, level, index), "needed_nodes")
+                expect_equal(sorted(got), engine.needed_nodes(cfg, level, index),
+                             f"needed_nodes of ({level}, {index}) under coupling={coupling!r} in {describe(cfg)}")
+
+
+# Lesson 6: bytes and concepts
+
+def _byte_config(rng, levels=(1, 4)):
+    return random_config(rng, levels=levels, vocab_size=256, tokenizer="bytes", context=int(rng.integers(4, 65)))
+
+
+@exercise("bytes", "group_size", "bytes per position at each level",
+          "The leaves (level L-1) read single bytes; each level up reads groups split times longer.")
+def check_group_size(fn):
+    rng = np.random.default_rng(60)
+    for _ in range(6):
+        cfg = _byte_config(rng)
+        for level in range(cfg.levels):
+            expect_equal(as_int(fn(cfg, level), "group_size"), engine.group_size(cfg, level),
+                         f"group_size at level {level} of {describe(cfg)}")
+
+
+@exercise("bytes", "slot_offset", "where a level's slot gains start",
+          "Add up the group sizes of the levels ABOVE this one (levels 0 .. level-1).")
+def check_slot_offset(fn):
+    rng = np.random.default_rng(61)
+    for _ in range(6):
+        cfg = _byte_config(rng)
+        for level in range(cfg.levels):
+            expect_equal(as_int(fn(cfg, level), "slot_offset"), engine.slot_offset(cfg, level),
+                         f"slot_offset at level {level} of {describe(cfg)}")
+
+
+@exercise("bytes", "context_bytes", "how much text each level sees",
+          "Every level has cfg.context positions, and one position of a level-l model reads g_l bytes.")
+def check_context_bytes(fn):
+    rng = np.random.default_rng(62)
+    for _ in range(6):
+        cfg = _byte_config(rng)
+        for level in range(cfg.levels):
+            expect_equal(as_int(fn(cfg, level), "context_bytes"), engine.context_bytes(cfg, level),
+                         f"context_bytes at level {level} of {describe(cfg)} (context {cfg.context})")
+
+
+@exercise("bytes", "concept_embedding", "compute a byte group's concept embedding",
+          "Look up one row of E per byte, multiply row m by (1 + P[m]) (a different gain per slot), add the "
+          "rows up, then one RMSNorm of the sum with the emb_norm gain.")
+def check_concept_embedding(fn):
+    rng = np.random.default_rng(63)
+    for _ in range(3):
+        cfg = _byte_config(rng, levels=(2, 3)).override(eps=float(rng.choice([1e-6, 1e-2])))
+        params = random_params(cfg, rng)
+        g = engine.group_size(cfg, 0)
+        groups = rng.integers(0, 256, size=(2, 3, g))
+        want = np.asarray(engine.concept_embedding(params, cfg, groups))     # (B,T,D)
+        P = params["P"][:g]                                                   # level 0's slot gains
+        for b in range(2):
+            for t in range(3):
+                got = fn(params["E"].copy(), P.copy(), params["emb_norm"].copy(), groups[b, t].copy(), cfg.eps)
+                expect_close(got, want[b, t], f"concept_embedding of the group {groups[b, t].tolist()} "
+                                              f"(g={g}, eps={cfg.eps:g})", rtol=1e-4, atol=1e-5)

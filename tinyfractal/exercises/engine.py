@@ -1,0 +1,24 @@
+"""The engine functions that the checks compare students' answers with.
+
+This is the one file of the exercises that names the engine's internal modules, so that when a module
+moves only these imports change. Every name here is the engine's own code, never a second copy.
+"""
+from tinyfractal import (Config, Tokenizer, children, count_params, extract, forward, index_mask, init_params,
+                         merge, node_losses, nodes, tree_loss, view)
+from tinyfractal.variants.byte_model import concept_embedding, context_bytes
+from tinyfractal.api import needed_nodes
+from tinyfractal.variants.coupled import concat_children, split_to_children
+from tinyfractal.training.merge import parent_config, trainable_mask
+from tinyfractal.core.formulas import rmsnorm, rope, rope_tables, tied_logits
+from tinyfractal.core.model import attention, mlp
+from tinyfractal.paths import CORPUS
+from tinyfractal.inference.speculative import accept_greedy, accept_sampled, resolve_drafters
+from tinyfractal.text.bpe import _merge_list as merge_list
+from tinyfractal.text.bpe import train as train_bpe
+from tinyfractal.core.tree import flatten, group_size, node_slices, slot_offset
+
+__all__ = ["Config", "Tokenizer", "children", "count_params", "extract", "forward", "index_mask", "init_params",
+           "merge", "node_losses", "nodes", "tree_loss", "view", "concept_embedding", "context_bytes",
+           "concat_children", "needed_nodes", "split_to_children", "parent_config", "trainable_mask",
+           "attention", "mlp", "rmsnorm", "rope", "rope_tables", "tied_logits", "CORPUS", "accept_greedy", "accept_sampled",
+           "resolve_drafters", "merge_list", "train_bpe", "flatten", "group_size", "node_slices", "slot_offset"]

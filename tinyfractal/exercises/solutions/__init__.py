@@ -1,0 +1,1 @@
+"""Reference solutions of the exercises (a teacher may delete this folder)."""

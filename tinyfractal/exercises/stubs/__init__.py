@@ -1,0 +1,1 @@
+"""Exercise stubs: copied to a student folder by `python -m tinyfractal.exercises start`."""
