@@ -19,16 +19,14 @@ from hypothesis import strategies as st
 from strategies import configs, examples, node_of, random_params, spec_mask
 from tinyfractal import Tokenizer
 from tinyfractal.config import Config
-from tinyfractal.core import fast
-from tinyfractal.core.model import (count_params, cross_entropy, forward, init_params, output_gain,
-                                    tree_loss_reference)
+from tinyfractal.api import forward, forward_level, forward_node, init_params, tree_loss, tree_loss_reference
+from tinyfractal.core.model import count_params, cross_entropy, output_gain
 from tinyfractal.core.tree import flatten, index_mask, level_view, nodes, unflatten, view
 from tinyfractal.inference import decoder
 from tinyfractal.training.checkpoint import load, save
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split
 from tinyfractal.training.merge import extract, merge
 from tinyfractal.training.train import (TrainConfig, clip_threshold, level_weights_at, train, width_lr_scales)
-from tinyfractal.variants import byte_model, coupled
 
 OPTIONS = [dict(logit_scale="sqrt"), dict(logit_scale="learned"), dict(node_gains=True),
            dict(logit_scale="sqrt", node_gains=True), dict(logit_scale="learned", node_gains=True)]
@@ -63,10 +61,10 @@ def optioned(draw, max_nodes=13, min_levels=1, dtype=np.float64):
 @examples(15)
 @given(optioned())
 def test_level_batched_loss_and_gradients_equal_the_reference_with_options(case):
-    """Same-program law with options: fast.tree_loss and its gradient with respect to every array (the
-    per-node tables included) equal model.tree_loss_reference, node by node, in float64."""
+    """Same-program law with options: the level-batched tree_loss and its gradient with respect to every
+    array (the per-node tables included) equal tree_loss_reference, node by node, in float64."""
     cfg, params, ids, targets = case
-    a, ga = value_and_grad(lambda p: fast.tree_loss(p, cfg, ids, targets))(params)
+    a, ga = value_and_grad(lambda p: tree_loss(p, cfg, ids, targets))(params)
     b, gb = value_and_grad(lambda p: tree_loss_reference(p, cfg, ids, targets))(params)
     assert np.allclose(a, b, **CLOSE)
     ga, gb = flatten(ga), flatten(gb)
@@ -88,7 +86,7 @@ def test_a_sub_model_is_a_model_with_options(args):
     through_view = forward(view(params, cfg, level, j), sub, ids)
     standalone = forward(extract(params, cfg, level, j), sub, ids)
     assert np.array_equal(through_view, standalone)
-    assert np.allclose(fast.forward_level(params, cfg, level, ids)[j], through_view, **CLOSE)
+    assert np.allclose(forward_level(params, cfg, level, ids)[j], through_view, **CLOSE)
 
 
 @examples(15)
@@ -136,7 +134,7 @@ def test_cached_decoding_equals_forward_with_options(case):
     params = {k: (v if k == "layers" else v.astype(np.float32)) for k, v in params.items()}
     params["layers"] = [{k: v.astype(np.float32) for k, v in layer.items()} for layer in params["layers"]]
     for level, j in nodes(cfg):
-        logits, _ = decoder.prefill(decoder.Models(params, cfg, level, [j]), ids)
+        logits, _ = decoder.prefill(decoder.node_decoder(params, cfg, level, j), ids)
         want = forward(view(params, cfg, level, j), cfg.sub(level), ids)
         assert np.allclose(logits[0], want, rtol=1e-4, atol=1e-4), (level, j)
 
@@ -149,11 +147,10 @@ def test_coupled_paths_agree_with_options(case, coupling):
     cfg, params, ids, targets = case
     cfg = cfg.override(coupling=coupling)
     params = dict(params, coupling_scale=np.random.default_rng(0).normal(0, 1, (cfg.levels, cfg.layers)))
-    assert np.allclose(coupled.tree_loss(params, cfg, ids, targets),
-                       coupled.tree_loss_reference(params, cfg, ids, targets), **CLOSE)
+    assert np.allclose(tree_loss(params, cfg, ids, targets), tree_loss_reference(params, cfg, ids, targets), **CLOSE)
     for level, j in nodes(cfg):
-        got, _ = coupled.prefill(coupled.Runner(params, cfg, level, j), ids)
-        assert np.allclose(got, coupled.forward_node_reference(params, cfg, level, j, ids), rtol=1e-4, atol=1e-4)
+        got, _ = decoder.prefill(decoder.node_decoder(params, cfg, level, j), ids)
+        assert np.allclose(got[0], forward_node(params, cfg, level, j, ids), rtol=1e-4, atol=1e-4)
 
 
 @examples(10)
@@ -166,8 +163,7 @@ def test_byte_model_paths_agree_with_options(options, seed):
                                          * (v.ndim == 1) for k, v in flatten(init_params(cfg, seed)).items()}), seed)
     rng = np.random.default_rng(seed)
     ids, targets = rng.integers(0, 256, (2, 3, 2)), rng.integers(0, 256, (2, 3, 2))
-    assert np.allclose(byte_model.tree_loss(params, cfg, ids, targets),
-                       byte_model.tree_loss_reference(params, cfg, ids, targets), **CLOSE)
+    assert np.allclose(tree_loss(params, cfg, ids, targets), tree_loss_reference(params, cfg, ids, targets), **CLOSE)
 
 
 @examples(10)
@@ -204,7 +200,7 @@ def test_checkpoints_keep_the_per_node_tables(tmp_path):
 @pytest.fixture(scope="module")
 def text_batch():
     train_tokens, _ = train_val_split(load_tokens(Tokenizer.default()))
-    return batch_at(train_tokens, 4, 32, 0, 0)
+    return batch_at(train_tokens, 4, 16, 0, 0)   # 16: the micro preset's context
 
 
 def first_losses(cfg, batch):
@@ -389,7 +385,7 @@ def test_tree_weights_refuse_a_custom_loss():
     tr, va = micro_data()
     with pytest.raises(ValueError, match="loss_fn"):
         train(init_params(cfg, 0), cfg, TrainConfig(steps=1, batch_size=2, loss_weights="width"), tr, va,
-              loss_fn=lambda p, c, i, t, rng: fast.tree_loss(p, c, i, t), log=lambda s: None)
+              loss_fn=lambda p, c, i, t, rng: tree_loss(p, c, i, t), log=lambda s: None)
 
 
 def test_nested_init_starts_each_block_as_its_owner_would_alone():
