@@ -32,9 +32,10 @@ class Config:
     coupling_sublayer: bool = False     # pass only the layer's attention + MLP outputs, not the whole state
     coupling_scale_init: float = 1.0    # start of the learnable scale per (level, layer); 0 starts as base
     tokenizer: str = "bpe"              # bpe | bytes: bytes reads UTF-8, upper levels in groups (variants/byte_model.py)
-    logit_scale: str = "none"           # none | sqrt | learned: each node's logits times 1/sqrt(d_l) (model.output_gain)
+    # Options found by the nesting-tax study (lessons/tax.md); faithful() or preset 'seed' turn them off.
+    logit_scale: str = "sqrt"           # none | sqrt | learned: each node's logits times 1/sqrt(d_l) (model.output_gain)
     node_gains: bool = False            # each node its own output gain, not a slice of its parent's (model.output_gain)
-    nested_init: bool = False           # each weight entry starts as its deepest owner's would alone (init_params)
+    nested_init: bool = True            # each weight entry starts as its deepest owner's would alone (base_params)
 
     def __post_init__(self):
         if self.vocab_size is None:
@@ -49,7 +50,8 @@ class Config:
 
     @staticmethod
     def preset(name):
-        """A named config: 'original' (the seed's), 'tiny' (the classroom), 'micro' (tests), 'sierpinski' (split=3)."""
+        """A named config: 'original' (the seed's shape), 'seed' (that shape with the prototype's output and init:
+        original.faithful()), 'tiny' (the classroom), 'micro' (tests), 'sierpinski' (split=3)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return Config(**PRESETS[name])
@@ -160,6 +162,8 @@ PRESETS = {
 
 # The prototype's choice for each model option that `python -m tinyfractal.study tax` measures.
 FAITHFUL = dict(logit_scale="none", node_gains=False, nested_init=False)
+# The prototype exactly: the original shape with its output and init (no logit scale, the root's init).
+PRESETS["seed"] = {**PRESETS["original"], **FAITHFUL}
 
 _INT_FIELDS = ("vocab_size", "context", "layers", "heads", "kv_heads", "head_dim", "hidden", "mlp_mult",
                "levels", "split")
