@@ -31,7 +31,6 @@ atexit.register(shutil.rmtree, _scratch, True)
 PENDING = {
     # transformer.md: one excerpt (the progress lines of section 6) quotes the timings of another run
     "transformer": {"workflow", "excerpts"},
-    "fractal": {"workflow", "handout"},
     "tax": {"workflow", "handout", "excerpts"},
 }
 
