@@ -29,9 +29,6 @@ atexit.register(shutil.rmtree, _scratch, True)
 # Their tests are marked xfail(strict=True): when the lesson catches up the test passes, the strict
 # xfail fails the suite, and the entry must be removed here.
 PENDING = {
-    # transformer.md: one excerpt (the progress lines of section 6) quotes the timings of another run
-    "transformer": {"workflow", "excerpts"},
-    "fractal": {"workflow", "handout"},
     "tax": {"workflow", "handout", "excerpts"},
 }
 

@@ -22,6 +22,7 @@ from tinyfractal.exercises import EXERCISES, SOLUTIONS, STUBS, check_folder, loa
 from tinyfractal.exercises.__main__ import main
 from tinyfractal.lessons import ORDER
 from tinyfractal.paths import ROOT
+from tinyfractal.training.data import batch_at
 
 IDS = [f"{e.lesson}.{e.name}" for e in EXERCISES]
 SOL = {lesson: load(SOLUTIONS / f"{lesson}.py", lesson)[0] for lesson in exercises.lessons()}
@@ -166,6 +167,65 @@ def _concept_without_slot_gain(E, P, emb_norm, group, eps):
     return y / np.sqrt(np.mean(y * y) + eps) * (1 + emb_norm)
 
 
+def _token_bits_naive(logits, target):
+    """The softmax written out directly: exp overflows for logits in the hundreds."""
+    e = np.exp(np.asarray(logits, dtype=np.float64))
+    return float(-np.log2(e[target] / e.sum()))
+
+
+def _integral_raw(x):
+    """Forgets to standardise: the cumulative sum of x itself."""
+    return np.concatenate([[0.0], np.cumsum(x)])
+
+
+def _rescaled_range_no_block_mean(x, n):
+    blocks = np.asarray(x)[:len(x) // n * n].reshape(-1, n)
+    Y = np.cumsum(blocks, axis=1)
+    return float(np.mean((Y.max(axis=1) - Y.min(axis=1)) / blocks.std(axis=1)))
+
+
+def _rescaled_range_std_of_y(x, n):
+    blocks = np.asarray(x)[:len(x) // n * n].reshape(-1, n)
+    Y = np.cumsum(blocks - blocks.mean(axis=1, keepdims=True), axis=1)
+    return float(np.mean((Y.max(axis=1) - Y.min(axis=1)) / Y.std(axis=1)))
+
+
+def _hurst_mixed_bases(x, windows):
+    ratios = [SOL["fractal"].rescaled_range(x, n) for n in windows]
+    return float(np.polyfit(np.log(windows), np.log10(ratios), 1)[0])
+
+
+def _hurst_semilog(x, windows):
+    ratios = [SOL["fractal"].rescaled_range(x, n) for n in windows]
+    return float(np.polyfit(np.asarray(windows, dtype=float), np.log(ratios), 1)[0])
+
+
+def _self_similarity_raw_units(x, eps, taus):
+    """eps measured on the walk of x as given, not standardised."""
+    X = np.concatenate([[0.0], np.cumsum(x)])
+    p = [np.mean(np.abs(X[t:] - X[:-t]) <= eps) for t in taus]
+    return float(-np.polyfit(np.log(taus), np.log(p), 1)[0])
+
+
+def _device_block_column_major(batch_size, n_models, data, model, device):
+    """Places device k at data row k % data: the mesh read down its columns."""
+    return SOL["cluster"].device_block(batch_size, n_models, data, model, (device % data) * model + device // data)
+
+
+def _device_block_always_split(batch_size, n_models, data, model, device):
+    (rows, _), per = SOL["cluster"].device_block(batch_size, n_models, data, model, device), max(1, n_models // model)
+    c = device % model
+    return rows, (c * per, min(n_models, (c + 1) * per))
+
+
+def _local_batch_seed_per_process(tokens, batch_size, context, seed, step, process, processes):
+    return batch_at(tokens, batch_size // processes, context, seed + process, step)
+
+
+def _local_batch_same_rows(tokens, batch_size, context, seed, step, process, processes):
+    return batch_at(tokens, batch_size // processes, context, seed, step)
+
+
 WRONG = {
     "transformer.rmsnorm": [_rmsnorm_gain_g, _rmsnorm_eps_outside],
     "transformer.causal_mask": [lambda T: np.triu(np.ones((T, T), dtype=bool)),
@@ -205,6 +265,17 @@ WRONG = {
     "bytes.slot_offset": [lambda cfg, level: sum(SOL["bytes"].group_size(cfg, k) for k in range(level + 1))],
     "bytes.context_bytes": [lambda cfg, level: cfg.context],
     "bytes.concept_embedding": [_concept_without_slot_gain],
+    "fractal.token_bits": [lambda logits, t: SOL["fractal"].token_bits(logits, t) * math.log(2), _token_bits_naive],
+    "fractal.integral_process": [_integral_raw, lambda x: SOL["fractal"].integral_process(x)[1:]],
+    "fractal.rescaled_range": [_rescaled_range_no_block_mean, _rescaled_range_std_of_y],
+    "fractal.hurst": [_hurst_mixed_bases, _hurst_semilog],
+    "fractal.self_similarity": [lambda x, eps, taus: -SOL["fractal"].self_similarity(x, eps, taus),
+                                _self_similarity_raw_units],
+    "cluster.rows_per_device": [lambda b, d, m: b // d, lambda b, d, m: max(1, b // (d // m))],
+    "cluster.device_block": [_device_block_column_major, _device_block_always_split],
+    "cluster.local_batch": [_local_batch_seed_per_process, _local_batch_same_rows],
+    "cluster.allreduce_mean": [lambda grads, rows: {k: sum(g[k] for g in grads) for k in grads[0]},
+                               lambda grads, rows: {k: sum(g[k] for g in grads) / len(grads) for k in grads[0]}],
 }
 
 

@@ -149,3 +149,69 @@ def test_merging_lesson_quick(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "max abs diff" in text and "0.0" in text
     assert sorted(p.name for p in tmp_path.glob("*.png"))
+
+
+RESUMABLE = TrainConfig(steps=6, batch_size=2, eval_interval=2, eval_batches=1, log_interval=1, warmup=1)
+TIMES = ("seconds", "cpu_seconds")
+
+
+def without_times(stages):
+    """The stage records without their wall and CPU seconds (which no two runs share)."""
+    return [[{k: v for k, v in r.items() if k not in TIMES} for r in records] for records in stages]
+
+
+def stop_at(predicate):
+    """A log function that raises KeyboardInterrupt (as Ctrl-C would) at the first message matching."""
+    def log(msg):
+        if predicate(msg):
+            raise KeyboardInterrupt
+    return log
+
+
+@pytest.mark.parametrize("where", [
+    "[stage 1/3 node (2,2)] step     5/6",     # a leaf, mid-training: its step-4 checkpoint is the last
+    "[stage 2/3 node (1,1)] step     3/6",     # a merged parent, mid-training, after one evaluation
+    "== stage 3/3",                            # between stages: every model so far finished and saved
+])
+def test_a_growth_interrupted_then_resumed_equals_one_never_stopped(tmp_path, where):
+    """Law of resuming a growth: stopped by Ctrl-C (KeyboardInterrupt) at a leaf, at a merged parent or
+    between stages, then run again with resume=True, growing ends with the same arrays bit for bit, and
+    the same stage records (merge checks, val losses, metrics, FLOPs, children unchanged) but for their
+    seconds, as a growth that was never stopped; the interrupted model continued from its checkpoint."""
+    tokens = corpus(4000, 16)
+    whole, whole_stages = grow(SMALL, RESUMABLE, [6, 6, 6], tokens=tokens, out=tmp_path / "whole", log=lambda m: None)
+
+    with pytest.raises(KeyboardInterrupt):
+        grow(SMALL, RESUMABLE, [6, 6, 6], tokens=tokens, out=tmp_path / "cut", log=stop_at(lambda m: m.startswith(where)))
+    assert not (tmp_path / "cut" / "checkpoint.json").exists() and not (tmp_path / "cut" / "stage2.json").exists()
+    messages = []
+    resumed, resumed_stages = grow(SMALL, RESUMABLE, [6, 6, 6], tokens=tokens, out=tmp_path / "cut",
+                                   log=messages.append, resume=True)
+    assert any("--resume: trained in the run before" in m for m in messages)
+    if "step" in where:          # the interrupted model went on from its last evaluation, not from step 0
+        node = where.split("]")[0] + "]"
+        assert any(m.startswith(node) and "--resume: continuing at step" in m for m in messages), messages
+        assert not any(m.startswith(node + " step     1/6") for m in messages)
+    for name, a in flatten(whole).items():
+        np.testing.assert_array_equal(flatten(resumed)[name], a, err_msg=name)
+    assert without_times(resumed_stages) == without_times(whole_stages)
+    for t in range(3):
+        saved = json.loads((tmp_path / "cut" / f"stage{t}.json").read_text())["models"]
+        assert without_times([saved]) == without_times([json.loads((tmp_path / "whole" / f"stage{t}.json")
+                                                                   .read_text())["models"]])
+    params, _, _ = load(tmp_path / "cut")
+    assert all(np.array_equal(a, flatten(whole)[k]) for k, a in flatten(params).items())
+
+
+def test_resuming_another_growth_is_refused(tmp_path):
+    """resume=True over checkpoints of another growth (other steps, options or corpus) is a ValueError
+    that says so, never a silent mix; without `out` there is nothing to resume from."""
+    tokens = corpus(4000, 16)
+    with pytest.raises(KeyboardInterrupt):
+        grow(SMALL, RESUMABLE, [6, 6, 6], tokens=tokens, out=tmp_path, log=stop_at(lambda m: m.startswith("== stage 2")))
+    for change in ({"steps": [6, 6, 5]}, {"off_diagonal": "random"}, {"tokens": corpus(4000, 16, seed=1)}):
+        kwargs = {"steps": [6, 6, 6], "tokens": tokens, **change}
+        with pytest.raises(ValueError, match="cannot resume growing"):
+            grow(SMALL, RESUMABLE, kwargs.pop("steps"), out=tmp_path, log=lambda m: None, resume=True, **kwargs)
+    with pytest.raises(ValueError, match="needs the folder"):
+        grow(SMALL, RESUMABLE, [6, 6, 6], tokens=tokens, resume=True)

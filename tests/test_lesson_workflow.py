@@ -3,6 +3,7 @@ Ctrl-C keeps a loadable checkpoint and prints one line, --resume continues bit f
 tokenizer is not overwritten, and the loss-curve figure shows the unigram baseline."""
 import argparse
 import dataclasses
+import importlib
 import os
 import signal
 import subprocess
@@ -40,22 +41,24 @@ def test_a_quick_checkpoint_says_so_and_is_refused_as_a_trained_model(tmp_path, 
     assert len(err) == 1 and err[0].startswith("error: ") and "--quick run" in err[0]
 
 
-def test_quick_then_full_does_not_reuse_the_quick_model(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("name", ["speculative", "fractal"])
+def test_quick_then_full_does_not_reuse_the_quick_model(name, tmp_path, monkeypatch, capsys):
     """A quick run's model left where a full run looks (lesson_output/base/checkpoint, as --quick wrote
-    before it had its own folder) is skipped with a note: the full speculative lesson trains its own."""
+    before it had its own folder) is skipped with a note: the full lesson trains its own."""
+    module = importlib.import_module(f"tinyfractal.lessons.{name}")
     monkeypatch.chdir(tmp_path)
     assert lessons_main(["base", "--quick", "--out", "lesson_output/base"]) == 0
     capsys.readouterr()
-    args = args_for("speculative", ckpt=None, steps=2, seed=0, out=Path("lesson_output/speculative"))
-    params, cfg, source = speculative.get_model(args, Tokenizer.default())
+    args = args_for(name, ckpt=None, steps=2, seed=0, out=Path(f"lesson_output/{name}"))
+    params, cfg, source = module.get_model(args, Tokenizer.default())
     out = capsys.readouterr().out
     assert "Not using lesson_output/base/checkpoint: it holds a --quick run's model (4 steps)" in out
     assert source.startswith("trained here")
-    _, _, meta = load("lesson_output/speculative/checkpoint")
-    assert meta["quick"] is False and meta["step"] == 2
+    _, _, meta = load(f"lesson_output/{name}/checkpoint")
+    assert meta["quick"] is False and meta["step"] == 2 and meta["lesson"] == name
     # and with a full run's checkpoint there, it is taken
-    params2, _, source = speculative.get_model(args, Tokenizer.default())
-    assert source == "loaded lesson_output/speculative/checkpoint (trained 2 steps)"
+    params2, _, source = module.get_model(args, Tokenizer.default())
+    assert source == f"loaded lesson_output/{name}/checkpoint (trained 2 steps)"
     assert all(np.array_equal(a, b) for a, b in zip(flatten(params).values(), flatten(params2).values()))
 
 

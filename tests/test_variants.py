@@ -2,7 +2,9 @@
 
 Each law below is checked for every variant in the registry (tinyfractal/variants/__init__.py), in the
 manner of a backend-parametrized suite: a variant added to the registry is tested with no edit here, and
-a public entry point that cannot serve a variant must say so with a ValueError that names it.
+a public entry point that cannot serve a variant must say so with a ValueError that names it. These are
+laws 15 (cached decoding equals full recompute) and 16 (every variant answers for itself) of
+docs/design.md, section 7.
 """
 import numpy as np
 import pytest

@@ -719,3 +719,202 @@ def check_concept_embedding(fn):
                 got = fn(params["E"].copy(), P.copy(), params["emb_norm"].copy(), groups[b, t].copy(), cfg.eps)
                 expect_close(got, want[b, t], f"concept_embedding of the group {groups[b, t].tolist()} "
                                               f"(g={g}, eps={cfg.eps:g})", rtol=1e-4, atol=1e-5)
+
+
+# Lesson 7: is Shakespeare fractal?
+
+def _series(rng, n, hurst=None, scale=1.0, shift=0.0):
+    """A test series: fractional Gaussian noise of the given H (white noise if None), scaled and shifted."""
+    x = rng.standard_normal(n) if hurst is None else engine.fgn(n, hurst, rng)
+    return x * scale + shift
+
+
+def as_float(got, what):
+    try:
+        return float(got)
+    except (TypeError, ValueError):
+        raise Failed(f"{what}: returned {got!r}, not a number") from None
+
+
+@exercise("fractal", "token_bits", "a token's surprisal in bits",
+          "Take the log-softmax with the largest logit subtracted first (log-sum-exp), so exp never sees a "
+          "number in the hundreds; then divide nats by ln 2 to get bits, and keep the minus sign.")
+def check_token_bits(fn):
+    rng = np.random.default_rng(70)
+    for V, scale in ((2, 1.0), (5, 3.0), (128, 10.0), (64, 300.0), (16, 900.0)):
+        logits = rng.standard_normal(V) * scale
+        for target in (0, int(rng.integers(V)), int(np.argmax(logits))):
+            got = as_float(fn(logits.copy(), target), "token_bits")
+            expect_close(got, engine.token_bits(logits, target),
+                         f"token_bits of {V} logits of scale {scale:g}, target {target}", rtol=1e-9, atol=1e-9)
+
+
+@exercise("fractal", "integral_process", "the random walk of a series",
+          "Standardise first ((x - x.mean()) / x.std()), then np.cumsum, and put a 0 in front: the answer "
+          "has one point more than x.")
+def check_integral_process(fn):
+    rng = np.random.default_rng(71)
+    for n, scale, shift in ((128, 1.0, 0.0), (200, 0.3, 2.5), (513, 7.0, -40.0)):
+        x = _series(rng, n, scale=scale, shift=shift)
+        expect_close(fn(x.copy()), engine.integral_process(x),
+                     f"integral_process of {n} points (mean {shift:g}, std {scale:g})", rtol=1e-9, atol=1e-9)
+
+
+@exercise("fractal", "rescaled_range", "the rescaled range R/S of a series at one window size",
+          "Subtract each BLOCK's own mean before the cumulative sum (Y ends at 0), take max - min of Y, and "
+          "divide by the standard deviation of the block itself, not of Y.")
+def check_rescaled_range(fn):
+    rng = np.random.default_rng(72)
+    for n_points, hurst, scale, shift in ((600, None, 1.0, 0.0), (1000, 0.7, 2.0, 5.0), (777, 0.3, 0.1, -1.0)):
+        x = _series(rng, n_points, hurst, scale, shift)
+        fit = engine.hurst_rs(x)                # its values are the mean R/S at its window sizes
+        for n, want in zip(fit.scales.astype(int), fit.values):
+            got = as_float(fn(x.copy(), int(n)), "rescaled_range")
+            expect_close(got, want, f"rescaled_range of {n_points} points, blocks of {n}", rtol=1e-9, atol=1e-9)
+
+
+@exercise("fractal", "hurst", "the Hurst exponent by rescaled range",
+          "np.polyfit(np.log(windows), np.log(ratios), 1)[0]: both axes in logarithms (any base, but the SAME "
+          "base on both), one point per window size, and the slope is H itself.")
+def check_hurst(fn):
+    rng = np.random.default_rng(73)
+    for n_points, hurst, scale, shift in ((1024, None, 1.0, 0.0), (2048, 0.7, 3.0, 1.0), (2048, 0.3, 0.5, 0.0)):
+        x = _series(rng, n_points, hurst, scale, shift)
+        fit = engine.hurst_rs(x)
+        windows = [int(n) for n in fit.scales]
+        got = as_float(fn(x.copy(), windows), "hurst")
+        label = "white noise" if hurst is None else f"fGn with H = {hurst}"
+        expect_close(got, fit.exponent, f"hurst of {n_points} points of {label}, windows {windows[0]}..{windows[-1]}",
+                     rtol=1e-7, atol=1e-9)
+
+
+@exercise("fractal", "self_similarity", "the self-similarity exponent S (and D = 2 - S)",
+          "eps is in units of the STANDARDISED walk: build X with your integral_process, count the "
+          "fraction of t with |X[t+tau] - X[t]| <= eps for each tau, fit log p against log tau, and return "
+          "MINUS the slope (p falls as tau grows, S is positive).")
+def check_self_similarity(fn):
+    rng = np.random.default_rng(74)
+    for n_points, hurst, scale, shift, eps in ((4096, 0.6, 0.05, 3.0, 0.2), (4096, 0.4, 20.0, 0.0, 0.1),
+                                              (2048, None, 1.0, 0.0, 0.2)):
+        x = _series(rng, n_points, hurst, scale, shift)
+        fit = engine.self_similarity(x, eps)
+        taus = [int(t) for t in fit.scales]
+        got = as_float(fn(x.copy(), eps, taus), "self_similarity")
+        label = "white noise" if hurst is None else f"fGn with H = {hurst}"
+        expect_close(got, fit.exponent, f"self_similarity of {n_points} points of {label} (std {scale:g}), eps {eps}, "
+                                        f"taus {taus[0]}..{taus[-1]}", rtol=1e-7, atol=1e-9)
+
+
+# Lesson 8: from the classroom to the cluster
+
+@exercise("cluster", "rows_per_device", "the batch rows each device reads",
+          "Only the DATA axis splits the batch: data = devices // model_axis, and each device reads "
+          "batch_size // data rows. Raise ValueError if either division leaves a remainder.")
+def check_rows_per_device(fn):
+    for batch_size, devices, model_axis in ((8, 4, 1), (8, 4, 2), (6, 3, 3), (12, 6, 2), (16, 8, 4), (5, 1, 1)):
+        data = devices // model_axis
+        want = batch_size // data            # every row read once along 'data', all rows on one data row
+        got = as_int(fn(batch_size, devices, model_axis), "rows_per_device")
+        expect_equal(got, want, f"rows_per_device(batch_size={batch_size}, devices={devices}, model_axis={model_axis})")
+        if got * data != batch_size:
+            raise Failed(f"rows_per_device({batch_size}, {devices}, {model_axis}) = {got}: {data} data rows of {got} "
+                         f"do not make the batch of {batch_size}")
+    for batch_size, devices, model_axis, why in ((6, 4, 1, "4 devices do not divide a batch of 6"),
+                                                 (8, 4, 3, "a model axis of 3 does not divide 4 devices"),
+                                                 (10, 8, 2, "a data axis of 4 does not divide a batch of 10")):
+        try:
+            got = fn(batch_size, devices, model_axis)
+        except ValueError:
+            continue
+        raise Failed(f"rows_per_device({batch_size}, {devices}, {model_axis}) returned {got!r}; it must raise "
+                     f"ValueError: {why}")
+
+
+def _mesh_block(batch_size, n_models, data, model, device):
+    """The block of a level's (N, B, ...) logits a device holds, from the mesh grid itself."""
+    grid = np.arange(data * model).reshape(data, model)
+    r, c = (int(v) for v in np.argwhere(grid == device)[0])
+    rows = np.split(np.arange(batch_size), data)[r]
+    models = np.split(np.arange(n_models), model)[c] if model > 1 and n_models % model == 0 else np.arange(n_models)
+    return (int(rows[0]), int(rows[-1]) + 1), (int(models[0]), int(models[-1]) + 1)
+
+
+@exercise("cluster", "device_block", "which rows and which models of a level one device holds",
+          "Device k sits at data row k // model and model column k % model. Its rows: the r-th of `data` equal "
+          "parts of the batch. Its models: the c-th of `model` equal parts of the N models, or all N when "
+          "`model` does not divide N (level 0 has one model: every device keeps it).")
+def check_device_block(fn):
+    meshes = ((4, 4, 2, 2), (4, 1, 2, 2), (4, 2, 2, 2), (8, 4, 4, 1), (6, 9, 2, 3), (4, 2, 1, 4), (12, 8, 3, 2))
+    for batch_size, n_models, data, model in meshes:
+        for device in range(data * model):
+            got = fn(batch_size, n_models, data, model, device)
+            try:
+                got = ((int(got[0][0]), int(got[0][1])), (int(got[1][0]), int(got[1][1])))
+            except (TypeError, ValueError, IndexError):
+                raise Failed(f"device_block returned {got!r}, not ((row start, row stop), (model start, model stop))") from None
+            expect_equal(got, _mesh_block(batch_size, n_models, data, model, device),
+                         f"device_block of device {device} on a mesh data {data} x model {model}, batch {batch_size}, "
+                         f"{n_models} models")
+
+
+@exercise("cluster", "local_batch", "each process's rows of the same global batch",
+          "Every process calls batch_at with the SAME batch_size, seed and step (so they all build one global "
+          "batch), then keeps rows [p * B/P, (p+1) * B/P). A seed per process, or a smaller batch_at, gives "
+          "batches that overlap or differ from a one-process run.")
+def check_local_batch(fn):
+    tokens = np.random.default_rng(75).integers(0, 50, size=600).astype(np.int32)
+    for batch_size, processes, context, seed, step in ((8, 1, 8, 0, 0), (8, 2, 8, 3, 5), (8, 4, 6, 1, 17), (6, 3, 10, 2, 1)):
+        ids, targets = engine.batch_at(tokens, batch_size, context, seed, step)     # what one process would read
+        got_ids, got_targets = [], []
+        for process in range(processes):
+            got = fn(tokens.copy(), batch_size, context, seed, step, process, processes)
+            try:
+                a, b = (np.asarray(v) for v in got)
+            except (TypeError, ValueError):
+                raise Failed(f"local_batch returned {type(got).__name__}, not (ids, targets)") from None
+            got_ids.append(a)
+            got_targets.append(b)
+        what = f"local_batch with batch {batch_size} over {processes} process(es), seed {seed}, step {step}"
+        if {a.shape for a in got_ids + got_targets} != {(batch_size // processes, context)}:
+            raise Failed(f"{what}: shapes {[a.shape for a in got_ids]}; each process holds "
+                         f"({batch_size // processes}, {context})")
+        for name, mine, want in (("ids", got_ids, ids), ("targets", got_targets, targets)):
+            together = np.concatenate(mine)
+            if not np.array_equal(together, want):
+                row = int(np.argwhere((together != want).any(axis=1))[0, 0])
+                raise Failed(f"{what}: the processes' {name} put together differ from the one-process batch "
+                             f"at row {row} (process {row // (batch_size // processes)})")
+
+
+@exercise("cluster", "allreduce_mean", "the gradient of the whole batch from the devices' gradients",
+          "Each device's gradient is of the MEAN loss over its own rows; the whole batch's mean weighs each "
+          "device by its share of the rows: sum over k of rows[k] * grads[k][name], divided by sum(rows). "
+          "Not the plain sum, and not the plain mean when devices read different numbers of rows.")
+def check_allreduce_mean(fn):
+    from autograd import grad
+    rng = np.random.default_rng(76)
+    cfg = engine.Config.preset("micro")
+    params = _float64(engine.init_params(cfg, 3))
+    loss_grad = grad(engine.tree_loss)
+    for rows in ([2, 2], [1, 1, 1, 1], [3, 1, 2], [5, 1]):
+        B = sum(rows)
+        ids = rng.integers(0, cfg.vocab_size, size=(B, cfg.context))
+        targets = rng.integers(0, cfg.vocab_size, size=(B, cfg.context))
+        edges = np.cumsum([0] + rows)
+        per_device = [engine.flatten(loss_grad(params, cfg, ids[a:b], targets[a:b])) for a, b in zip(edges, edges[1:])]
+        want = engine.flatten(loss_grad(params, cfg, ids, targets))                # one device, the whole batch
+        got = fn([{k: v.copy() for k, v in g.items()} for g in per_device], list(rows))
+        if not isinstance(got, dict) or set(got) != set(want):
+            raise Failed(f"allreduce_mean returned {type(got).__name__}"
+                         + (f" with names {sorted(got)[:3]}..." if isinstance(got, dict) else "")
+                         + f"; return a dict with the same names as each device's gradients")
+        for name in sorted(want):
+            expect_close(got[name], want[name], f"allreduce_mean over devices reading {rows} rows: array {name}",
+                         rtol=1e-7, atol=1e-10)
+
+
+def _float64(params):
+    """A params dict in float64 (nested layers kept), so sums over devices compare to 1e-7."""
+    out = {k: v.astype(np.float64) for k, v in params.items() if k != "layers"}
+    out["layers"] = [{k: v.astype(np.float64) for k, v in layer.items()} for layer in params["layers"]]
+    return out

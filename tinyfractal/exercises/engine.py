@@ -16,9 +16,12 @@ from tinyfractal.inference.speculative import accept_greedy, accept_sampled, res
 from tinyfractal.text.bpe import _merge_list as merge_list
 from tinyfractal.text.bpe import train as train_bpe
 from tinyfractal.core.tree import flatten, group_size, node_slices, slot_offset
+from tinyfractal.fractal import fgn, hurst_rs, integral_process, self_similarity, token_bits
+from tinyfractal.training.data import batch_at
 
 __all__ = ["Config", "Tokenizer", "children", "count_params", "extract", "forward", "index_mask", "init_params",
            "merge", "node_losses", "nodes", "tree_loss", "view", "concept_embedding", "context_bytes",
            "concat_children", "needed_nodes", "split_to_children", "parent_config", "trainable_mask",
            "attention", "mlp", "rmsnorm", "rope", "rope_tables", "tied_logits", "CORPUS", "accept_greedy", "accept_sampled",
-           "resolve_drafters", "merge_list", "train_bpe", "flatten", "group_size", "node_slices", "slot_offset"]
+           "resolve_drafters", "merge_list", "train_bpe", "flatten", "group_size", "node_slices", "slot_offset", "fgn", "hurst_rs",
+           "integral_process", "self_similarity", "token_bits", "batch_at"]

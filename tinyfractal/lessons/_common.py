@@ -143,6 +143,17 @@ def fail(error):
     return fail_line(message)
 
 
+def note_saved(path, step, steps):
+    """Record a checkpoint saved outside save_checkpoint (e.g. by training.grow), for the Ctrl-C line."""
+    _saved[str(path)] = (int(step), int(steps))
+
+
+def forget_saved(which):
+    """Drop the recorded checkpoints whose path `which(path)` is true (superseded ones)."""
+    for path in [p for p in _saved if which(p)]:
+        del _saved[path]
+
+
 def interrupted_line(name):
     """The one line printed on Ctrl-C: what was kept, and how to go on."""
     if not _saved:

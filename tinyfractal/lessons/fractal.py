@@ -1,14 +1,13 @@
 """Lesson 7, is Shakespeare fractal? The self-similarity of language, measured with the tree's own models.
 
-Run: python -m tinyfractal.lessons.fractal [--quick] [--out DIR] [--ckpt DIR] [--seed N]
+Run: python -m tinyfractal.lessons.fractal [--quick] [--out DIR] [--ckpt DIR] [--steps N] [--seed N] [--resume]
 
 The model comes from --ckpt, else from the base lesson's output (lesson_output/base/checkpoint), else
 from this lesson's earlier output (OUT/checkpoint), else it trains the 'tiny' preset here (--steps,
-default 600). --quick trains 20 steps and measures short slices of text: it checks that everything runs.
+default 600, with a checkpoint at every evaluation that --resume continues from). A --quick run trains
+its own 20-step model and measures short slices of text: it checks that everything runs, and a full
+run never takes its model for a trained one.
 """
-import argparse
-import io
-import sys
 import time
 from pathlib import Path
 
@@ -16,77 +15,87 @@ import numpy as np
 
 from tinyfractal import Config, Tokenizer, init_params, nodes
 from tinyfractal import fractal
-from tinyfractal.training.checkpoint import atomic_write_bytes, atomic_write_json, exists, load
+from tinyfractal.lessons._common import (OUTPUT, conclude, is_quick, load_trained, pyplot, run, save_figure, section,
+                                         train_with_checkpoints)
+from tinyfractal.training.checkpoint import atomic_write_json, exists, read_meta
 from tinyfractal.training.data import load_tokens, train_val_split
-from tinyfractal.training.train import TrainConfig, format_duration, save_run, train
+from tinyfractal.training.train import TrainConfig, format_duration
 
 PAPER = {"S": (0.59, 0.08), "H": (0.70, 0.09), "D": (1.41, 0.08), "J": (0.49, 0.08)}
 TEMPERATURES = (0.5, 0.8, 1.0, 1.2)
 KEYS = ("H", "S", "D", "J", "H_dfa")
-
-
-def section(title):
-    print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
-
-
-class Parser(argparse.ArgumentParser):
-    """A usage mistake is one line on stderr and exit code 2."""
-
-    def error(self, message):
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def parse_args(argv):
-    p = Parser(prog="python -m tinyfractal.lessons.fractal", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="lesson_output/fractal", help="folder for figures and results")
-    p.add_argument("--quick", action="store_true", help="short slices and a 3-step model: seconds")
-    p.add_argument("--ckpt", default=None, help="a trained checkpoint (a base, bpe model) to measure")
-    p.add_argument("--steps", type=int, default=None, help="training steps if no model is found (default 600)")
-    p.add_argument("--seed", type=int, default=0, help="seed of training, shuffles and samples")
-    args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
-    return args
-
-
-def get_model(args, out, tokenizer):
-    """(params, cfg, where it came from): a checkpoint if one is found, else a freshly trained tiny tree."""
-    own = out / "checkpoint"
-    candidates = [Path(args.ckpt)] if args.ckpt else ([] if args.quick else [Path("lesson_output/base/checkpoint"), own])
-    for path in candidates:
-        if exists(path) or args.ckpt:   # a run folder (step folders + checkpoint.json) or an old one
-            params, cfg, meta = load(path)
-            return params, cfg, f"loaded {path} (trained {meta.get('step', '?')} steps)"
-    cfg = Config.preset("tiny")
-    steps = args.steps or (20 if args.quick else 600)
-    # --quick: 20 large steps, just enough for samples that are not one token repeated
-    tc = TrainConfig(steps=steps, batch_size=4 if args.quick else 16, lr=1e-2 if args.quick else 3e-3,
-                     min_lr=1e-3 if args.quick else 3e-4,
-                     warmup=min(50, steps // 10), eval_interval=steps, eval_batches=1 if args.quick else 8,
-                     log_interval=max(1, steps // 12), seed=args.seed)
-    params = init_params(cfg, args.seed)
-    train_tokens, val_tokens = train_val_split(load_tokens(tokenizer))
-    print(f"No trained model found: training the 'tiny' preset for {steps} steps (every node at once).")
-    t0 = time.perf_counter()
-    state, metrics = train(params, cfg, tc, train_tokens, val_tokens)
-    took = format_duration(time.perf_counter() - t0)
-    if args.quick:   # a 20-step model must never be mistaken for a trained one by a later full run
-        return params, cfg, f"trained here in {took} (not saved: --quick)"
-    save_run(own, params, cfg, tc, state, metrics)
-    return params, cfg, f"trained here in {took}, saved to {own}"
+STEPS = (600, 20)     # if no trained model is found: full run, --quick
+BASE_CHECKPOINT = OUTPUT / "base" / "checkpoint"
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    quick = args.quick
-    tokenizer = Tokenizer.default()
-    results = {"quick": quick, "seed": args.seed}
+    return run("fractal", __doc__, lesson, argv, steps=STEPS, trains=True, arguments=arguments)
 
-    # %% 0. The question
+
+def arguments(p):
+    p.add_argument("--ckpt", default=None, help="a trained checkpoint (a base or coupled tree, BPE tokens) to measure")
+
+
+def lesson(args):
+    tokenizer = Tokenizer.default()
+    results = {"quick": args.quick, "seed": args.seed}
+    the_question()
+    params, cfg, keep, use, train_tokens, val = the_observers(args, tokenizer)
+    results["calibration"] = estimators_on_fgn(args)
+    bits, z, lengths, root, skip = surprisal_series(args, params, cfg, tokenizer, val, use, keep)
+    fits, shuffled = four_power_laws(args, root)
+    rows, corr = per_node(args, cfg, use, bits, z, lengths, skip, shuffled, train_tokens, val)
+    results["per_node"], results["corr_bits_per_char_H"] = rows, corr
+    results["real_vs_generated"], summary = real_against_generated(args, params, cfg, tokenizer, root, keep)
+    section("7. Figures")
+    calibration = {float(h): v for h, v in results["calibration"].items()}
+    for path in save_figures(root, shuffled, fits, rows, use, summary, calibration, cfg, args.out):
+        print(f"saved {path}")
+    atomic_write_json(args.out / "results.json", finite(results))
+    print(f"saved {args.out / 'results.json'}")
+
+
+def get_model(args, tokenizer):
+    """(params, cfg, where it came from): --ckpt, else a trained checkpoint found on disk, else one trained here.
+
+    A --quick run's checkpoint is never taken for a trained model (unless this run is quick too), and a
+    quick run trains its own model.
+    """
+    if args.ckpt:
+        params, cfg, meta = load_trained(Path(args.ckpt), args.quick)
+        return params, cfg, f"loaded {args.ckpt} (trained {meta.get('step', '?')} steps)"
+    own = args.out / "checkpoint"
+    for path in [] if args.quick or args.resume else [BASE_CHECKPOINT, own]:
+        if not exists(path):     # a run folder (step folders + checkpoint.json) or an old flat one
+            continue
+        _, meta, _ = read_meta(path)
+        if is_quick(meta):
+            print(f"Not using {path}: it holds a --quick run's model ({meta.get('step', '?')} steps).")
+            continue
+        if meta.get("step") != meta.get("train", {}).get("steps", meta.get("step")):
+            print(f"Not using {path}: its training stopped at step {meta.get('step')} of "
+                  f"{meta['train']['steps']} (finish it with --resume).")
+            continue
+        params, cfg, meta = load_trained(path, args.quick)
+        return params, cfg, f"loaded {path} (trained {meta.get('step', '?')} steps)"
+    cfg = Config.preset("tiny")
+    steps = args.steps
+    # --quick: 20 large steps, just enough for samples that are not one token repeated
+    tc = TrainConfig(steps=steps, batch_size=4 if args.quick else 16, lr=1e-2 if args.quick else 3e-3,
+                     min_lr=1e-3 if args.quick else 3e-4, warmup=min(50, steps // 10),
+                     eval_interval=max(1, steps // 4), eval_batches=1 if args.quick else 8,
+                     log_interval=max(1, steps // 12), seed=args.seed)
+    params = init_params(cfg, args.seed)
+    train_tokens, val_tokens = train_val_split(load_tokens(tokenizer))
+    print(f"No trained model found: training the 'tiny' preset for {steps} steps (every node at once),\n"
+          f"saving {own} at every evaluation.")
+    t0 = time.perf_counter()
+    train_with_checkpoints(args, own, params, cfg, tc, train_tokens, val_tokens)
+    return params, cfg, f"trained here in {format_duration(time.perf_counter() - t0)}, saved to {own}"
+
+
+def the_question():
+    """Section 0: the paper's four numbers, and what H > 0.5 means."""
     section("0. The question: is language self-similar?")
     print("Alabdulmohsin, Tran and Dehghani (2024) read text through a language model: every token w_t\n"
           "gets its surprisal z_t = -log2 p(w_t | text before it), in bits. Standardise the series,\n"
@@ -98,42 +107,45 @@ def main(argv=None):
     print("H > 0.5 is long-range dependence: a surprising stretch is followed by more surprise, at every\n"
           "scale. This lesson measures the same four numbers for Shakespeare with every model of our tree.")
 
-    # %% 1. The model
+
+def the_observers(args, tokenizer):
+    """Section 1: the trained tree whose nodes read the text, and the slice of text they read."""
     section("1. The observers: a trained tree of models")
-    try:
-        params, cfg, source = get_model(args, out, tokenizer)
-        keep = fractal.check_keep(None, cfg)
-        if cfg.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"the model reads {cfg.vocab_size} token ids, the BPE tokenizer has {tokenizer.vocab_size}")
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    params, cfg, source = get_model(args, tokenizer)
+    keep = fractal.check_keep(None, cfg)              # a byte model is refused here, naming its variant
+    if cfg.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"the model reads {cfg.vocab_size} token ids, the BPE tokenizer has {tokenizer.vocab_size}")
     print(f"Model: {source}\n{cfg}")
     tree = list(nodes(cfg))
-    use = tree if not quick else [(0, 0), (cfg.levels - 1, 0)]
+    use = tree if not args.quick else [(0, 0), (cfg.levels - 1, 0)]
     train_tokens, val_tokens = train_val_split(load_tokens(tokenizer))
-    val = val_tokens if not quick else val_tokens[:1500]
+    val = val_tokens if not args.quick else val_tokens[:1500]
     print(f"The val split (the last 10% of input.txt, never trained on): {len(val_tokens):,} tokens; "
           f"measuring {len(val):,} of them with {len(use)} of the {cfg.n_nodes} nodes.")
+    return params, cfg, keep, use, train_tokens, val
 
-    # %% 2. Do the estimators work?
+
+def estimators_on_fgn(args):
+    """Section 2: every estimator on exact fractional Gaussian noise of known H. Returns the calibration."""
     section("2. First, do the estimators work? Fractional Gaussian noise with a known H")
     print("fGn is the textbook self-similar noise: its sum is fractional Brownian motion, for which\n"
           "S = H = J exactly. fractal.fgn draws it exactly (Davies-Harte: circulant embedding + FFT).\n"
           "Each estimator on many draws, as long as the pieces of text compared in section 6:")
-    n_cal, cal_seeds = (256, 2) if quick else (4096, 20)
-    hursts = (0.3, 0.7) if quick else (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    n_cal, cal_seeds = (256, 2) if args.quick else (4096, 20)
+    hursts = (0.3, 0.7) if args.quick else (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     calibration = calibrate(hursts, n_cal, cal_seeds, args.seed)
     print(f"\n  n = {n_cal}, mean +- sd over {cal_seeds} seeds")
     print(f"  {'true H':>6} " + " ".join(f"{k:>13}" for k in ("H (R/S)", "S", "J", "H (DFA)")))
     for h in hursts:
         print(f"  {h:6.1f} " + " ".join(f"{calibration[h][k][0]:7.3f}+-{calibration[h][k][1]:.3f}"
                                         for k in ("H", "S", "J", "H_dfa")))
-    results["calibration"] = {str(h): v for h, v in calibration.items()}
-    print("R/S is pulled towards the middle (about +0.04 for white noise, H = 0.5, at this length): keep\n"
-          "that in mind when you compare with 0.5. DFA is the least biased; S is the noisiest.")
+    conclude(args, "R/S is pulled towards the middle (about +0.04 for white noise, H = 0.5, at this length): keep\n"
+                   "that in mind when you compare with 0.5. DFA is the least biased; S is the noisiest.")
+    return {str(h): v for h, v in calibration.items()}
 
-    # %% 3. The surprisal series
+
+def surprisal_series(args, params, cfg, tokenizer, val, use, keep):
+    """Section 3: every node's surprisal of the val text, in bits per character."""
     section("3. Reading Shakespeare: the surprisal of every token, in bits per character")
     print(f"Each node runs over the text with its KV cache and a sliding window: when {cfg.context} tokens\n"
           f"are cached, the window restarts from the last {keep}, so every token is predicted from\n"
@@ -146,15 +158,18 @@ def main(argv=None):
     print(f"Scored {len(use)} node(s) x {len(val) - 1:,} tokens in {time.perf_counter() - t0:.1f} s.")
     lengths = fractal.token_lengths(tokenizer)[val[1:]]
     z = {node: b / lengths for node, b in bits.items()}
-    start = int(np.flatnonzero(val[1:] == tokenizer.encode("\n\n")[0])[0]) + 1 if not quick else 0
+    start = int(np.flatnonzero(val[1:] == tokenizer.encode("\n\n")[0])[0]) + 1 if not args.quick else 0
     print(f"\nTen tokens of the val text under the root (0,0):\n  {'token':>8} {'chars':>5} {'bits':>6} {'z_t':>6}")
     for t in range(start, start + 10):
         print(f"  {tokenizer.decode([int(val[t + 1])])!r:>8} {lengths[t]:5d} {bits[(0, 0)][t]:6.2f} {z[(0, 0)][t]:6.2f}")
     skip = cfg.context     # the first window's tokens see less context than the rest
     root = z[(0, 0)][skip:]
     print(f"\nThe series z_t of the root has {len(root):,} points (the first {skip} dropped: shorter context).")
+    return bits, z, lengths, root, skip
 
-    # %% 4. The integral process and the four fits
+
+def four_power_laws(args, root):
+    """Section 4: the four fits of the root's series, and the same values shuffled in time."""
     section("4. The integral process X_t and its four power laws")
     fits = fractal.fits(root)
     for name, fit in fits.items():
@@ -167,10 +182,14 @@ def main(argv=None):
           f"shuffled in time (no memory: Brownian motion) by 8^0.5 = {8 ** 0.5:.2f}. integral_process.png shows it:\n"
           "each row zooms 8x into the red part of the row above.")
     sensitivity = {eps: fractal.self_similarity(root, eps).exponent for eps in (0.05, 0.1, 0.2, 0.4)}
-    print("S barely depends on the size of the ball eps (the paper's check): "
+    print(("S at other sizes of the ball eps: " if args.quick else
+           "S barely depends on the size of the ball eps (the paper's check): ")
           + ", ".join(f"eps {eps}: S {v:.3f}" for eps, v in sensitivity.items()))
+    return fits, shuffled
 
-    # %% 5. Per node
+
+def per_node(args, cfg, use, bits, z, lengths, skip, shuffled, train_tokens, val):
+    """Section 5: the parameters per node, next to the shuffled series and a reader with no context."""
     section("5. Does a leaf see the same fractal structure as the root?")
     table, rows = [], {}
     for node in use:
@@ -190,24 +209,25 @@ def main(argv=None):
     print("\n".join(table))
     print(f"  {'paper (PaLM-scale)':<24} {'':>5} {'':>9} " + " ".join(
         f"{PAPER[k][0]:6.2f}" if k in PAPER else f"{'-':>6}" for k in KEYS))
-    results["per_node"] = rows
     hs = [rows[node_name(node)]["H"] for node in use]
     bpcs = [rows[node_name(node)]["bits_per_char"] for node in use]
     r = float(np.corrcoef(bpcs, hs)[0, 1]) if len(use) > 2 else float("nan")
-    results["corr_bits_per_char_H"] = r
     print(f"\nH across the {len(use)} node(s): {min(hs):.3f} .. {max(hs):.3f}.")
     if len(use) > 2:
-        print(f"Its correlation with bits/char over the nodes: r = {r:+.2f} (negative: the better the reader,\n"
-              "the more memory it finds in the same text).")
-    print("The shuffled row is the no-memory baseline (R/S reads about 0.53 there). The unigram row reads\n"
-          "the text with no context at all: its H is the memory of which tokens occur where (names, scenes,\n"
-          "the lengths of tokens), before any prediction.")
+        print(f"Its correlation with bits/char over the nodes: r = {r:+.2f}" + (
+            " (negative: the better the reader,\nthe more memory it finds in the same text)." if r < 0 else "."))
+    conclude(args, "The shuffled row is the no-memory baseline (R/S reads about 0.53 there). The unigram row reads\n"
+                   "the text with no context at all: its H is the memory of which tokens occur where (names, scenes,\n"
+                   "the lengths of tokens), before any prediction.")
+    return rows, r
 
-    # %% 6. Real against generated text
+
+def real_against_generated(args, params, cfg, tokenizer, root, keep):
+    """Section 6: the root reads text each node writes at four temperatures, against real text."""
     section("6. Real text against text the models write, at four temperatures")
-    length = 256 if quick else 4096
-    seeds = tuple(args.seed + i for i in range(1 if quick else 3))
-    gen_nodes = [(0, 0)] if quick else tree
+    length = 256 if args.quick else 4096
+    seeds = tuple(args.seed + i for i in range(1 if args.quick else 3))
+    gen_nodes = [(0, 0)] if args.quick else list(nodes(cfg))
     jobs = len(gen_nodes) * len(TEMPERATURES) * len(seeds)
     print(f"Each of {len(gen_nodes)} node(s) writes {len(seeds)} sample(s) of {length} tokens at each temperature\n"
           f"{TEMPERATURES}; the root reads every sample. The real text is the root's series of section 3, cut\n"
@@ -241,16 +261,7 @@ def main(argv=None):
     if failed:
         print(f"{len(failed)} sample(s) could not be measured (NaN above), e.g. {failed[0]['source']} "
               f"T={failed[0]['temperature']}: {failed[0]['failed']}")
-    results["real_vs_generated"] = compared
-
-    # %% 7. Figures
-    section("7. Figures")
-    for path in save_figures(root, shuffled, fits, rows, use, summary, calibration, cfg, out):
-        print(f"saved {path}")
-    atomic_write_json(out / "results.json", finite(results))
-    print(f"saved {out / 'results.json'}")
-    print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
-    return 0
+    return compared, summary
 
 
 def node_name(node):
@@ -300,19 +311,9 @@ def summarise(rows):
                 **{k: mean_sd([r[k] for r in rs]) for k in ("mean_z",) + KEYS}} for g, rs in groups.items()}
 
 
-def save(fig, path):
-    """Save a figure atomically (a temporary file, then a rename)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 def save_figures(root, shuffled, fits, rows, use, summary, calibration, cfg, out):
     """Integral process at three zooms, the four log-log fits, per-node parameters, real vs generated, fGn check."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
     paths = []
@@ -335,9 +336,7 @@ def save_figures(root, shuffled, fits, rows, use, summary, calibration, cfg, out
             lo, hi = zoom_lo, zoom_lo + width
         axes[2, col].set_xlabel("token t")
     fig.suptitle("The integral process at three zoom levels (each row: the red part of the row above, 8x)")
-    fig.tight_layout()
-    paths.append(save(fig, out / "integral_process.png"))
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "integral_process.png"))
 
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
     labels = {"H": ("window n", "mean R/S"), "S": ("tau", "P(|X(t+tau)-X(t)| <= eps)"),
@@ -352,9 +351,7 @@ def save_figures(root, shuffled, fits, rows, use, summary, calibration, cfg, out
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.legend()
     fig.suptitle("The root's surprisal of the val text: four power laws")
-    fig.tight_layout()
-    paths.append(save(fig, out / "loglog_fits.png"))
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "loglog_fits.png"))
 
     fig, ax = plt.subplots(figsize=(9, 4))
     names = [node_name(node) for node in use] + ["(0,0) shuffled", "unigram"]
@@ -369,9 +366,7 @@ def save_figures(root, shuffled, fits, rows, use, summary, calibration, cfg, out
     ax.set_ylabel("exponent")
     ax.set_title("Fractal parameters of the val text, per observer (dotted: the paper's medians)")
     ax.legend(ncol=4)
-    fig.tight_layout()
-    paths.append(save(fig, out / "per_node.png"))
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "per_node.png"))
 
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
     real = summary[("real", None)]
@@ -390,9 +385,7 @@ def save_figures(root, shuffled, fits, rows, use, summary, calibration, cfg, out
         ax.set_title({"mean_z": "mean z (bits/char, read by the root)"}.get(key, key))
     axes[0].legend(fontsize=8)
     fig.suptitle("Text generated by each node, read by the root, against real text")
-    fig.tight_layout()
-    paths.append(save(fig, out / "real_vs_generated.png"))
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "real_vs_generated.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     hs = sorted(calibration)
@@ -404,9 +397,7 @@ def save_figures(root, shuffled, fits, rows, use, summary, calibration, cfg, out
     ax.set_ylabel("estimate")
     ax.set_title("The estimators on fractional Gaussian noise")
     ax.legend()
-    fig.tight_layout()
-    paths.append(save(fig, out / "estimators_on_fgn.png"))
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "estimators_on_fgn.png"))
     return paths
 
 

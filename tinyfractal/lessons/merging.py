@@ -15,8 +15,8 @@ from tinyfractal.core.formulas import rmsnorm, rope, rope_tables, softmax
 from tinyfractal.api import init_params
 from tinyfractal.core.model import cross_entropy, forward
 from tinyfractal.core.tree import nodes
-from tinyfractal.lessons._common import (conclude, pyplot, run, save_figure, section, train_with_checkpoints,
-                                         uninterrupted)
+from tinyfractal.lessons._common import (conclude, forget_saved, note_saved, pyplot, run, save_figure, section,
+                                         train_with_checkpoints, uninterrupted)
 from tinyfractal.training.checkpoint import atomic_write_json, exists, load, save
 from tinyfractal.training.data import batch_at, load_tokens
 from tinyfractal.training.grow import chunk_data, grow, parse_steps, step_flops, union
@@ -145,11 +145,19 @@ def saved_growth(args, cfg, steps, folder):
     return params, stages
 
 
-def growing(args, cfg, tc, steps, tokens):
-    """Section 2: grow the tree stage by stage (training.grow); with --resume a finished growth is reused.
+def saved_growing(folder):
+    """on_checkpoint for grow: the Ctrl-C line names the growing model's latest checkpoint."""
+    def note(path, step, steps):
+        forget_saved(lambda kept: kept.startswith(str(folder / "growing")))
+        note_saved(path, step, steps)
+    return note
 
-    Returns (grown params, stage records, the trained leaves). Growing restarts from the leaves if it
-    was interrupted: only a finished growth is saved.
+
+def growing(args, cfg, tc, steps, tokens):
+    """Section 2: grow the tree stage by stage (training.grow); with --resume a finished growth is reused,
+    and an interrupted one continues: every model is checkpointed as it trains (OUT/grown/growing/).
+
+    Returns (grown params, stage records, the trained leaves).
     """
     section("2. Growing, stage by stage")
     s, folder = cfg.split, args.out / "grown"
@@ -169,12 +177,12 @@ def growing(args, cfg, tc, steps, tokens):
 
         def progress(msg):
             """Training progress, without the first-step lines (the stage headers say what starts)."""
-            if not args.quick and "step" in msg and not re.search(r"step\s+1/", msg):
+            if "--resume" in msg or (not args.quick and "step" in msg and not re.search(r"step\s+1/", msg)):
                 print("    " + msg)
 
         grown, stages = grow(cfg, tc, steps, tokens=tokens, off_diagonal=args.off_diagonal, out=folder,
                              log=progress, on_stage=lambda t, record, params, c: show_trained(t, record, s),
-                             on_merge=on_merge)
+                             on_merge=on_merge, resume=args.resume, on_checkpoint=saved_growing(folder))
         _, _, meta = load(folder)          # record the lesson and the kind of run with the grown model
         with uninterrupted():
             save(folder, grown, cfg, {**meta, "lesson": args.name, "quick": args.quick})

@@ -1,52 +1,38 @@
 """Lesson 0, the plain transformer: one model, op by op, before any tree.
 
-Run: python -m tinyfractal.lessons.transformer [--quick] [--out DIR] [--seed N] [--steps N]
+Run: python -m tinyfractal.lessons.transformer [--quick] [--out DIR] [--seed N] [--steps N] [--resume]
 
 The model is the 'tiny' preset with levels=1: no sub-models, just the transformer that lesson 1 then
 cuts into a tree. The lesson follows one forward pass through every op with real numbers, explains the
 two things a fresh model does that surprise everyone (a first loss near d nats, and "RRRR"), trains the
 model for about a minute and samples from it.
 """
-import argparse
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
 from tinyfractal import Config, Tokenizer, count_params, forward, generate, init_params, node_losses, trace_node
+from tinyfractal.lessons._common import conclude, pyplot, run, save_figure, section, train_with_checkpoints
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
 from tinyfractal.core.formulas import cross_entropy, gelu, rmsnorm, rope, rope_tables, softmax
 from tinyfractal.core.model import attention, mlp
-from tinyfractal.training.train import TrainConfig, format_duration, loss_table, save_run, train
+from tinyfractal.training.train import TrainConfig, format_duration, loss_table
 
 PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou R"
 TRACE_PROMPT = "First Citizen:"
 
 
-def section(title):
-    print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m tinyfractal.lessons.transformer",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="lesson_output/transformer", help="folder for figures, metrics and the checkpoint")
-    p.add_argument("--quick", action="store_true", help="a few steps only, to check that everything runs")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 1000, or 4 with --quick)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
-    return args
+STEPS = (1000, 4)     # full run, --quick
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    return run("transformer", __doc__, lesson, argv, steps=STEPS, trains=True)
+
+
+def lesson(args):
+    out = args.out
     cfg = Config.preset("tiny").override(levels=1)
     params = init_params(cfg, args.seed)
     tokenizer = Tokenizer.default()
@@ -68,10 +54,8 @@ def main(argv=None):
     print("\nThis model is exactly the root (0,0) of lesson 1's 'tiny' tree: same config, same arrays.\n"
           "Lesson 1 shows that the diagonal blocks of these same arrays are complete, smaller transformers\n"
           "of the kind you just took apart: python -m tinyfractal.lessons.base")
-    atomic_write_json(out / "summary.json", {"steps": tc.steps, "train_seconds": seconds, "fresh": fresh,
-                                            "trained": trained})
-    print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
-    return 0
+    atomic_write_json(out / "summary.json", {"steps": tc.steps, "quick": args.quick, "train_seconds": seconds,
+                                            "fresh": fresh, "trained": trained})
 
 
 def the_model(cfg, params):
@@ -313,7 +297,7 @@ def why_rrrr(cfg, params, tokenizer, ids, seed):
 def training(cfg, params, train_tokens, val_tokens, out, args):
     """Section 6: train the one model for about a minute."""
     section("6. Training: next-token cross-entropy, AdamW")
-    steps = args.steps or (4 if args.quick else 1000)
+    steps = args.steps
     tc = TrainConfig(steps=steps, batch_size=4 if args.quick else 16, lr=3e-3, min_lr=3e-4,
                      warmup=min(50, steps // 10), eval_interval=max(1, steps // 8),
                      eval_batches=1 if args.quick else 8, log_interval=max(1, steps // 20), seed=args.seed)
@@ -322,10 +306,9 @@ def training(cfg, params, train_tokens, val_tokens, out, args):
           f"{tc.batch_size} windows of {cfg.context} tokens\nand predicts every next token. A progress line shows "
           f"the step, the loss, the gradient norm, tokens per second and the time left.")
     t0 = time.perf_counter()
-    state, metrics = train(params, cfg, tc, train_tokens, val_tokens)
+    _, metrics = train_with_checkpoints(args, out / "checkpoint", params, cfg, tc, train_tokens, val_tokens)
     seconds = time.perf_counter() - t0
     print(f"Trained {steps} steps in {format_duration(seconds)}.")
-    save_run(out / "checkpoint", params, cfg, tc, state, metrics)
     atomic_write_json(out / "metrics.json", {"config": cfg.to_dict(), **metrics})
     return metrics, tc, seconds
 
@@ -342,13 +325,13 @@ def after_training(cfg, params, tokenizer, ids, targets, metrics, train_tokens, 
           f"(was {fresh['target_logit']:+.2f}).")
     print(f"The argmax equals the input token at {100 * s['argmax_is_input']:.1f}% of the positions "
           f"(was {100 * fresh['argmax_is_input']:.1f}%).")
-    print(f"What changed is where x points. The layers learned to write large outputs: |x| after the layers is "
-          f"{s['norm_x']:.1f}\n(was {fresh['norm_x']:.1f}) against the embedding's {s['norm_x0']:.1f}, so x's cosine "
-          f"with its own input embedding fell from {fresh['cos_input']:.3f} to {s['cos_input']:.3f}.\nThe final "
-          f"RMSNorm brings x back to length sqrt(d), and a logit is d times a cosine (times the gains):\nsmall "
-          f"cosines, small logits.")
-    print(f"The gains hardly moved: mean (1 + g) of final_norm {gains['final_norm']:.3f}, of out_norm "
-          f"{gains['out_norm']:.3f}.")
+    conclude(args, f"What changed is where x points. The layers learned to write large outputs: |x| after the "
+                   f"layers is {s['norm_x']:.1f}\n(was {fresh['norm_x']:.1f}) against the embedding's {s['norm_x0']:.1f}, "
+                   f"so x's cosine with its own input embedding fell from {fresh['cos_input']:.3f} to "
+                   f"{s['cos_input']:.3f}.\nThe final RMSNorm brings x back to length sqrt(d), and a logit is d times a "
+                   f"cosine (times the gains):\nsmall cosines, small logits.")
+    conclude(args, f"The gains hardly moved: mean (1 + g) of final_norm {gains['final_norm']:.3f}, of out_norm "
+                   f"{gains['out_norm']:.3f}.")
     section("7. Samples from the trained model")
     samples = {}
     for name, temperature in (("temperature 0.8, top-k 40", 0.8), ("greedy (temperature 0)", 0.0)):
@@ -363,10 +346,7 @@ def after_training(cfg, params, tokenizer, ids, targets, metrics, train_tokens, 
 
 def save_figures(cfg, params, fresh, metrics, tokenizer, ids, out, entropy):
     """Loss curve with its baselines, logits before and after training, the embedding Gram matrix, attention."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(metrics["step"], metrics["loss"], lw=0.8, label="train loss (each step)")
@@ -379,10 +359,7 @@ def save_figures(cfg, params, fresh, metrics, tokenizer, ids, out, entropy):
     ax.set_ylabel("loss (nats/token, log scale)")
     ax.set_title("One transformer learning: from ~d nats to below ln V")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out / "loss_curve.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "loss_curve.png"))
 
     trace_ids = np.array([tokenizer.encode(TRACE_PROMPT)])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -398,10 +375,7 @@ def save_figures(cfg, params, fresh, metrics, tokenizer, ids, out, entropy):
         ax.set_title(f"logits of the {title} model")
         ax.set_xlabel("logit")
         ax.legend()
-    fig.tight_layout()
-    paths.append(out / "logits_fresh_vs_trained.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "logits_fresh_vs_trained.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, p, title in ((axes[0], fresh, "fresh"), (axes[1], params, "trained")):
@@ -413,10 +387,7 @@ def save_figures(cfg, params, fresh, metrics, tokenizer, ids, out, entropy):
         ax.set_xlabel("token j")
         ax.set_ylabel("token i")
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    paths.append(out / "embedding_gram.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "embedding_gram.png"))
 
     probs = attention_probs(params, cfg, trace_ids)                               # (H,T,T) of layer 0
     labels = [tokenizer.token_strings[i].replace("\n", "\\n").replace(" ", "_") for i in trace_ids[0]]
@@ -427,10 +398,7 @@ def save_figures(cfg, params, fresh, metrics, tokenizer, ids, out, entropy):
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
     fig.suptitle("Trained attention: row t = where position t looks (causal: nothing right of the diagonal)")
-    fig.tight_layout()
-    paths.append(out / "attention.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "attention.png"))
     return paths
 
 
