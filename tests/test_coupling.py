@@ -131,7 +131,8 @@ def one_layer(params, cfg, level, j, ids):
 def logits_of(params, cfg, level, j, x):
     p = view(params, cfg, level, j)
     out = rmsnorm(p["E"], p["out_norm"], cfg.eps)
-    return rmsnorm(x, p["final_norm"], cfg.eps) @ out.T
+    gain = 1 / np.sqrt(cfg.width(level)) if cfg.logit_scale == "sqrt" else 1.0   # the node's output gain
+    return (rmsnorm(x, p["final_norm"], cfg.eps) * gain) @ out.T
 
 
 @pytest.mark.parametrize("coupling", COUPLINGS)

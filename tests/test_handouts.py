@@ -139,6 +139,17 @@ def check_help(module, argv, capsys):
             assert word in out, f"`{module} {' '.join(sub)}` has no option {word}"
 
 
+def check_study(argv, capsys):
+    """`python -m tinyfractal.study`: `tax` in its --quick form (seconds; the same flags and overrides),
+    `table` as written (it reads the tax.json files the commands before it wrote)."""
+    from tinyfractal.tools.study import main
+    if argv[:1] == ["tax"]:
+        argv = argv + ["--quick"]
+    code, out, err = call(main, argv, capsys)
+    assert code == 0, err
+    assert out, "the command printed nothing"
+
+
 def check_command(command, capsys, monkeypatch):
     run = plain(command)
     if any(p.search(run) for p in SKIPPED):
@@ -171,6 +182,8 @@ def check_command(command, capsys, monkeypatch):
         from tinyfractal.text.bpe import main
         assert "--check" in rest, f"only the tokenizer's --check form is run here: `{command}`"
         assert call(main, rest, capsys)[0] == 0
+    elif module in ("tinyfractal.study", "tinyfractal.tools.study"):
+        check_study(rest, capsys)
     elif module == "tinyfractal.exercises":
         main = importlib.import_module("tinyfractal.exercises.__main__").main
         code, out, err = call(main, rest, capsys)

@@ -194,7 +194,8 @@ def test_a_checkpoint_written_before_this_change_still_loads(tmp_path):
     with its optimizer state, evaluates from the command line, and can be resumed; resuming adopts it as
     a step folder, kept for rolling back."""
     params, cfg, meta = tf.load(FIXTURE)
-    assert cfg == Config.preset("micro") and meta["step"] == 2 and meta["train"]["steps"] == 2
+    # written before the nesting-tax options: it was trained with the prototype's output and init
+    assert cfg == PROTOTYPE_MICRO and meta["step"] == 2 and meta["train"]["steps"] == 2
     assert checkpoint.load_optimizer(FIXTURE)["t"] == 2
     r = run_cli("eval", "--ckpt", FIXTURE, "--batches", "1", "--json")
     assert r.returncode == 0 and set(json.loads(r.stdout)) == {"0.0", "1.0", "1.1"}, r.stderr
@@ -211,9 +212,15 @@ def test_a_checkpoint_written_before_this_change_still_loads(tmp_path):
     assert meta4["step"] == 4 and meta4["metrics"]["changes"][0]["changed"] == {"steps": [2, 4]}
 
 
+# The micro preset as every checkpoint written before the nesting-tax options was trained: no logit scale,
+# the root's init (written out here, not taken from Config.faithful).
+PROTOTYPE_MICRO = Config.preset("micro").override(logit_scale="none", nested_init=False, node_gains=False)
+
+
 def test_old_checkpoints_without_later_config_fields_load_with_what_they_meant(tmp_path):
-    """A meta.json from before the coupling and tokenizer fields existed loads as an uncoupled BPE model
-    (explicitly, in the checkpoint loader); Config.from_dict itself refuses missing fields."""
+    """A meta.json from before the coupling, tokenizer and output/init fields existed loads as an
+    uncoupled BPE model with the prototype's output and init (explicitly, in the checkpoint loader);
+    Config.from_dict itself refuses missing fields."""
     run = tmp_path / "older"
     shutil.copytree(FIXTURE, run)
     info = json.loads((run / "meta.json").read_text())
@@ -222,7 +229,7 @@ def test_old_checkpoints_without_later_config_fields_load_with_what_they_meant(t
     info["meta_sha256"] = _digest(info)
     (run / "meta.json").write_text(json.dumps(info))
     _, cfg, _ = tf.load(run)
-    assert cfg == Config.preset("micro")
+    assert cfg == PROTOTYPE_MICRO
     with pytest.raises(ValueError, match="missing fields"):
         Config.from_dict(info["config"])
     with pytest.raises(ValueError, match="missing fields"):

@@ -215,7 +215,8 @@ def test_logit_scale_sqrt_bounds_a_fresh_nodes_first_loss(text_batch):
     that token's logit is near d. Over sqrt(d) every logit is at most sqrt(d), so the first loss is at
     most ln V + 2 sqrt(d), at every width. Measured on real text with the tiny preset."""
     cfg = Config.preset("tiny")
-    plain, scaled = first_losses(cfg, text_batch), first_losses(cfg.override(logit_scale="sqrt"), text_batch)
+    plain, scaled = first_losses(cfg.override(logit_scale="none"), text_batch), \
+        first_losses(cfg.override(logit_scale="sqrt"), text_batch)
     for (level, j), loss in scaled.items():
         d = cfg.width(level)
         assert loss <= math.log(cfg.vocab_size) + 2 * math.sqrt(d), (level, j, loss)
@@ -267,7 +268,7 @@ def test_node_gains_start_as_nothing_and_are_each_nodes_own(text_batch):
 
 def test_output_gain_is_one_without_options():
     """With every option off the output factor is the float 1.0, so the base path multiplies by nothing."""
-    cfg = Config.preset("micro")
+    cfg = Config.preset("micro").faithful()
     assert output_gain(init_params(cfg, 0), cfg) == 1.0 and isinstance(output_gain(init_params(cfg, 0), cfg), float)
 
 
