@@ -4,8 +4,9 @@ Run: python -m tinyfractal.lessons.transformer [--quick] [--out DIR] [--seed N] 
 
 The model is the 'tiny' preset with levels=1: no sub-models, just the transformer that lesson 1 then
 cuts into a tree. The lesson follows one forward pass through every op with real numbers, explains the
-two things a fresh model does that surprise everyone (a first loss near d nats, and "RRRR"), trains the
-model for about a minute and samples from it.
+two things a fresh model does that surprise everyone (raw tied logits whose first loss is about d nats,
+which the default output's 1/sqrt(d) brings down to at most ln V + 2 sqrt(d), and "RRRR" either way),
+trains the model for about a minute and samples from it.
 """
 import math
 import time
@@ -17,7 +18,7 @@ from tinyfractal.lessons._common import conclude, pyplot, run, save_figure, sect
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
 from tinyfractal.core.formulas import cross_entropy, gelu, rmsnorm, rope, rope_tables, softmax
-from tinyfractal.core.model import attention, mlp
+from tinyfractal.core.model import attention, mlp, output_gain
 from tinyfractal.training.train import TrainConfig, format_duration, loss_table
 
 PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou R"
@@ -43,7 +44,7 @@ def lesson(args):
     one_pass_by_hand(cfg, params, tokenizer, x_by_hand)
     ids, targets = batch_at(train_tokens, 16, cfg.context, args.seed, 0)
     fresh = first_loss(cfg, params, ids, targets, train_tokens, args.seed)
-    fresh.update(why_rrrr(cfg, params, tokenizer, ids, args.seed))
+    fresh.update(why_rrrr(cfg, params, tokenizer, ids, targets, args.seed))
     metrics, tc, seconds = training(cfg, params, train_tokens, val_tokens, out, args)
     trained = after_training(cfg, params, tokenizer, ids, targets, metrics, train_tokens, args, fresh)
     figures = save_figures(cfg, params, init_params(cfg, args.seed), metrics, tokenizer, ids, out,
@@ -51,7 +52,7 @@ def lesson(args):
     section("8. Figures, and what comes next")
     for f in figures:
         print(f"saved {f}")
-    print("\nThis model is exactly the root (0,0) of lesson 1's 'tiny' tree: same config, same arrays.\n"
+    print("\nThis model has the shape of the root (0,0) of lesson 1's 'tiny' tree: the same config, the same arrays.\n"
           "Lesson 1 shows that the diagonal blocks of these same arrays are complete, smaller transformers\n"
           "of the kind you just took apart: python -m tinyfractal.lessons.base")
     atomic_write_json(out / "summary.json", {"steps": tc.steps, "quick": args.quick, "train_seconds": seconds,
@@ -197,10 +198,12 @@ def one_pass_by_hand(cfg, params, tokenizer, ids):
     print(f"After {cfg.layers} layers each position's x still points along its own token's embedding: "
           f"cosine {cos_start.min():.3f} .. {cos_start.max():.3f}")
 
-    print("\nTied output: logits = rmsnorm(x, final_norm) . rmsnorm(E, out_norm)^T. There is no output matrix:\n"
-          "each token's logit is the dot product of x with that token's own normalised embedding row.")
+    gain = output_gain(params, cfg)                                                # 1/sqrt(d): logit_scale="sqrt"
+    print(f"\nTied output: logits = rmsnorm(x, final_norm) g_out . rmsnorm(E, out_norm)^T. There is no output\n"
+          f"matrix: each token's logit is the dot product of x with that token's own normalised embedding row,\n"
+          f"times the output gain g_out = 1/sqrt(d) = {gain:.4f} (the default, logit_scale='sqrt'; section 4 says why).")
     out_emb = rmsnorm(E, params["out_norm"], eps)                                  # (V,D)
-    logits = (rmsnorm(x, params["final_norm"], eps).reshape(B * T, D) @ out_emb.T).reshape(B, T, -1)
+    logits = (rmsnorm(x, params["final_norm"], eps).reshape(B * T, D) * gain @ out_emb.T).reshape(B, T, -1)
     engine = forward(params, cfg, ids)
     print(f"  logits {logits.shape} (B,T,V). By hand against tinyfractal.forward: max |difference| = "
           f"{float(np.abs(logits - engine).max()):.1e}")
@@ -217,8 +220,9 @@ def residual_stream(cfg, params, ids):
 
 
 def logit_stats(cfg, params, ids, targets):
-    """The numbers behind the first loss: logits split into the input token's own and the others', and
-    how far the residual stream has moved away from its input embedding."""
+    """The numbers behind the first loss, for the output of `cfg` (its logit_scale): logits split into the
+    input token's own and the others', the input token's lead over the next-best token, and how far the
+    residual stream has moved away from its input embedding."""
     logits = np.asarray(forward(params, cfg, ids), dtype=np.float64)             # (B,T,V)
     x0, x = residual_stream(cfg, params, ids)
     cosine = np.sum(x * x0, -1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(x0, axis=-1))
@@ -226,51 +230,95 @@ def logit_stats(cfg, params, ids, targets):
     target = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
     others = np.ones(logits.shape, dtype=bool)
     np.put_along_axis(others, ids[..., None], False, -1)
+    top2 = np.sort(logits, axis=-1)[..., -2:]                                      # (B,T,2)
     return {"loss": float(cross_entropy(logits, targets)), "std_all": float(logits.std()),
             "std_others": float(logits[others].std()), "own": float(own.mean()), "target": float(target.mean()),
+            "max_abs": float(np.abs(logits).max()), "lead": float((top2[..., 1] - top2[..., 0]).mean()),
             "argmax_is_input": float((logits.argmax(-1) == ids).mean()), "cos_input": float(cosine.mean()),
             "norm_x0": float(np.linalg.norm(x0, axis=-1).mean()), "norm_x": float(np.linalg.norm(x, axis=-1).mean())}
 
 
+def raw_output(cfg):
+    """The same model with the prototype's output: the raw dot products, no 1/sqrt(d). A one-level model's
+    arrays are the same under both (the scale is a constant, not an array), so its params serve both."""
+    return cfg.override(logit_scale="none")
+
+
+def tree_first_losses(tree, seed, ids, targets):
+    """The first loss of each of the tree's fresh models, level by level: a flat list."""
+    return [float(v) for level in node_losses(init_params(tree, seed), tree, ids, targets) for v in level]
+
+
 def first_loss(cfg, params, ids, targets, train_tokens, seed):
-    """Section 4: why a fresh model's loss is near d nats and not ln V."""
-    section("4. Why the first loss is near d nats, not ln V")
+    """Section 4: the raw tied logits make a fresh model's first loss about d nats, not ln V; the default
+    output's 1/sqrt(d) keeps it at most ln V + 2 sqrt(d)."""
+    section("4. Why raw logits cost d nats, and what the 1/sqrt(d) scale does")
     V, D = cfg.vocab_size, cfg.hidden
+    root, ln_v = math.sqrt(D), math.log(V)
     entropy = unigram_entropy(train_tokens, V)
+    raw = logit_stats(raw_output(cfg), params, ids, targets)
     s = logit_stats(cfg, params, ids, targets)
-    print(f"Guessing uniformly costs ln V = ln {V} = {math.log(V):.3f} nats per token; knowing only how often\n"
-          f"each token occurs costs the unigram entropy, {entropy:.3f}. The fresh model, on a batch of "
-          f"{ids.shape[0]}x{ids.shape[1]} tokens: {s['loss']:.1f} nats.")
-    print(f"\nThe tied output compares two RMS-normalised vectors, each of length sqrt(d) = {math.sqrt(D):.2f}:")
-    print(f"  logit of an unrelated token (std over all others):  {s['std_others']:6.2f}   ~ sqrt(d) = {math.sqrt(D):.2f}"
+    print(f"Guessing uniformly costs ln V = ln {V} = {ln_v:.3f} nats per token; knowing only how often\n"
+          f"each token occurs costs the unigram entropy, {entropy:.3f}. What does a fresh model pay, on a batch of "
+          f"{ids.shape[0]}x{ids.shape[1]} tokens?")
+    print(f"\nA logit compares two RMS-normalised vectors, each of length sqrt(d) = {root:.2f}. First their raw\n"
+          f"dot products, the output of the prototype this course comes from (logit_scale='none'):")
+    print(f"  logit of an unrelated token (std over all others):  {raw['std_others']:6.2f}   ~ sqrt(d) = {root:.2f}"
           f"  (two random directions)")
-    print(f"  logit of the input token itself (mean):             {s['own']:6.2f}   ~ d = {D}"
+    print(f"  logit of the input token itself (mean):             {raw['own']:6.2f}   ~ d = {D}"
           f"  (a vector with itself)")
-    print(f"  logit of the right next token (mean):               {s['target']:+6.2f}   ~ 0 +- sqrt(d)")
-    print(f"  std of all logits: {s['std_all']:.2f}")
+    print(f"  logit of the right next token (mean):               {raw['target']:+6.2f}   ~ 0 +- sqrt(d)")
+    print(f"  std of all logits: {raw['std_all']:.2f}")
     print(f"The softmax puts almost all its mass on the input token, so the loss is about\n"
-          f"logit(input) - logit(target) = {s['own'] - s['target']:.1f} nats, i.e. about d, not ln V.")
-    print(f"\nThe same at other widths (levels=1, head dim scaled with the width):")
-    print(f"  {'width d':>7} {'first loss':>10} {'std of others':>13} {'sqrt(d)':>8}")
+          f"logit(input) - logit(target) = {raw['own'] - raw['target']:.1f} nats (measured: {raw['loss']:.1f}), "
+          f"i.e. about d, not ln V.")
+    print(f"\nThe default output (logit_scale='sqrt') multiplies every logit by g_out = 1/sqrt(d) = {1 / root:.4f}:")
+    print(f"  logit of an unrelated token (std over all others):  {s['std_others']:6.2f}   ~ 1")
+    print(f"  logit of the input token itself (mean):             {s['own']:6.2f}   ~ sqrt(d) = {root:.2f}")
+    print(f"  logit of the right next token (mean):               {s['target']:+6.2f}   ~ 0 +- 1")
+    print(f"The same argument, sqrt(d) times smaller: the loss is about logit(input) - logit(target) = "
+          f"{s['own'] - s['target']:.2f}\n(measured: {s['loss']:.2f} nats, ln V + {s['loss'] - ln_v:.2f}). "
+          f"While the gains are 1 no logit can pass sqrt(d) in size\n(|a.b| <= |a| |b| = d), so a fresh model's first "
+          f"loss is at most ln V + 2 sqrt(d) = {ln_v + 2 * root:.2f}, whatever\nits weights. "
+          f"The largest |logit| in this batch: {s['max_abs']:.2f}.")
+    print(f"\nThe same at other widths (levels=1, head dim scaled with the width), first losses in nats:")
+    print(f"  {'width d':>7} {'sqrt(d)':>8} {'raw loss':>9} {'raw std of others':>18} {'1/sqrt(d) loss':>15} "
+          f"{'ln V + 2 sqrt(d)':>17}")
+    widths = {}
     for width in (24, 48, 96):
         c = cfg.override(hidden=width, head_dim=cfg.head_dim * width // D)
-        w = logit_stats(c, init_params(c, seed), ids, targets)
-        print(f"  {width:7d} {w['loss']:10.1f} {w['std_others']:13.2f} {math.sqrt(width):8.2f}")
+        p = init_params(c, seed)
+        w_raw, w = logit_stats(raw_output(c), p, ids, targets), logit_stats(c, p, ids, targets)
+        print(f"  {width:7d} {math.sqrt(width):8.2f} {w_raw['loss']:9.1f} {w_raw['std_others']:18.2f} "
+              f"{w['loss']:15.2f} {ln_v + 2 * math.sqrt(width):17.2f}")
+        widths[str(width)] = {"raw_loss": w_raw["loss"], "raw_std_others": w_raw["std_others"], "loss": w["loss"]}
+    print("Raw, the first loss grows like d. Scaled, the input token's logit is only about sqrt(d), so on a narrow\n"
+          "model the other V - 1 tokens add to the loss as well, and it stays a few nats above ln V.")
     tree = Config.preset("tiny")
-    losses = [float(v) for level in node_losses(init_params(tree, seed), tree, ids, targets) for v in level]
-    print(f"Lesson 1's tree averages the losses of its 7 models, of widths 96, 48, 48, 24, 24, 24, 24:\n"
-          f"  " + " + ".join(f"{v:.1f}" for v in losses) + f" over 7 = {np.mean(losses):.1f} nats: "
-          f"that is the 'about 40' of its first step.")
-    print("Training brings the loss below ln V within a hundred steps. Section 6 shows how: not by shrinking\n"
-          "the norms' gains, but by changing where x points.")
-    return {"loss": s["loss"], "ln_V": math.log(V), "unigram_entropy": entropy, "std_all": s["std_all"],
-            "std_others": s["std_others"], "own_logit": s["own"], "target_logit": s["target"],
-            "tree_first_losses": losses, "cos_input": s["cos_input"], "norm_x0": s["norm_x0"],
+    losses = tree_first_losses(tree, seed, ids, targets)
+    faithful = tree_first_losses(tree.faithful(), seed, ids, targets)
+    print(f"\nLesson 1's tree averages the first losses of its 7 models, of widths 96, 48, 48, 24, 24, 24, 24:\n"
+          f"  " + " + ".join(f"{v:.1f}" for v in losses) + f" over 7 = {np.mean(losses):.1f} nats "
+          f"(ln V + {np.mean(losses) - ln_v:.1f}): where its first step starts.\n"
+          f"With the prototype's output and init (Config.faithful(), as in the preset 'seed') each model pays\n"
+          f"about its own d:\n"
+          f"  " + " + ".join(f"{v:.1f}" for v in faithful) + f" over 7 = {np.mean(faithful):.1f} nats.")
+    print(f"(The tree's root starts at {losses[0]:.1f}, not {s['loss']:.1f}: lesson 1's nested init starts each "
+          f"diagonal block as large as\na model of that block's width would start, larger than this one-level "
+          f"model's weights.)")
+    print("Training brings the loss below ln V within fifty steps. Section 6 shows how: mostly by changing\n"
+          "where x points.")
+    return {"loss": s["loss"], "raw_loss": raw["loss"], "ln_V": ln_v, "bound": ln_v + 2 * root,
+            "unigram_entropy": entropy, "std_all": s["std_all"], "std_others": s["std_others"],
+            "own_logit": s["own"], "target_logit": s["target"], "max_abs_logit": s["max_abs"],
+            "raw_std_all": raw["std_all"], "raw_std_others": raw["std_others"], "raw_own_logit": raw["own"],
+            "raw_target_logit": raw["target"], "widths": widths, "tree_first_losses": losses,
+            "tree_first_losses_faithful": faithful, "cos_input": s["cos_input"], "norm_x0": s["norm_x0"],
             "norm_x": s["norm_x"]}
 
 
-def why_rrrr(cfg, params, tokenizer, ids, seed):
-    """Section 5: a fresh model repeats its last input token, and why."""
+def why_rrrr(cfg, params, tokenizer, ids, targets, seed):
+    """Section 5: a fresh model repeats its last input token, and why; the 1/sqrt(d) scale keeps the order."""
     section("5. Why an untrained model prints 'RRRR'")
     D, V = cfg.hidden, cfg.vocab_size
     out_emb = np.asarray(rmsnorm(params["E"], params["out_norm"], cfg.eps), dtype=np.float64)   # (V,D)
@@ -281,17 +329,26 @@ def why_rrrr(cfg, params, tokenizer, ids, seed):
     print(f"  n_i . n_i = {np.diag(gram).min():.2f} .. {np.diag(gram).max():.2f} for every token (= d = {D})")
     print(f"  n_i . n_j, i != j: std {off.std():.2f}, largest {off.max():.2f}")
     print(f"  so every token's own row beats every other row by at least {margin:.1f}.")
-    s = logit_stats(cfg, params, ids, ids)
+    raw = logit_stats(raw_output(cfg), params, ids, targets)
+    s = logit_stats(cfg, params, ids, targets)
     print(f"Section 3 showed that x leaves the layers still pointing along its input token's embedding, so the\n"
           f"largest logit is the input token's own: the argmax equals the input token at "
           f"{100 * s['argmax_is_input']:.1f}% of the {ids.size} positions.")
+    logits = np.asarray(forward(params, cfg, ids), dtype=np.float64) / 0.8          # (B,T,V) at temperature 0.8
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    p_input = float((np.take_along_axis(probs, ids[..., None], -1)[..., 0] / probs.sum(-1)).mean())
+    print(f"The 1/sqrt(d) scale does not change that: one positive factor on every logit keeps their order. It\n"
+          f"shrinks the gaps: the input token leads the next-best token by {s['lead']:.2f} on average (raw: "
+          f"{raw['lead']:.1f}, sqrt(d)\ntimes more). At temperature 0.8 the input token still gets {100 * p_input:.1f}% "
+          f"of the probability on average.")
     print(f"Ask it to continue a prompt that ends in 'R' and it repeats that token forever (temperature 0.8, top-k 40):")
     text = generate(params, cfg, tokenizer, PROMPT, max_new_tokens=12, temperature=0.8, top_k=40, seed=seed)
     print("  " + repr(text))
     print("The prototype's four untrained sub-models printed exactly this. It is not a bug in sampling: it is\n"
-          "what a tied output does before training, and every model in this course is trained.")
+          "what a tied output does before training, scaled or not, and every model in this course is trained.")
     return {"own_dot": float(np.diag(gram).mean()), "other_dot_std": float(off.std()),
-            "other_dot_max": float(off.max()), "argmax_is_input": s["argmax_is_input"], "sample": text}
+            "other_dot_max": float(off.max()), "argmax_is_input": s["argmax_is_input"], "lead": s["lead"],
+            "raw_lead": raw["lead"], "p_input_at_0.8": p_input, "sample": text}
 
 
 def training(cfg, params, train_tokens, val_tokens, out, args):
@@ -329,9 +386,16 @@ def after_training(cfg, params, tokenizer, ids, targets, metrics, train_tokens, 
                    f"layers is {s['norm_x']:.1f}\n(was {fresh['norm_x']:.1f}) against the embedding's {s['norm_x0']:.1f}, "
                    f"so x's cosine with its own input embedding fell from {fresh['cos_input']:.3f} to "
                    f"{s['cos_input']:.3f}.\nThe final RMSNorm brings x back to length sqrt(d), and a logit is d times a "
-                   f"cosine (times the gains):\nsmall cosines, small logits.")
-    conclude(args, f"The gains hardly moved: mean (1 + g) of final_norm {gains['final_norm']:.3f}, of out_norm "
-                   f"{gains['out_norm']:.3f}.")
+                   f"cosine, times the gains, over sqrt(d):\nthe input token's logit fell with its cosine, and the right "
+                   f"token's rose as x turned towards its row.")
+    mean_gain = (gains["final_norm"] + gains["out_norm"]) / 2
+    moved = ("grew" if mean_gain > 1.05 else "shrank" if mean_gain < 0.95 else "hardly moved")
+    why = {"grew": ": louder logits for the same cosines. With the 1/sqrt(d) scale a logit is sqrt(d) times a
+"
+                   "cosine times the gains, and the gains are the only way past sqrt(d).",
+           "shrank": ": quieter logits for the same cosines.", "hardly moved": "."}[moved]
+    conclude(args, f"The gains {moved}: mean (1 + g) of final_norm {gains['final_norm']:.3f}, of out_norm "
+                   f"{gains['out_norm']:.3f}{why}")
     section("7. Samples from the trained model")
     samples = {}
     for name, temperature in (("temperature 0.8, top-k 40", 0.8), ("greedy (temperature 0)", 0.0)):
@@ -353,18 +417,22 @@ def save_figures(cfg, params, fresh, metrics, tokenizer, ids, out, entropy):
     ax.plot(metrics["eval_step"], metrics["val"]["0.0"], "o-", label="val loss")
     ax.axhline(math.log(cfg.vocab_size), color="k", ls="--", lw=1, label=f"ln V = {math.log(cfg.vocab_size):.2f}")
     ax.axhline(entropy, color="k", ls=":", lw=1, label=f"unigram entropy = {entropy:.2f}")
-    ax.axhline(cfg.hidden, color="gray", ls="-.", lw=1, label=f"d = {cfg.hidden}")
+    bound = math.log(cfg.vocab_size) + 2 * math.sqrt(cfg.hidden)
+    ax.axhline(bound, color="gray", ls="-.", lw=1, label=f"ln V + 2 sqrt(d) = {bound:.1f} (most a fresh model pays)")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token, log scale)")
-    ax.set_title("One transformer learning: from ~d nats to below ln V")
+    ax.set_title("One transformer learning: from a few nats above ln V to below it")
     ax.legend()
     paths.append(save_figure(fig, out / "loss_curve.png"))
 
     trace_ids = np.array([tokenizer.encode(TRACE_PROMPT)])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, p, title in ((axes[0], fresh, "fresh"), (axes[1], params, "trained")):
-        logits = np.asarray(forward(p, cfg, ids), dtype=np.float64)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    panels = ((axes[0], fresh, raw_output(cfg), "fresh model, raw (logit_scale='none')"),
+              (axes[1], fresh, cfg, "fresh model, times 1/sqrt(d) (default)"),
+              (axes[2], params, cfg, "trained model (default)"))
+    for ax, p, c, title in panels:
+        logits = np.asarray(forward(p, c, ids), dtype=np.float64)
         own = np.take_along_axis(logits, ids[..., None], -1)[..., 0].ravel()
         mask = np.ones(logits.shape, dtype=bool)
         np.put_along_axis(mask, ids[..., None], False, -1)
@@ -372,7 +440,7 @@ def save_figures(cfg, params, fresh, metrics, tokenizer, ids, out, entropy):
         bins = np.linspace(lo, hi, 80)
         ax.hist(logits[mask], bins=bins, density=True, alpha=0.7, label="other tokens")
         ax.hist(own, bins=bins, density=True, alpha=0.7, label="the input token itself")
-        ax.set_title(f"logits of the {title} model")
+        ax.set_title(f"logits of the {title}", fontsize=10)
         ax.set_xlabel("logit")
         ax.legend()
     paths.append(save_figure(fig, out / "logits_fresh_vs_trained.png"))

@@ -32,7 +32,7 @@ STEPS = {
     "gated_hidden": "hidden = gelu(x Wgate + bgate) * (x Wup + bup)",
     "down": "mlp out = hidden Wdown + bdown",
     "output_table": "tied output: rmsnorm(E, out_norm)",
-    "logits_of": "logits = rmsnorm(x, final_norm) out_emb^T",
+    "logits_of": "logits = rmsnorm(x, final_norm) g_out out_emb^T",
 }
 ACTIVATIONS = {"x", "ids", "q", "k", "v", "probs", "hidden", "table"}   # step arguments that are not weights
 
