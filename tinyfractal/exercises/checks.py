@@ -210,8 +210,8 @@ def check_param_count(fn):
 
 
 @exercise("transformer", "unrelated_logit_std", "predict the logit scale of a fresh model",
-          "A logit is the dot product of two vectors of length sqrt(d). How large is the dot product of two "
-          "vectors pointing in random directions, as a function of d?")
+          "A raw logit (logit_scale='none', no 1/sqrt(d)) is the dot product of two vectors of length sqrt(d). "
+          "How large is the dot product of two vectors pointing in random directions, as a function of d?")
 def check_unrelated_logit_std(fn):
     rng = np.random.default_rng(6)
     for d in (16, 36, 64):
@@ -228,7 +228,7 @@ def check_unrelated_logit_std(fn):
         except (TypeError, ValueError):
             raise Failed(f"unrelated_logit_std({d}) returned {got!r}, not a number") from None
         if not abs(got - measured) <= 0.15 * measured:
-            raise Failed(f"unrelated_logit_std({d}) = {got:.3g}, but a fresh model of width {d} measures "
+            raise Failed(f"unrelated_logit_std({d}) = {got:.3g}, but the raw logits of a fresh model of width {d} measure "
                          f"{measured:.3g} (15% allowed)")
 
 

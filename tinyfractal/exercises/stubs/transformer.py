@@ -64,6 +64,8 @@ def tied_logits(x, E, final_norm, out_norm, eps):
 
     x (T, D) the residual stream after the last layer, E (V, D) the embedding, final_norm and
     out_norm (D,) gains -> (T, V) logits. Every row of E is normalised with the out_norm gain.
+    (The model then multiplies these dot products by its output gain, 1/sqrt(D) by default: lesson 0,
+    section 4. Leave that out here.)
     """
     raise NotImplementedError
 
@@ -77,8 +79,9 @@ def param_count(V, D, H, K, h, F, layers):
 
 
 def unrelated_logit_std(d):
-    """Predict, from the width d alone, the standard deviation of a FRESH model's logits over the tokens
-    that are not the input token itself (lesson 0, section 4). Return a float.
+    """Predict, from the width d alone, the standard deviation of a FRESH model's raw logits over the
+    tokens that are not the input token itself (lesson 0, section 4). Raw: the dot products themselves,
+    as in the prototype's output (logit_scale="none"), before the default's 1/sqrt(d). Return a float.
 
     The check measures it on fresh models of several widths and accepts answers within 15%.
     """
