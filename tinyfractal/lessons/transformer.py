@@ -390,7 +390,7 @@ def after_training(cfg, params, tokenizer, ids, targets, metrics, train_tokens, 
                    f"token's rose as x turned towards its row.")
     mean_gain = (gains["final_norm"] + gains["out_norm"]) / 2
     moved = ("grew" if mean_gain > 1.05 else "shrank" if mean_gain < 0.95 else "hardly moved")
-    why = {"grew": ": louder logits for the same cosines. With the 1/sqrt(d) scale a logit is sqrt(d) times a\n"
+    why = {"grew": ": louder logits for the same cosines.\nWith the 1/sqrt(d) scale a logit is sqrt(d) times a "
                    "cosine times the gains, and the gains are the only way past sqrt(d).",
            "shrank": ": quieter logits for the same cosines.", "hardly moved": "."}[moved]
     conclude(args, f"The gains {moved}: mean (1 + g) of final_norm {gains['final_norm']:.3f}, of out_norm "
@@ -422,7 +422,7 @@ def save_figures(cfg, params, fresh, metrics, tokenizer, ids, out, entropy):
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token, log scale)")
     ax.set_title("One transformer learning: from a few nats above ln V to below it")
-    ax.legend()
+    ax.legend(loc="center right")
     paths.append(save_figure(fig, out / "loss_curve.png"))
 
     trace_ids = np.array([tokenizer.encode(TRACE_PROMPT)])
