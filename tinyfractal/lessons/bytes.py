@@ -107,7 +107,10 @@ def the_concept(cfg, params):
     cos_init = cosine_the_eht(params, cfg)
     print(f"cosine('the ', 'eht ') at init: {cos_init:.6f}")
     print("The model predicts the next group's g bytes, one distribution per slot: slot m reads the final")
-    print("state through its own gain, (rmsnorm(x, final_norm) * (1 + Q[m])) . rmsnorm_rows(E, out_norm)^T.")
+    gain = {"none": "", "sqrt": " / sqrt(d)"}.get(cfg.logit_scale, " * output_gain")   # model.output_gain
+    print(f"state through its own gain, (rmsnorm(x, final_norm) * (1 + Q[m]){gain}) . rmsnorm_rows(E, out_norm)^T.")
+    if cfg.logit_scale == "sqrt":
+        print("(d is the node's own width: logit_scale='sqrt', the default.)")
     return cos_init
 
 
