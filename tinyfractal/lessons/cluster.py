@@ -132,8 +132,9 @@ def lesson(args):
         print("    batch rows on each device:   " + ", ".join(f"{d}: {a}-{b - 1}" for d, (a, b) in run["ids"].items()))
         print("    level-2 logits on each device (models, rows): " +
               ", ".join(f"{d}: m{m[0]}-{m[1] - 1} r{r[0]}-{r[1] - 1}" for d, (m, r) in run["level2"].items()))
-    print("\nThe same program gives the same loss on every mesh: sharding changes where numbers are computed,")
-    print("not which numbers. The same code runs on many hosts: every process joins with --distributed.")
+    print("\nThe same program gives the same loss on every mesh, up to float32 rounding (a sum split over devices")
+    print("adds in another order): sharding changes where numbers are computed, not which numbers.")
+    print("The same code runs on many hosts: every process joins with --distributed.")
     results["mesh"] = demo
 
     # %% 4. To a cluster
