@@ -13,7 +13,7 @@ import numpy as np
 from tinyfractal import Config, Tokenizer
 from tinyfractal.core.formulas import rmsnorm, rope, rope_tables, softmax
 from tinyfractal.api import init_params
-from tinyfractal.core.model import cross_entropy, forward
+from tinyfractal.core.model import cross_entropy, forward, output_gain
 from tinyfractal.core.tree import nodes
 from tinyfractal.lessons._common import (conclude, forget_saved, note_saved, pyplot, run, save_figure, section,
                                          train_with_checkpoints, uninterrupted)
@@ -348,18 +348,23 @@ def coupling_demo(parent, pcfg, children, child_cfg, ids, targets):
     plog = forward(parent, pcfg, ids)
     clogs = [forward(c, child_cfg, ids) for c in children]
     total = sum(clogs)
+    # Every node multiplies its logits by its own output gain (1/sqrt(width) under logit_scale="sqrt"), so
+    # without the couplings the parent gives the children's summed logits times gain(parent)/gain(child).
+    k = output_gain(parent, pcfg) / output_gain(children[0], child_cfg)
     losses = {"parent at merge": float(cross_entropy(plog, targets))}
     for r, lg in enumerate(clogs):
         losses[f"child {r}"] = float(cross_entropy(lg, targets))
     losses["sum of the children's logits"] = float(cross_entropy(total, targets))
+    losses[f"{k:.3f} x that sum"] = float(cross_entropy(k * total, targets))
     losses["mean of the children's logits"] = float(cross_entropy(total / s, targets))
-    print(f"    max |parent logits - sum of children's logits| = {np.abs(plog - total).max():.3f} "
-          f"(|logits| max {np.abs(total).max():.3f})")
+    print(f"    max |parent logits - {k:.3f} x sum of children's logits| = {np.abs(plog - k * total).max():.3f} "
+          f"(|logits| max {np.abs(k * total).max():.3f})")
     for name, value in losses.items():
         print(f"    {name:<32} loss {value:.4f}")
-    print("    The output is rmsnorm(x) . rmsnorm_rows(E)^T over the full width: with the couplings removed it")
-    print("    WOULD be the sum of the children's logits, a product of experts that counts each child's")
-    print("    confidence at full strength. Training the off-diagonal blocks is what calibrates the parent.")
+    print("    The output is rmsnorm(x) . rmsnorm_rows(E)^T over the full width, times the node's own output gain")
+    print(f"    (logit_scale={pcfg.logit_scale!r}; the parent's is {k:.3f} x a child's): with the couplings removed it")
+    print(f"    WOULD be {k:.3f} x the sum of the children's logits, a product of experts that counts each child's")
+    print(f"    confidence at {k:.3f} of its strength. Training the off-diagonal blocks is what calibrates the parent.")
     return {"norm_factor_min_mean_max": ratios, "rope_max_abs_diff": rope_diff, "attention_tv": tv,
             "losses": losses}
 
