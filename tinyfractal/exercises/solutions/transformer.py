@@ -108,7 +108,8 @@ def param_count(V, D, H, K, h, F, layers):
 
 def unrelated_logit_std(d):
     """Predict, from the width d alone, the standard deviation of a FRESH model's logits over the tokens
-    that are not the input token itself (lesson 0, section 4). Return a float.
+    that are not the input token itself (lesson 0, section 4), with the plain tied output
+    (logit_scale='none': no 1/sqrt(d) scale). Return a float.
 
     The check measures it on fresh models of several widths and accepts answers within 15%.
     """
