@@ -2,8 +2,8 @@
 
 - Every command in a fenced shell block of the README, lessons/README.md and every handout runs, in
   its cheapest real form: lessons parse their options and start (each lesson's --quick run is checked
-  in test_lessons.py); training, evaluation, sampling, growing, tracing, figures, the tokenizer and the
-  nesting-tax study run with a few steps; long benchmarks show their help, which must name every option the command uses.
+  in test_lessons.py); training, evaluation, sampling, growing, tracing, figures and the tokenizer run
+  with a few steps; long benchmarks show their help, which must name every option the command uses.
   A command no rule knows fails the test.
 - Every quoted output excerpt (a ```text block) is a run of lines of one real output: the lesson's
   --quick run, or a recorded full run (lessons/recorded/*.txt) whose command the handout gives.
@@ -127,23 +127,6 @@ def check_cli(argv, capsys):
     assert out, "the command printed nothing"
 
 
-def check_study(argv, capsys):
-    """`python -m tinyfractal.study tax ...` as its --quick form (the micro preset, a few steps: the
-    options still parse and the study runs end to end); `study table ...` as given, on the studies
-    that the document's earlier commands wrote."""
-    from tinyfractal.tools.study import main
-    if argv[:1] == ["tax"]:
-        argv = argv + ["--quick"] if "--quick" not in argv else argv
-        for option, cheap in (("--steps", "2"), ("--seeds", "0"), ("--eval-batches", "1")):
-            if option in argv or any(word.startswith(option + "=") for word in argv):
-                argv = set_option(argv, option, cheap)
-    else:
-        assert argv[:1] == ["table"], f"no rule to check `python -m tinyfractal.study {' '.join(argv)}`"
-    code, out, err = call(main, argv, capsys)
-    assert code == 0, err
-    assert out, "the command printed nothing"
-
-
 def check_help(module, argv, capsys):
     """A long benchmark: its --help (of the subcommand, if any) runs and names every option used."""
     main = importlib.import_module(module).main
@@ -195,8 +178,6 @@ def check_command(command, capsys, monkeypatch):
         check_cli(rest, capsys)
     elif module in HELP_ONLY:
         check_help(module, rest, capsys)
-    elif module in ("tinyfractal.study", "tinyfractal.tools.study"):
-        check_study(rest, capsys)
     elif module in ("tinyfractal.tokenizer", "tinyfractal.text.bpe"):
         from tinyfractal.text.bpe import main
         assert "--check" in rest, f"only the tokenizer's --check form is run here: `{command}`"
