@@ -28,9 +28,7 @@ atexit.register(shutil.rmtree, _scratch, True)
 #   "excerpts"  the handout quotes output that no recording in lessons/recorded/ or --quick run holds
 # Their tests are marked xfail(strict=True): when the lesson catches up the test passes, the strict
 # xfail fails the suite, and the entry must be removed here.
-PENDING = {
-    "tax": {"workflow", "handout", "excerpts"},
-}
+PENDING = {}
 
 
 def lesson_param(name, what, value=None):

@@ -226,6 +226,24 @@ def _local_batch_same_rows(tokens, batch_size, context, seed, step, process, pro
     return batch_at(tokens, batch_size // processes, context, seed, step)
 
 
+def _chars_per_token(targets, decode):
+    return sum(len(decode(row)) for row in targets) / np.size(targets)
+
+
+def _first_loss_bound_learned_refused(V, d, scale):
+    """Treats 'learned' as an unknown scale (it starts as 'sqrt', so it has the same bound)."""
+    if scale == "learned":
+        raise ValueError("unknown logit_scale 'learned'")
+    return SOL["tax"].first_loss_bound(V, d, scale)
+
+
+def _loss_weights_per_level(cfg, scheme):
+    """Normalised over the levels (sum of w_l = 1), forgetting that level l holds n_models(l) nodes."""
+    raw = [1.0 if scheme == "nodes" else float(cfg.width(l)) if scheme == "width" else
+           SOL["tax"].loss_weights(cfg, scheme)[l] for l in range(cfg.levels)]
+    return [w / sum(raw) for w in raw]
+
+
 WRONG = {
     "transformer.rmsnorm": [_rmsnorm_gain_g, _rmsnorm_eps_outside],
     "transformer.causal_mask": [lambda T: np.triu(np.ones((T, T), dtype=bool)),
@@ -276,6 +294,17 @@ WRONG = {
     "cluster.local_batch": [_local_batch_seed_per_process, _local_batch_same_rows],
     "cluster.allreduce_mean": [lambda grads, rows: {k: sum(g[k] for g in grads) for k in grads[0]},
                                lambda grads, rows: {k: sum(g[k] for g in grads) / len(grads) for k in grads[0]}],
+    "tax.tax_per_level": [lambda tree, alone: [-t for t in SOL["tax"].tax_per_level(tree, alone)],
+                          lambda tree, alone: [tree[(l, 0)] - alone[l] for l in range(len(alone))]],
+    "tax.bits_per_char": [lambda nats, targets, decode: nats / _chars_per_token(targets, decode),
+                          lambda nats, targets, decode: nats / math.log(2) * _chars_per_token(targets, decode)],
+    "tax.first_loss_bound": [lambda V, d, scale: math.log(V) + (d if scale == "none" else math.sqrt(d)),
+                             _first_loss_bound_learned_refused,
+                             lambda V, d, scale: math.log(V) + 2 * math.sqrt(d)],
+    "tax.loss_weights": [_loss_weights_per_level,
+                         lambda cfg, scheme: SOL["tax"].loss_weights(cfg, "nodes")],
+    "tax.tree_clip_threshold": [lambda clip, cfg, weights: clip * math.sqrt(sum(w * w for w in weights)),
+                                lambda clip, cfg, weights: clip / math.sqrt(cfg.n_nodes)],
 }
 
 

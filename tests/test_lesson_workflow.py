@@ -198,3 +198,44 @@ def test_loss_curves_draw_the_unigram_baseline(tmp_path, monkeypatch):
     assert [len(b) for b in baseline] == [2, 2, 0]
     assert {float(y) for line in baseline[0] for y in line.get_ydata()} == {3.25}
     assert {float(y) for line in baseline[1] for y in line.get_ydata()} == {2.5}
+
+
+def test_the_tax_lesson_keeps_its_runs_on_ctrl_c_and_continues_them(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the tax lesson's study (after the checkpoint at step 10 of its second run): exit 130, one
+    line naming the finished run and the checkpoint kept; run again with --resume, the interrupted run
+    continues from step 10 and the finished one is not trained again, and the lesson ends with the same
+    numbers, bit for bit, as a run that was never interrupted."""
+    import json
+    from tinyfractal.lessons import tax
+    from tinyfractal.tools import study
+    argv = ["--quick", "--steps", "20"]
+    assert tax.main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    capsys.readouterr()
+
+    real_train, runs = study.train, []
+
+    def train_then_stop(*args, on_eval=None, **kwargs):
+        runs.append(0)
+
+        def on_eval_then_stop(step, metrics, state):
+            on_eval(step, metrics, state)
+            if len(runs) == 2 and step == 10:
+                raise KeyboardInterrupt
+        return real_train(*args, on_eval=on_eval_then_stop, **kwargs)
+    monkeypatch.setattr(study, "train", train_then_stop)
+    cut = tmp_path / "cut"
+    assert tax.main(argv + ["--out", str(cut)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted: kept ") and "--resume" in err[0], err
+    assert ".json (step 20 of 20)" in err[0] and ".partial (step 10 of 20)" in err[0], err[0]
+
+    monkeypatch.setattr(study, "train", real_train)
+    runs.clear()
+    assert tax.main(argv + ["--out", str(cut), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cached: ") == 1 and "resuming from" in out and "at step 10" in out
+    for name in ("prototype", "defaults"):
+        whole, resumed = (json.loads((tmp_path / folder / f"tax_{name}.json").read_text()) for folder in ("whole", "cut"))
+        assert [(r["val"], r["train"], r["alone"]) for r in whole["nodes"]] == \
+            [(r["val"], r["train"], r["alone"]) for r in resumed["nodes"]]
+        assert whole["alone"]["0"][0]["loss"] == resumed["alone"]["0"][0]["loss"]     # the interrupted run

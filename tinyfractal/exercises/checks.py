@@ -919,3 +919,163 @@ def _float64(params):
     out = {k: v.astype(np.float64) for k, v in params.items() if k != "layers"}
     out["layers"] = [{k: v.astype(np.float64) for k, v in layer.items()} for layer in params["layers"]]
     return out
+
+
+# Lesson 9: the nesting tax
+
+def _random_tree_losses(rng, cfg):
+    """Made-up val losses: one per node of the tree, and one per level's standalone twin."""
+    tree = {(level, j): float(rng.uniform(2.0, 5.0)) for level, j in engine.nodes(cfg)}
+    alone = [float(rng.uniform(2.0, 5.0)) for _ in range(cfg.levels)]
+    return tree, alone
+
+
+def _study_tax(cfg, tree, alone):
+    """The tax per level as `python -m tinyfractal.study tax` computes it (tools/study.py's summarize),
+    from one seed's records holding these losses."""
+    key = engine.node_key
+    run = {"val": {key(n): v for n, v in tree.items()}, "train": {key(n): v for n, v in tree.items()},
+           "first": {key(n): 0.0 for n in tree}, "seconds": 0.0}
+    twins = {level: [{"val": {"0.0": a}, "first": {"0.0": 0.0}, "seconds": 0.0}] for level, a in enumerate(alone)}
+    data = {"chars_per_token": 1.0, "unigram": 5.0}
+    study = engine.summarize(cfg, engine.TrainConfig(), [0], 1, data, [run], twins, 0.0)
+    return [lv["tax"] for lv in study["levels"]]
+
+
+def as_floats(got, n, what):
+    try:
+        values = [float(v) for v in got]
+    except (TypeError, ValueError):
+        raise Failed(f"{what}: returned {got!r}, not a list of numbers") from None
+    if len(values) != n:
+        raise Failed(f"{what}: returned {len(values)} numbers, the tree has {n} levels")
+    return values
+
+
+@exercise("tax", "tax_per_level", "the nesting tax of each level",
+          "For each level l: the mean of tree_val[(l, j)] over the level's nodes j, minus alone_val[l]. The tree "
+          "minus the twin (a positive tax is a node worse than its twin), and every node of the level, not only "
+          "(l, 0).")
+def check_tax_per_level(fn):
+    rng = np.random.default_rng(90)
+    for levels, split in ((1, 2), (2, 2), (3, 2), (2, 3), (3, 3), (4, 2)):
+        cfg = random_config(rng, levels=(levels, levels), splits=(split, split))
+        tree, alone = _random_tree_losses(rng, cfg)
+        want = [float(np.mean([tree[(level, j)] for j in range(cfg.n_models(level))])) - alone[level]
+                for level in range(levels)]
+        if not np.allclose(want, _study_tax(cfg, tree, alone), rtol=0, atol=1e-12):
+            raise RuntimeError("the check disagrees with tools/study.py's summarize")      # the check's own bug
+        got = as_floats(fn(dict(tree), list(alone)), levels, "tax_per_level")
+        expect_close(got, want, f"tax_per_level of a tree with {levels} level(s), split {split}", rtol=1e-9, atol=1e-9)
+
+
+@exercise("tax", "bits_per_char", "bits per character from nats per token",
+          "Two conversions: nats -> bits is a division by ln 2 (math.log(2)), and per token -> per character is a "
+          "division by the characters per token: the characters of ALL the decoded rows over targets.size.")
+def check_bits_per_char(fn):
+    rng = np.random.default_rng(91)
+    tokenizer = engine.Tokenizer.default()
+    lengths = engine.token_lengths(tokenizer)                # (V,): characters of each token, decoded alone
+    toy = np.array([1, 2, 3, 1, 4, 2, 1, 3])                 # a made-up code: token i is 'x' * toy[i]
+    decoders = (("the BPE tokenizer", tokenizer.decode, lengths),
+                ("a made-up code", lambda row: "".join("x" * int(toy[i]) for i in row), toy))
+    for what, decode, chars in decoders:
+        for shape, nats in (((1, 8), 4.85), ((4, 16), 2.5), ((12, 64), 1.9), ((3, 5), 0.7)):
+            targets = rng.integers(0, len(chars), size=shape)
+            want = nats / math.log(2) / (chars[targets].sum() / targets.size)
+            got = as_float(fn(nats, targets.copy(), decode), "bits_per_char")
+            expect_close(got, want, f"bits_per_char({nats} nats/token) on {shape[0]}x{shape[1]} targets of {what}",
+                         rtol=1e-9, atol=1e-12)
+
+
+def _worst_first_loss(cfg, rng, batch=4):
+    """The largest loss a fresh one-level model gives at any position of a random batch, each position
+    scored against its LEAST likely token: max over positions of logsumexp(logits) - min(logits)."""
+    ids = rng.integers(0, cfg.vocab_size, size=(batch, cfg.context))
+    logits = np.asarray(engine.forward(engine.init_params(cfg, int(rng.integers(1 << 30))), cfg, ids), np.float64)
+    top = logits.max(axis=-1)                                                 # (B,T)
+    logsumexp = top + np.log(np.exp(logits - top[..., None]).sum(axis=-1))
+    return float((logsumexp - logits.min(axis=-1)).max())
+
+
+@exercise("tax", "first_loss_bound", "the largest first-step loss of a fresh node",
+          "|rmsnorm(x) . rmsnorm(e)| <= sqrt(d) * sqrt(d) = d (Cauchy-Schwarz); times the output gain (1, or "
+          "1/sqrt(d) for 'sqrt' and for 'learned', whose extra gain starts at 0). The loss is at most "
+          "ln V + (largest logit - smallest logit) = ln V + 2 * (the largest |logit|).")
+def check_first_loss_bound(fn):
+    rng = np.random.default_rng(92)
+    for V, d in ((128, 16), (128, 96), (65, 32), (256, 8), (16, 64)):
+        for scale in ("none", "sqrt", "learned"):
+            cfg = engine.Config(vocab_size=V, context=8, layers=1, heads=2, kv_heads=1, head_dim=8, hidden=d,
+                                levels=1, logit_scale=scale)
+            gain = np.ravel(engine.output_gain(engine.init_params(cfg, 0), cfg))[0]    # a float, or (1,) if learned
+            largest = d * float(gain)                                                 # |logit| <= d * gain
+            want = math.log(V) + 2 * largest
+            what = f"first_loss_bound(vocab_size={V}, d={d}, logit_scale={scale!r})"
+            try:
+                got = as_float(fn(V, d, scale), what)
+            except ValueError as e:
+                raise Failed(f"{what} raised ValueError ({e}); {scale!r} is a valid logit scale") from None
+            measured = _worst_first_loss(cfg, rng)
+            if got < measured - 1e-6:
+                raise Failed(f"{what} = {got:.4g}, but a fresh model of that shape already gives {measured:.4g} "
+                             f"nats at some position: a bound must be at least that")
+            expect_close(got, want, what, rtol=1e-6, atol=1e-6)        # the engine's gain is float32
+    try:
+        got = fn(128, 16, "cube")
+    except ValueError:
+        return
+    raise Failed(f"first_loss_bound(128, 16, 'cube') returned {got!r}; raise ValueError for a logit_scale other than "
+                 f"'none', 'sqrt' or 'learned'")
+
+
+@exercise("tax", "loss_weights", "the weight of each node's loss: nodes, width, params",
+          "Weigh one node of level l by 1, by its width cfg.width(l), or by its parameter count; then divide by "
+          "the sum over ALL nodes, sum over l of cfg.n_models(l) * raw[l] (not the sum over levels): the tree "
+          "loss is sum over nodes of w * loss.")
+def check_loss_weights(fn):
+    rng = np.random.default_rng(93)
+    for _ in range(6):
+        cfg = random_config(rng)
+        params = engine.init_params(cfg, 0)
+        for scheme in ("nodes", "width", "params"):
+            raw = {"nodes": [1.0] * cfg.levels, "width": [float(cfg.width(l)) for l in range(cfg.levels)],
+                   "params": [float(engine.count_params(engine.view(params, cfg, l, 0))) for l in range(cfg.levels)]}[scheme]
+            total = sum(cfg.n_models(l) * raw[l] for l in range(cfg.levels))
+            want = [w / total for w in raw]
+            if not np.allclose(want, engine.level_weights_at(engine.TrainConfig(loss_weights=scheme), cfg, 0),
+                               rtol=1e-12, atol=0):
+                raise RuntimeError("the check disagrees with training/train.py's level_weights_at")   # its own bug
+            what = f"loss_weights({describe(cfg)}, {scheme!r})"
+            got = as_floats(fn(cfg, scheme), cfg.levels, what)
+            expect_close(got, want, what, rtol=1e-9, atol=1e-12)
+    try:
+        got = fn(engine.Config.preset("micro"), "depth")
+    except ValueError:
+        return
+    raise Failed(f"loss_weights(micro, 'depth') returned {got!r}; raise ValueError for a scheme other than 'nodes', "
+                 f"'width' or 'params'")
+
+
+@exercise("tax", "tree_clip_threshold", "the clipping threshold of clip_mode='tree'",
+          "Orthogonal vectors add like Pythagoras: |sum of w_i g_i|^2 = sum of w_i^2 |g_i|^2. Every node of level l "
+          "has weight weights[l], and there are cfg.n_models(l) of them: grad_clip * sqrt(sum over l of "
+          "n_models(l) * weights[l]**2).")
+def check_tree_clip_threshold(fn):
+    rng = np.random.default_rng(94)
+    for _ in range(8):
+        cfg = random_config(rng)
+        grad_clip = float(rng.choice([1.0, 0.5, 2.0]))
+        scheme = str(rng.choice(["nodes", "width", "params", "random"]))
+        weights = [float(w) for w in rng.uniform(0.1, 2.0, cfg.levels)] if scheme == "random" else \
+            engine.level_weights_at(engine.TrainConfig(loss_weights=scheme), cfg, 0)
+        # the weighted sum of one orthogonal gradient per node, each of norm grad_clip
+        n = cfg.n_nodes
+        g = np.linalg.qr(rng.standard_normal((n + 3, n)))[0].T * grad_clip                 # (n, n+3) rows orthonormal
+        w = np.concatenate([[weights[l]] * cfg.n_models(l) for l in range(cfg.levels)])
+        want = float(np.linalg.norm(w @ g))
+        if not np.isclose(want, engine.clip_threshold(engine.TrainConfig(grad_clip=grad_clip, clip_mode="tree"), cfg,
+                                                      weights), rtol=1e-9):
+            raise RuntimeError("the check disagrees with training/train.py's clip_threshold")    # its own bug
+        what = f"tree_clip_threshold({grad_clip}, {describe(cfg)}, weights {[round(x, 4) for x in weights]})"
+        expect_close(as_float(fn(grad_clip, cfg, list(weights)), what), want, what, rtol=1e-9, atol=1e-12)

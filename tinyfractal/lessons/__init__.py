@@ -16,7 +16,7 @@ from pathlib import Path
 from tinyfractal.paths import ROOT
 
 # The course order; a lesson not named here comes after these, alphabetically.
-ORDER = ["transformer", "base", "tokenizer", "speculative", "merging", "coupling", "bytes", "fractal", "cluster"]
+ORDER = ["transformer", "base", "tokenizer", "speculative", "merging", "coupling", "bytes", "fractal", "cluster", "tax"]
 HANDOUTS = ROOT / "lessons"
 
 

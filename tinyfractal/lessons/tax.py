@@ -1,62 +1,51 @@
-"""Lesson 7, the nesting tax: what does a node pay for living in a tree?
+"""Lesson 9, the nesting tax: what does a node pay for living in a tree?
 
-Run: python -m tinyfractal.lessons.tax [--quick] [--out DIR] [--steps N]
+Run: python -m tinyfractal.lessons.tax [--quick] [--out DIR] [--steps N] [--seed N] [--resume]
+
+It prints each node's first loss without and with the 1/sqrt(d) logit scale, then trains the 'tiny'
+tree and a standalone twin per level twice: with the prototype's choices (Config.faithful(): no logit
+scale, the root's init for every entry) and with today's defaults (logit_scale='sqrt',
+nested_init=True). Every run is kept in OUT/study_cache/ (the study command's cache, with a checkpoint
+at every evaluation of the run in progress), so after Ctrl-C a second run, with or without --resume,
+continues where it stopped and does not train a finished run again.
 """
-import argparse
+import json
 import math
+import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 
 from tinyfractal import Config, Tokenizer, forward, init_params, nodes, view
-from tinyfractal.core.model import cross_entropy
-from tinyfractal.tools.study import save_figure, save_png, summary_header, summary_row, table_lines, tax_study
-from tinyfractal.training.checkpoint import atomic_write_json
+from tinyfractal.core.formulas import cross_entropy
+from tinyfractal.lessons._common import conclude, note_saved, pyplot, run, save_figure, section
+from tinyfractal.tools.study import save_figure as save_study_figure
+from tinyfractal.tools.study import summary_header, summary_row, table_lines, tax_study
+from tinyfractal.training.checkpoint import atomic_write_json, exists, read_meta
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split
-from tinyfractal.training.train import TrainConfig, format_duration
+from tinyfractal.training.train import TrainConfig
 
-
-def section(title):
-    print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m tinyfractal.lessons.tax", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="lesson_output/tax", help="folder for figures, tables and the run cache")
-    p.add_argument("--quick", action="store_true", help="a few steps of a micro tree, to check that everything runs")
-    p.add_argument("--steps", type=int, default=None, help="training steps of the small study (default 300)")
-    args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
-    return args
-
-
-def first_step_table(cfg, ids, targets):
-    """For every node of a fresh tree: its width, the logit of the token it just read, the spread of the
-    other logits, and its first loss; without and with the 1/sqrt(d) logit scale."""
-    rows = []
-    for scale in ("none", "sqrt"):
-        c = cfg.override(logit_scale=scale)
-        params = init_params(c, 0)
-        for level, j in nodes(c):
-            logits = np.asarray(forward(view(params, c, level, j), c.sub(level), ids))     # (B,T,V)
-            own = np.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]             # the token just read
-            others = logits.copy()
-            np.put_along_axis(others, ids[..., None], np.nan, axis=-1)
-            rows.append({"scale": scale, "node": (level, j), "width": c.width(level), "own": float(own.mean()),
-                         "others": float(np.nanstd(others)),
-                         "loss": float(cross_entropy(logits, targets))})
-    return rows
+STEPS = (300, 4)          # training steps of the small study: full run, --quick
+STUDIES = {"prototype": "the prototype (faithful)", "defaults": "today's defaults"}
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    return run("tax", __doc__, lesson, argv, steps=STEPS, trains=True)
 
-    # %% 1. The question
+
+def lesson(args):
+    the_question()
+    cfg, rows = first_step(args)
+    studies = small_study(args)
+    the_full_study()
+    section("5. Figures")
+    for name, study in studies.items():
+        print(f"saved {save_study_figure(study, args.out / f'tax_{name}.png')}")
+    print(f"saved {first_loss_figure(rows, cfg, args.out / 'first_loss.png')}")
+
+
+def the_question():
+    """Section 1: the definition of the tax."""
     section("1. The nesting tax")
     print("A FractalFormer trains every node of its tree at once, on one set of arrays. Each node is a whole\n"
           "model, but it shares its weights with its ancestors and descendants. What does that cost it?\n\n"
@@ -66,106 +55,193 @@ def main(argv=None):
           "A tax of 0 means the tree gives every node for free. MatFormer reports 0.01-0.03 nats for its\n"
           "nested models. `python -m tinyfractal.study tax` measures it; this lesson runs a small version.")
 
-    # %% 2. The first step: logits that grow with the width
+
+def first_step_table(cfg, ids, targets, seed):
+    """For every node of a fresh tree: its width, the logit of the token it just read, the spread of the
+    other logits, and its first loss; with logit_scale 'none' and 'sqrt' (every other option as in cfg)."""
+    rows = []
+    for scale in ("none", "sqrt"):
+        c = cfg.override(logit_scale=scale)
+        params = init_params(c, seed)
+        for level, j in nodes(c):
+            logits = np.asarray(forward(view(params, c, level, j), c.sub(level), ids))    # (B,T,V)
+            own = np.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]            # (B,T): the token just read
+            others = logits.copy()
+            np.put_along_axis(others, ids[..., None], np.nan, axis=-1)
+            rows.append({"scale": scale, "node": (level, j), "width": c.width(level), "own": float(own.mean()),
+                         "others": float(np.nanstd(others)), "loss": float(cross_entropy(logits, targets))})
+    return rows
+
+
+def first_step(args):
+    """Section 2: each node's first loss and own-token logit, logit_scale none against sqrt."""
     section("2. Why a fresh node starts tens of nats from ln V")
-    cfg = Config.preset("micro") if args.quick else Config.preset("original").override(context=64)
-    tokenizer = Tokenizer.default()
-    train_tokens, _ = train_val_split(load_tokens(tokenizer))
-    ids, targets = batch_at(train_tokens, 4 if args.quick else 12, cfg.context, 0, 0)
+    name = "micro" if args.quick else "original"
+    cfg = Config.preset(name) if args.quick else Config.preset(name).override(context=64)
+    train_tokens, _ = train_val_split(load_tokens(Tokenizer.default()))
+    ids, targets = batch_at(train_tokens, 4 if args.quick else 12, cfg.context, args.seed, 0)
+    ln_v = math.log(cfg.vocab_size)
     print(f"The output is tied: logits = rmsnorm(x) . rmsnorm(E[v]) for every token v. Both vectors have\n"
           f"RMS 1, so each logit is a sum of d terms and |logit| <= d (Cauchy-Schwarz). A fresh node's final\n"
           f"state still holds the embedding of the token it just read, so that token's logit is near d, and\n"
           f"the others spread like sqrt(d). Cross-entropy pays the gap: the first loss grows with the width,\n"
-          f"far above ln V = {math.log(cfg.vocab_size):.2f}. Dividing each node's logits by sqrt(d_l) makes the largest\n"
-          f"logit sqrt(d) and the first loss at most ln V + 2 sqrt(d), at every width (Config.logit_scale).\n")
-    print(f"{cfg.split}**level widths of the '{'micro' if args.quick else 'original'}' preset, a fresh tree, "
-          f"one real batch:")
-    rows = first_step_table(cfg, ids, targets)
+          f"far above ln V = {ln_v:.2f}. The prototype did exactly this (logit_scale='none'). Today's default,\n"
+          f"logit_scale='sqrt', divides each node's logits by sqrt(d_l): the largest logit is then sqrt(d)\n"
+          f"and the first loss at most ln V + 2 sqrt(d), at every width.\n")
+    print(f"The {cfg.n_nodes} nodes of the '{name}' preset (context {cfg.context}), a fresh tree, one real batch of "
+          f"{ids.shape[0]} windows;\nonly logit_scale differs between the two halves of the table:")
+    rows = first_step_table(cfg, ids, targets, args.seed)
     print(f"{'logit scale':>11} {'node':>6} {'width d':>7} {'own-token logit':>15} {'spread of others':>16} "
           f"{'first loss':>10} {'bound':>7}")
     for r in rows:
         d = r["width"]
-        bound = 2 * d + math.log(cfg.vocab_size) if r["scale"] == "none" else 2 * math.sqrt(d) + math.log(cfg.vocab_size)
+        bound = ln_v + 2 * (d if r["scale"] == "none" else math.sqrt(d))
         print(f"{r['scale']:>11} {str(r['node']):>6} {d:7d} {r['own']:15.2f} {r['others']:16.2f} "
               f"{r['loss']:10.2f} {bound:7.1f}")
     plain = {r["node"]: r for r in rows if r["scale"] == "none"}
     scaled = {r["node"]: r for r in rows if r["scale"] == "sqrt"}
     root, leaf = (0, 0), (cfg.levels - 1, 0)
+    # A fresh model's numbers, exact for any preset: true of a --quick run too
     print(f"\nWithout the scale the root (d={plain[root]['width']}) starts at {plain[root]['loss']:.1f} nats and a leaf "
-          f"(d={plain[leaf]['width']}) at {plain[leaf]['loss']:.1f}: about d,\nas the own-token logit says. Each node "
-          f"must first unlearn a temperature that grows with its width,\nand the norm gains that could do it are shared "
-          f"with its ancestors. Over sqrt(d) the root starts at\n{scaled[root]['loss']:.1f} and a leaf at "
-          f"{scaled[leaf]['loss']:.1f}: the own-token logit is now about sqrt(d).")
+          f"(d={plain[leaf]['width']}) at {plain[leaf]['loss']:.1f};\ntheir own-token logits are "
+          f"{plain[root]['own']:.1f} and {plain[leaf]['own']:.1f}. Each node must first unlearn a temperature\n"
+          f"that grows with its width, and the norm gains that could do it are shared with its ancestors.\n"
+          f"Over sqrt(d) the root starts at {scaled[root]['loss']:.1f} and a leaf at {scaled[leaf]['loss']:.1f}; "
+          f"their own-token logits are\n{scaled[root]['own']:.1f} and {scaled[leaf]['own']:.1f}, against "
+          f"sqrt(d) = {math.sqrt(plain[root]['width']):.1f} and {math.sqrt(plain[leaf]['width']):.1f}.")
+    return cfg, rows
 
-    # %% 3. A small study: tree against alone
-    section("3. A small tax study: the tree against standalone twins")
-    steps = args.steps or (4 if args.quick else 300)
+
+def small_study(args):
+    """Section 3: the tree and its standalone twins, with the prototype's choices and with the defaults."""
+    section("3. A small tax study: the prototype's choices against today's defaults")
     small = Config.preset("micro") if args.quick else Config.preset("tiny")
+    steps = args.steps
     tc = TrainConfig(steps=steps, batch_size=2 if args.quick else 16, lr=3e-3, min_lr=3e-4,
-                     warmup=min(30, max(1, steps // 10)), eval_interval=max(1, steps // 10), eval_batches=1 if args.quick else 4,
-                     log_interval=max(1, steps // 6))
+                     warmup=min(30, max(1, steps // 10)), eval_interval=max(1, steps // 10),
+                     eval_batches=1 if args.quick else 4, log_interval=max(1, steps // 6), seed=args.seed)
     eval_batches = 2 if args.quick else 16
-    print(f"The '{'micro' if args.quick else 'tiny'}' tree and a twin per level, {steps} steps each "
-          f"(lr {tc.lr} cosine to {tc.min_lr}), once without and once with the logit scale. Runs are cached\n"
-          f"in {out / 'study_cache'}, so a second run of this lesson only prints.")
+    cache = args.out / "study_cache"
+    settings = {"prototype": (small.faithful(), tc.faithful()), "defaults": (small, tc)}
+    print(f"The '{'micro' if args.quick else 'tiny'}' tree and a standalone twin per level, {steps} steps each "
+          f"(batch {tc.batch_size}, lr {tc.lr:g} cosine to {tc.min_lr:g}),\nfinal evaluation on {eval_batches} "
+          f"val batches, trained twice:\n"
+          f"  the prototype's choices (Config.faithful()): logit_scale='none', nested_init=False (every entry\n"
+          f"    starts as the root's init, so a level-l node's weight matrices start {small.split}^(l/2) times smaller\n"
+          f"    than its twin's);\n"
+          f"  today's defaults: logit_scale='sqrt', nested_init=True (each block starts as its own twin's would).\n"
+          f"A twin is one level, so nested_init changes nothing for it: the two sets of twins differ only by\n"
+          f"the logit scale. Every run is kept in {cache}; a second run of the lesson reuses\nthe finished ones "
+          f"and continues an interrupted one from its last evaluation.")
+    if args.resume:
+        print("--resume: finished runs come from the cache, and an interrupted one continues from its checkpoint.")
+    drop_broken_partials(cache)
+    started = time.time()
     studies = {}
-    for scale in ("none", "sqrt"):
-        c = small.override(logit_scale=scale)
-        print(f"\n--- logit_scale={scale} ---")
-        study = tax_study(c, tc, [0], eval_batches, out / "study_cache")
-        study["label"] = f"logit_scale={scale}"
-        studies[scale] = study
-        print("\n".join(table_lines(study)))
-        atomic_write_json(out / f"tax_{scale}.json", study)
-    print("\nThe two studies side by side (tax per level, the root's val and bits/char, the leaf's val, and\n"
-          "the smallest margin of any node below the unigram entropy):")
+    try:
+        for name, (c, t) in settings.items():
+            print(f"\n--- {STUDIES[name]}: logit_scale={c.logit_scale}, nested_init={c.nested_init} ---")
+            study = tax_study(c, t, [args.seed], eval_batches, cache)
+            study["label"] = STUDIES[name]
+            studies[name] = study
+            print("\n".join(table_lines(study)))
+            atomic_write_json(args.out / f"tax_{name}.json", study)
+    except KeyboardInterrupt:
+        note_cache(cache, started, steps)
+        raise
+    print("\nThe two studies side by side: per level the tree's val (mean over the level's nodes), the twin's\n"
+          "val and the tax; then the root's bits/char and the smallest margin of any node below the unigram\n"
+          "entropy (nats/token):")
     print(summary_header(small.levels))
     for study in studies.values():
         print(summary_row(study))
-    before, after = studies["none"], studies["sqrt"]
-    gain = [a["val"] - b["val"] for a, b in zip(before["nodes"], after["nodes"])]
-    twins = [a["alone"] - b["alone"] for a, b in zip(before["nodes"], after["nodes"])]
-    print(f"\nWith the scale, {sum(g > 0 for g in gain)} of {len(gain)} nodes end lower (by {min(gain):+.3f} to "
-          f"{max(gain):+.3f} nats), and the\nstandalone twins move by {min(twins):+.3f} to {max(twins):+.3f}: the tax "
-          f"is the difference of the two, so it moves less\nthan either. Per level the tax goes from "
-          + ", ".join(f"{a['tax']:+.3f} to {b['tax']:+.3f}" for a, b in zip(before["levels"], after["levels"])) + ".")
+    conclude(args, comparison(studies["prototype"], studies["defaults"]))
+    return studies
 
-    # %% 4. The full study
+
+def comparison(before, after):
+    """The conclusions of the small study, every sentence read off its numbers (a full run only)."""
+    gain = [a["val"] - b["val"] for a, b in zip(before["nodes"], after["nodes"])]     # > 0: the defaults end lower
+    lines = ["\nThe prototype's val minus the defaults' val (positive: the defaults end lower), per level:"]
+    for a, b, twin_a, twin_b in zip(before["levels"], after["levels"], level_alone(before), level_alone(after)):
+        tree = float(np.mean([g for g, r in zip(gain, after["nodes"]) if r["level"] == b["level"]]))
+        lines.append(f"  level {b['level']} (d={b['width']}): the tree's nodes {tree:+.3f}, the twin {twin_a - twin_b:+.3f}; "
+                     f"the tax goes from {a['tax']:+.3f} to {b['tax']:+.3f}")
+    lines.append(f"{sum(g > 0 for g in gain)} of {len(gain)} nodes end lower with today's defaults. The tax is the "
+                 f"tree's val minus the twin's,\nso it falls only where the tree gains more than its twin does.")
+    root, root_alone = after["nodes"][0]["val"], before["nodes"][0]["alone"]
+    lines.append(f"The defaults' root ends at {root:.3f} nats/token, "
+                 + ("below" if root < root_alone else "not below")
+                 + f" the prototype's root trained alone ({root_alone:.3f}).")
+    margin = min(r["below_unigram"] for r in after["nodes"])
+    lines.append(f"With the defaults every node ends {margin:.2f} nats or more below the unigram entropy."
+                 if margin > 0 else f"With the defaults some node ends above the unigram entropy (by {-margin:.2f} nats).")
+    return "\n".join(lines)
+
+
+def level_alone(study):
+    """The standalone twin's val per level (one number per level: the same for every node of it)."""
+    return [next(r["alone"] for r in study["nodes"] if r["level"] == lv["level"]) for lv in study["levels"]]
+
+
+def drop_broken_partials(cache):
+    """Remove the checkpoint folder of a run interrupted before its first save was complete (nothing to
+    continue from), so the study starts that run over instead of failing to load it."""
+    if cache.exists():
+        for partial in cache.glob("*.partial"):
+            if not exists(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+
+
+def note_cache(cache, started, steps):
+    """After Ctrl-C: record what the study cache keeps, for the one line that _common prints. Finished
+    runs (*.json) are complete; the run in progress (a *.partial folder saved since this lesson started)
+    is kept at its last evaluation."""
+    if not cache.exists():
+        return
+    for record in sorted(cache.glob("*.json")):
+        try:
+            done = json.loads(record.read_text(encoding="utf-8"))["train_config"]["steps"]
+        except (ValueError, KeyError, TypeError, OSError):
+            continue
+        note_saved(record, done, done)
+    for partial in sorted(cache.glob("*.partial")):
+        if exists(partial) and partial.stat().st_mtime >= started:
+            try:
+                step = read_meta(partial)[1]["metrics"]["step"][-1]
+            except (ValueError, KeyError, IndexError, OSError):
+                continue
+            note_saved(partial, step, steps)
+
+
+def the_full_study():
+    """Section 4: where the full study and its ablation are."""
     section("4. The full study, and what else was tried")
-    print("The handout (lessons/tax.md) quotes the full study: the 'original' shape (width 128, 4 layers),\n"
-          "context 64, batch 12, 2000 steps, lr 1e-3 cosine to 1e-4, 2 seeds, 64 val batches, and an ablation\n"
-          "of every option (loss weights per level, clipping, width-aware learning rates, per-node gains,\n"
-          "weight decay, dropout). One line reproduces a row:\n\n"
-          "    python -m tinyfractal.study tax --out runs/tax                      # the baseline\n"
-          "    python -m tinyfractal.study tax --logit_scale=sqrt --out runs/sqrt  # one option\n"
-          "    python -m tinyfractal.study table runs/tax runs/sqrt                # the ablation table")
-
-    # %% 5. Figures
-    section("5. Figures")
-    for scale, study in studies.items():
-        print(f"saved {save_figure(study, out / f'tax_{scale}.png')}")
-    print(f"saved {first_loss_figure(rows, cfg, out / 'first_loss.png')}")
-    print(f"\nLesson done in {format_duration(time.perf_counter() - started)}; outputs in {out}/")
-    return 0
+    print("The handout (lessons/tax.md) gives the full study at nanoGPT's CPU budget for Shakespeare: the\n"
+          "'original' shape (width 128, 4 layers), context 64, batch 12, 2000 steps, lr 1e-3 cosine to 1e-4,\n"
+          "2 seeds, 64 val batches, and an ablation of every option (the logit scale, nested init, per-node\n"
+          "gains, loss weights per level, clipping, width-aware learning rates). One line reproduces a row:\n\n"
+          "    python -m tinyfractal.study tax --out runs/tax                    # today's defaults\n"
+          "    python -m tinyfractal.study tax --faithful --out runs/faithful    # the prototype's choices\n"
+          "    python -m tinyfractal.study tax --loss_weights=width --out runs/w  # one option on top\n"
+          "    python -m tinyfractal.study table runs/faithful runs/tax runs/w   # the ablation table")
 
 
 def first_loss_figure(rows, cfg, path):
     """Bars: each level's first loss without and with the logit scale, against ln V."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for k, scale in enumerate(("none", "sqrt")):
         per_level = [np.mean([r["loss"] for r in rows if r["scale"] == scale and r["node"][0] == level])
                      for level in range(cfg.levels)]
         ax.bar(np.arange(cfg.levels) + 0.38 * k, per_level, width=0.36,
-               label="no scale" if scale == "none" else "logits / sqrt(d)")
+               label="logit_scale='none' (the prototype)" if scale == "none" else "logit_scale='sqrt' (default)")
     ax.axhline(math.log(cfg.vocab_size), color="black", ls=":", lw=1, label="ln V")
     ax.set_xticks(np.arange(cfg.levels) + 0.19, [f"level {l}\nd={cfg.width(l)}" for l in range(cfg.levels)])
     ax.set_ylabel("first-step loss (nats/token)")
     ax.set_title("A fresh node's first loss grows with its width")
     ax.legend()
-    fig.tight_layout()
-    return save_png(fig, path)
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":
