@@ -344,7 +344,7 @@ def test_clip_mode_tree_scales_the_threshold_by_the_node_weights():
 
 def test_width_lr_scales_each_matrix_entry_by_its_deepest_owner():
     """width_lr=a multiplies the lr of a matrix entry by (D / d)^a, d the width of the deepest node whose
-    block holds it (SPEC.md's blocks, strategies.spec_mask); gains, biases and E keep factor 1 (absent)."""
+    block holds it (the role table of docs/design.md, strategies.spec_mask); gains, biases and E keep factor 1 (absent)."""
     cfg = Config.preset("micro").override(levels=3, hidden=16, head_dim=8)
     params = init_params(cfg, 0)
     scales = width_lr_scales(params, cfg, 1.0)
@@ -391,7 +391,7 @@ def test_tree_weights_refuse_a_custom_loss():
 
 def test_nested_init_starts_each_block_as_its_owner_would_alone():
     """Without nested_init every entry is uniform in +-1/sqrt(the root's fan_in). With it, the entries a node
-    owns and no descendant owns (SPEC.md's blocks, strategies.spec_mask) are uniform in +-1/sqrt(that
+    owns and no descendant owns (the role table of docs/design.md, strategies.spec_mask) are uniform in +-1/sqrt(that
     node's fan_in): d_l for Wq, Wgate, bgate..., H*h_l for Wo, f_l for Wdown and bdown, as in its twin."""
     cfg = Config.preset("original").override(nested_init=True)
     params = init_params(cfg, 0)
