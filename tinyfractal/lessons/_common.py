@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tinyfractal.cli_args import Parser, fail as fail_line
-from tinyfractal.training.checkpoint import exists, load, load_optimizer
+from tinyfractal.training.checkpoint import exists, load, load_optimizer, read_meta
 from tinyfractal.training.train import Diverged, format_duration, save_run, train
 
 OUTPUT = Path("lesson_output")
@@ -219,6 +219,29 @@ def load_trained(path, quick):
         raise ValueError(f"{path} holds the model of a --quick run ({meta.get('step', '?')} steps), not a trained "
                          f"one; train it with the full lesson (without --quick), or add --quick to this run")
     return params, cfg, meta
+
+
+def trained_model(args, candidates):
+    """(params, cfg, where it came from) of --ckpt, else of the first finished, non-quick checkpoint among
+    `candidates` (in order); None when there is none, so the lesson trains its own. A --quick or --resume
+    run never takes a checkpoint it did not ask for."""
+    if args.ckpt:
+        params, cfg, meta = load_trained(Path(args.ckpt), args.quick)
+        return params, cfg, f"loaded {args.ckpt} (trained {meta.get('step', '?')} steps)"
+    for path in [] if args.quick or args.resume else candidates:
+        if not exists(path):     # a run folder (step folders + checkpoint.json) or an old flat one
+            continue
+        _, meta, _ = read_meta(path)
+        if is_quick(meta):
+            print(f"Not using {path}: it holds a --quick run's model ({meta.get('step', '?')} steps).")
+            continue
+        if meta.get("step") != meta.get("train", {}).get("steps", meta.get("step")):
+            print(f"Not using {path}: its training stopped at step {meta.get('step')} of "
+                  f"{meta['train']['steps']} (finish it with --resume).")
+            continue
+        params, cfg, meta = load_trained(path, args.quick)
+        return params, cfg, f"loaded {path} (trained {meta.get('step', '?')} steps)"
+    return None
 
 
 def resume_state(args, path, params, cfg, tc):

@@ -9,15 +9,14 @@ its own 20-step model and measures short slices of text: it checks that everythi
 run never takes its model for a trained one.
 """
 import time
-from pathlib import Path
 
 import numpy as np
 
 from tinyfractal import Config, Tokenizer, init_params, nodes
 from tinyfractal import fractal
-from tinyfractal.lessons._common import (OUTPUT, conclude, is_quick, load_trained, pyplot, run, save_figure, section,
+from tinyfractal.lessons._common import (OUTPUT, conclude, pyplot, run, save_figure, trained_model, section,
                                          train_with_checkpoints)
-from tinyfractal.training.checkpoint import atomic_write_json, exists, read_meta
+from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import load_tokens, train_val_split
 from tinyfractal.training.train import TrainConfig, format_duration
 
@@ -61,23 +60,10 @@ def get_model(args, tokenizer):
     A --quick run's checkpoint is never taken for a trained model (unless this run is quick too), and a
     quick run trains its own model.
     """
-    if args.ckpt:
-        params, cfg, meta = load_trained(Path(args.ckpt), args.quick)
-        return params, cfg, f"loaded {args.ckpt} (trained {meta.get('step', '?')} steps)"
     own = args.out / "checkpoint"
-    for path in [] if args.quick or args.resume else [BASE_CHECKPOINT, own]:
-        if not exists(path):     # a run folder (step folders + checkpoint.json) or an old flat one
-            continue
-        _, meta, _ = read_meta(path)
-        if is_quick(meta):
-            print(f"Not using {path}: it holds a --quick run's model ({meta.get('step', '?')} steps).")
-            continue
-        if meta.get("step") != meta.get("train", {}).get("steps", meta.get("step")):
-            print(f"Not using {path}: its training stopped at step {meta.get('step')} of "
-                  f"{meta['train']['steps']} (finish it with --resume).")
-            continue
-        params, cfg, meta = load_trained(path, args.quick)
-        return params, cfg, f"loaded {path} (trained {meta.get('step', '?')} steps)"
+    found = trained_model(args, [BASE_CHECKPOINT, own])
+    if found:
+        return found
     cfg = Config.preset("tiny")
     steps = args.steps
     # --quick: 20 large steps, just enough for samples that are not one token repeated

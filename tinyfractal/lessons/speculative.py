@@ -7,7 +7,6 @@ base lesson's output (lesson_output/base/checkpoint), else it is trained here (-
 A --quick run trains its own 3-step model, and a full run never takes a --quick run's model.
 """
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -16,10 +15,10 @@ from tinyfractal.inference import decoder as infer
 from tinyfractal.inference.ensemble import ensemble_losses, ensemble_table
 from tinyfractal.inference.sample import generate, generate_reference
 from tinyfractal.inference.speculative import parse_drafters, speculative_ids
-from tinyfractal.lessons._common import (OUTPUT, conclude, is_quick, load_trained, pyplot, run, save_figure,
+from tinyfractal.lessons._common import (OUTPUT, conclude, pyplot, run, save_figure, trained_model,
                                          section, train_with_checkpoints)
 from tinyfractal.tools.infer_bench import call_times, cache_vs_recompute, default_choices, spec_table, timed
-from tinyfractal.training.checkpoint import atomic_write_json, exists, read_meta
+from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import load_tokens, train_val_split
 from tinyfractal.training.train import TrainConfig, evaluate, format_duration
 
@@ -54,23 +53,10 @@ def get_model(args, tokenizer):
 
     A --quick run's checkpoint is never taken for a trained model (unless this run is quick too).
     """
-    if args.ckpt:
-        params, cfg, meta = load_trained(Path(args.ckpt), args.quick)
-        return params, cfg, f"loaded {args.ckpt} (trained {meta.get('step', '?')} steps)"
     own = args.out / "checkpoint"
-    for path in [] if args.quick or args.resume else [own, BASE_CHECKPOINT]:
-        if not exists(path):     # a run folder (step folders + checkpoint.json) or an old flat one
-            continue
-        _, meta, _ = read_meta(path)
-        if is_quick(meta):
-            print(f"Not using {path}: it holds a --quick run's model ({meta.get('step', '?')} steps).")
-            continue
-        if meta.get("step") != meta.get("train", {}).get("steps", meta.get("step")):
-            print(f"Not using {path}: its training stopped at step {meta.get('step')} of "
-                  f"{meta['train']['steps']} (finish it with --resume).")
-            continue
-        params, cfg, meta = load_trained(path, args.quick)
-        return params, cfg, f"loaded {path} (trained {meta.get('step', '?')} steps)"
+    found = trained_model(args, [own, BASE_CHECKPOINT])
+    if found:
+        return found
     cfg = Config.preset("tiny")
     steps = args.steps
     tc = TrainConfig(steps=steps, batch_size=4 if args.quick else 16, warmup=min(50, steps // 10),
