@@ -86,6 +86,21 @@ def test_tune_makes_its_settings_once():
     assert seen["threads"] == (3 if seen["openblas"] else 1)
 
 
+def test_one_thread_means_one_blas_thread_too():
+    """TINYFRACTAL_THREADS=1 law: after tune(), OpenBLAS runs one thread as well, even where its own
+    default (here OPENBLAS_NUM_THREADS=2) is more, so two one-thread runs side by side do not spin against
+    each other."""
+    seen = probe("""
+        from tinyfractal.core import machinery
+        tuning = machinery.tune()
+        seen.update(openblas=tuning.openblas, threads=machinery.THREADS, blas=machinery.blas_threads())
+    """, TINYFRACTAL_THREADS="1", OPENBLAS_NUM_THREADS="2")
+    if not seen["openblas"]:
+        pytest.skip("numpy here does not use its bundled OpenBLAS")
+    assert seen["blas_before"] == 2
+    assert seen["threads"] == 1 and seen["blas"] == 1 and seen["blas_after"] == 1
+
+
 @pytest.mark.parametrize("value", ["abc", "0", "-2", "", "1.5"])
 def test_a_bad_thread_count_is_a_value_error_naming_the_variable(value, monkeypatch):
     """Error law: TINYFRACTAL_THREADS that is not a positive integer gives a ValueError naming the variable

@@ -77,6 +77,7 @@ def tune():
 
     - THREADS worker threads for the fused ops, with OpenBLAS at one thread inside them (needs numpy's
       bundled OpenBLAS; without it THREADS stays 1, as another BLAS may not be told its thread count);
+      with THREADS = 1, OpenBLAS is set to one thread everywhere;
     - glibc's malloc keeps freed memory (`_keep_freed_memory`).
     Raises ValueError for a bad TINYFRACTAL_THREADS, before changing anything.
     """
@@ -86,6 +87,11 @@ def tune():
     threads = threads_from_environment()
     _blas = _openblas_thread_setter()
     THREADS = threads if _blas else 1
+    if _blas and threads == 1:
+        # One thread means one thread: left at its default, OpenBLAS would still wake a thread per core
+        # for every matmul outside parallel_map. Two such processes side by side, each spinning at
+        # OpenBLAS's barrier, ran 10-20x slower than each alone (measured: 150-200 tok/s against 3400).
+        _blas[0](1)
     _tuning = Tuning(threads=THREADS, openblas=_blas is not None, malloc=_keep_freed_memory())
     return _tuning
 
