@@ -5,9 +5,10 @@ The --quick study trains the micro preset for a few steps (seconds); its numbers
 import json
 import math
 
+import numpy as np
 import pytest
 
-from tinyfractal import Config, Tokenizer
+from tinyfractal import Config, Tokenizer, init_params
 from tinyfractal.tools import study
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split
 
@@ -136,7 +137,7 @@ def test_faithful_turns_every_studied_option_off(capsys, tmp_path):
     assert (cfg.logit_scale, cfg.node_gains, cfg.nested_init) == ("none", False, False)
     assert (tc.loss_weights, tc.clip_mode, tc.width_lr) == ("nodes", "global", 0.0)
     assert study.NEUTRAL == {"logit_scale": "none", "node_gains": False, "nested_init": False,
-                             "loss_weights": "nodes", "clip_mode": "global", "width_lr": 0.0}
+                             "loss_weights": "nodes", "clip_mode": "global", "width_lr": 0.0, "lr_width": 0}
     code, _, _ = run(capsys, "tax", "--quick", "--faithful", "--logit_scale=sqrt", "--out", str(tmp_path))
     assert code == 0
     assert json.loads((tmp_path / "tax.json").read_text())["config"]["logit_scale"] == "sqrt"
@@ -160,3 +161,20 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers(tmp_
     resumed = study.train_run(cfg, tc, data, 1, lines.append, tmp_path / "run.partial")
     assert lines[0].startswith("resuming") and "step 2" in lines[0]
     assert resumed["val"] == whole["val"] and resumed["loss"] == whole["loss"] and resumed["first"] == whole["first"]
+
+
+def test_a_twin_trains_its_matrices_at_the_lr_its_node_gets_in_the_tree():
+    """Fair-twin law: with width_lr = a, the matrices of a level-l node train at lr * (D / d_l)^a in the tree,
+    so the twin's matrices get the same factor (lr_width = D); every other tree-only setting goes back to
+    neutral. Without width_lr the twin's settings are the neutral ones (so old cache entries still match)."""
+    from tinyfractal.training.train import TrainConfig, width_lr_scales
+    cfg = Config.preset("micro").override(levels=3, hidden=16, head_dim=8)
+    tc = TrainConfig(width_lr=1.0, loss_weights="width", clip_mode="tree")
+    plain = study.alone_train(TrainConfig(loss_weights="width"), cfg)
+    assert (plain.width_lr, plain.lr_width, plain.loss_weights) == (0.0, 0, "nodes")
+    for level in range(cfg.levels):
+        twin_cfg, twin_tc = study.alone_config(cfg, level), study.alone_train(tc, cfg)
+        assert (twin_tc.loss_weights, twin_tc.clip_mode, twin_tc.lr_width) == ("nodes", "global", cfg.hidden)
+        scales = width_lr_scales(init_params(twin_cfg, 0), twin_cfg, twin_tc.width_lr, twin_tc.lr_width)
+        want = cfg.split ** level
+        assert all(np.all(a == want) for a in scales.values()), level

@@ -358,6 +358,13 @@ def test_width_lr_scales_each_matrix_entry_by_its_deepest_owner():
         assert np.array_equal(scales[f"layers.0.{path[2]}"], want)
 
 
+def test_lr_width_narrower_than_the_model_is_refused():
+    """lr_width names the tree a one-level twin belongs to, so it is at least the model's own width."""
+    cfg = Config.preset("micro")
+    with pytest.raises(ValueError, match="lr_width"):
+        width_lr_scales(init_params(cfg, 0), cfg, 1.0, cfg.hidden // 2)
+
+
 def test_width_lr_multiplies_the_adam_step_of_leaf_entries():
     """One AdamW step with width_lr=1 moves a leaf-owned entry s^(L-1) times as far as with width_lr=0, and a
     root-only entry as far (the Adam direction is the same; only the step size differs)."""
@@ -373,7 +380,8 @@ def test_width_lr_multiplies_the_adam_step_of_leaf_entries():
 
 @pytest.mark.parametrize("field,value,words", [("loss_weights", "heavy", "loss_weights"),
                                                ("loss_weights", "1,-1,1", ">= 0"),
-                                               ("clip_mode", "node", "clip_mode"), ("width_lr", -0.5, "width_lr")])
+                                               ("clip_mode", "node", "clip_mode"), ("width_lr", -0.5, "width_lr"),
+                                               ("lr_width", -1, "lr_width"), ("lr_width", 1.5, "lr_width")])
 def test_bad_train_options_are_value_errors_naming_the_field(field, value, words):
     with pytest.raises(ValueError, match=words):
         TrainConfig(**{field: value})

@@ -92,9 +92,14 @@ def alone_config(cfg, level):
     return cfg.sub(level).override(levels=1, coupling="none")
 
 
-def alone_train(tc):
-    """Tree-only training settings mean nothing for one model, so they go back to neutral (same cache)."""
+def alone_train(tc, cfg):
+    """The twin's training settings. Tree-only settings mean nothing for one model, so they go back to
+    neutral (same cache), except width_lr: a node's matrices train at lr * (D / d_l) ** width_lr in the
+    tree, so its twin's do too (lr_width = D). Otherwise a higher lr, not the tree, would earn the
+    narrow nodes' lower loss."""
     changes = {k: v for k, v in NEUTRAL.items() if hasattr(tc, k)}
+    if tc.width_lr:
+        changes.update(width_lr=tc.width_lr, lr_width=cfg.hidden)
     return dataclasses.replace(tc, **changes)
 
 
@@ -196,7 +201,7 @@ def tax_study(cfg, tc, seeds, eval_batches, cache, fresh=False, log=print):
         trees.append(cached_run("tree", cfg, tcs, data, eval_batches, cache, fresh,
                                 lambda s, seed=seed: log(f"[tree seed {seed}] {s}")))
         for level in range(cfg.levels):
-            alone[level].append(cached_run("alone", alone_config(cfg, level), alone_train(tcs), data, eval_batches,
+            alone[level].append(cached_run("alone", alone_config(cfg, level), alone_train(tcs, cfg), data, eval_batches,
                                            cache, fresh, lambda s, seed=seed, level=level:
                                            log(f"[alone level {level} seed {seed}] {s}")))
     return summarize(cfg, tc, seeds, eval_batches, data, trees, alone, time.perf_counter() - started)
@@ -235,9 +240,12 @@ def table_lines(study):
     n = len(study["seeds"])
     lines = [f"val nats/token, mean of {n} seed{'s' * (n > 1)} ({', '.join(map(str, study['seeds']))}); "
              f"{study['eval_batches']} val batches; {study['chars_per_token']:.3f} chars/token; "
-             f"unigram entropy {study['unigram']:.3f} nats",
-             f"{'node':>6} {'width':>5} {'tree val':>8} {'per seed':>15} {'alone':>7} {'tax':>7} "
-             f"{'bits/char':>9} {'alone b/c':>9} {'train':>7} {'unigram-val':>11} {'first loss':>10} {'alone first':>11}"]
+             f"unigram entropy {study['unigram']:.3f} nats"]
+    if study["train_config"].get("width_lr"):
+        lines.append(f"width_lr={study['train_config']['width_lr']:g}: each twin's matrices train at the lr its "
+                     f"node's own matrices get in the tree, lr * (D / d) ** width_lr")
+    lines += [f"{'node':>6} {'width':>5} {'tree val':>8} {'per seed':>15} {'alone':>7} {'tax':>7} "
+              f"{'bits/char':>9} {'alone b/c':>9} {'train':>7} {'unigram-val':>11} {'first loss':>10} {'alone first':>11}"]
     for r in study["nodes"]:
         seeds = " ".join(f"{v:.3f}" for v in r["val_seeds"])
         name = "(" + r["node"].replace(".", ",") + ")"

@@ -19,7 +19,7 @@ from tinyfractal.core.tree import NO_DECAY, flatten, map_roles, nodes, view
 from tinyfractal.validate import check_memory
 
 
-INT_SETTINGS = ("steps", "batch_size", "eval_interval", "eval_batches", "log_interval", "warmup", "seed")
+INT_SETTINGS = ("steps", "batch_size", "eval_interval", "eval_batches", "log_interval", "warmup", "seed", "lr_width")
 STR_SETTINGS = ("loss_weights", "clip_mode")
 MAX_STEPS = 10 ** 9   # far beyond any run on a CPU; a typo like --steps=1e12 is refused
 
@@ -43,11 +43,12 @@ class TrainConfig:
     loss_weights: str = "nodes"   # weight of each node's loss: nodes | width | params | "1,0.5,0.25" | "A>B" (anneal)
     clip_mode: str = "global"     # global: clip at grad_clip | tree: at grad_clip * sqrt(sum of squared node weights)
     width_lr: float = 0.0         # matrices: lr * (D / width of the entry's deepest owner) ** width_lr
+    lr_width: int = 0             # the D of width_lr: 0 means the model's own width (a twin uses its tree's)
 
     def __post_init__(self):
         for name in INT_SETTINGS:
             v = getattr(self, name)
-            low, high = (0, 2 ** 53 - 1) if name == "seed" else (0 if name == "warmup" else 1, MAX_STEPS)
+            low, high = (0, 2 ** 53 - 1) if name == "seed" else (0 if name in ("warmup", "lr_width") else 1, MAX_STEPS)
             if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
                 raise ValueError(f"train setting {name} must be an integer in [{low}, {high}], got {v!r}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
@@ -138,7 +139,7 @@ def describe_changes(changes):
     return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
-FAITHFUL_TRAIN = dict(loss_weights="nodes", clip_mode="global", width_lr=0.0)
+FAITHFUL_TRAIN = dict(loss_weights="nodes", clip_mode="global", width_lr=0.0, lr_width=0)
 CLIP_MODES = ("global", "tree")
 WEIGHT_SCHEMES = ("nodes", "width", "params")
 
@@ -214,18 +215,23 @@ def clip_threshold(tc, cfg, weights):
 MATRICES = ("Wq", "Wk", "Wv", "Wo", "Wgate", "Wup", "Wdown")
 
 
-def width_lr_scales(params, cfg, power):
+def width_lr_scales(params, cfg, power, lr_width=0):
     """Flat name -> per-entry lr factor (D / d_owner) ** power for the shared matrices, where d_owner is the
-    width of the deepest node whose block holds the entry; None when power is 0.
+    width of the deepest node whose block holds the entry and D is lr_width, or the model's own width if
+    lr_width is 0; None when power is 0.
 
     In the spirit of muP (Adam's lr for a hidden matrix ~ 1/width): a leaf's block moves as fast as
-    its own width asks, the root's off-diagonal blocks as the root's. A one-level model gets 1 everywhere.
+    its own width asks, the root's off-diagonal blocks as the root's. A one-level model gets 1 everywhere,
+    unless lr_width names a wider tree: then its matrices move as a node of its width does in that tree.
     """
     if power == 0:
         return None
+    if lr_width and lr_width < cfg.hidden:
+        raise ValueError(f"train setting lr_width={lr_width} must be 0 or at least the model's width {cfg.hidden}")
+    top = lr_width or cfg.hidden
     scales = map_roles(lambda a, roles: onp.ones(onp.shape(a), onp.float32), params)
     for level, j in nodes(cfg):
-        factor = onp.float32((cfg.hidden / cfg.width(level)) ** power)
+        factor = onp.float32((top / cfg.width(level)) ** power)
         for layer in view(scales, cfg, level, j)["layers"]:
             for name in MATRICES:
                 layer[name][...] = factor
@@ -370,7 +376,7 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     weights_now = [None]   # the level weights of the current step, read by the loss (they may anneal)
     loss_fn = loss_fn or (lambda p, c, i, t, rng: tree_loss(p, c, i, t, weights_now[0], rng))
     value_grad = value_and_grad(loss_fn)
-    lr_scales = width_lr_scales(params, cfg, tc.width_lr)
+    lr_scales = width_lr_scales(params, cfg, tc.width_lr, tc.lr_width)
     state = state or adamw_init(params)
     metrics = metrics or {"step": [], "loss": [], "eval_step": [], "train": {}, "val": {}}
     start = state["t"]
