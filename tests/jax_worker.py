@@ -17,7 +17,7 @@ def sharded():
     from tinyfractal.jax_engine.mesh import Layout, host
     from tinyfractal.jax_engine.optim import adamw_init, hyper, make_train_step
     from tinyfractal.training.data import batch_at
-    from tinyfractal.training.train import TrainConfig
+    from tinyfractal.training.train import TrainConfig, width_lr_scales
     cfg = tf.Config(vocab_size=16, context=8, layers=1, heads=2, kv_heads=1, head_dim=8, hidden=8, mlp_mult=2,
                     levels=3, split=2)
     tc = TrainConfig(steps=3, batch_size=4, warmup=1)
@@ -28,7 +28,8 @@ def sharded():
         flat = layout.put_tree(flatten(tf.init_params(cfg, 0)))
         state = adamw_init(flat)
         m, v = layout.put_tree(state["m"]), layout.put_tree(state["v"])
-        step_fn, losses = make_train_step(cfg, tc, layout=layout), []
+        lr_scales = width_lr_scales(tf.init_params(cfg, 0), cfg, tc.width_lr, tc.lr_width)
+        step_fn, losses = make_train_step(cfg, tc, layout=layout, lr_scales=lr_scales), []
         for step in range(tc.steps):
             ids, targets = (layout.put(a, layout.batch) for a in batch_at(tokens, tc.batch_size, cfg.context, 0, step))
             flat, m, v, loss, _ = step_fn(flat, m, v, ids, targets, layout.put_tree(hyper(tc, step, step + 1)), {})

@@ -140,12 +140,14 @@ def test_jax_tree_loss_and_every_gradient_equal_the_numpy_engine(case, weighted)
     assert_grads_close(jgrads, grads)
 
 
-def test_training_steps_with_frozen_entries_match_numpy_adamw():
+@pytest.mark.parametrize("width_lr", [0.0, 1.0])
+def test_training_steps_with_frozen_entries_match_numpy_adamw(width_lr):
     """Optimizer law: three JAX steps (clipping, warmup, weight decay except on NO_DECAY names, frozen
-    entries of a merged model) give the parameters three NumPy steps give, and every frozen entry is
-    bit for bit what it was."""
+    entries of a merged model, each matrix entry's width_lr factor) give the parameters three NumPy steps
+    give, and every frozen entry is bit for bit what it was."""
     cfg = tf.Config.preset("micro")
-    tc = np_train.TrainConfig(steps=3, batch_size=2, warmup=2, eval_interval=3, eval_batches=1, grad_clip=0.5)
+    tc = np_train.TrainConfig(steps=3, batch_size=2, warmup=2, eval_interval=3, eval_batches=1, grad_clip=0.5,
+                              width_lr=width_lr)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 200).astype(np.int32)
     start = tf.init_params(cfg, 0)
     trainable = trainable_mask(start, cfg, frozen_level=1)

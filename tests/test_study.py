@@ -170,7 +170,7 @@ def test_a_twin_trains_its_matrices_at_the_lr_its_node_gets_in_the_tree():
     from tinyfractal.training.train import TrainConfig, width_lr_scales
     cfg = Config.preset("micro").override(levels=3, hidden=16, head_dim=8)
     tc = TrainConfig(width_lr=1.0, loss_weights="width", clip_mode="tree")
-    plain = study.alone_train(TrainConfig(loss_weights="width"), cfg)
+    plain = study.alone_train(TrainConfig(loss_weights="width", width_lr=0.0), cfg)
     assert (plain.width_lr, plain.lr_width, plain.loss_weights) == (0.0, 0, "nodes")
     for level in range(cfg.levels):
         twin_cfg, twin_tc = study.alone_config(cfg, level), study.alone_train(tc, cfg)

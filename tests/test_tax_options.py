@@ -369,7 +369,7 @@ def test_width_lr_multiplies_the_adam_step_of_leaf_entries():
     """One AdamW step with width_lr=1 moves a leaf-owned entry s^(L-1) times as far as with width_lr=0, and a
     root-only entry as far (the Adam direction is the same; only the step size differs)."""
     cfg = Config.preset("micro")
-    tc = TrainConfig(steps=1, batch_size=2, weight_decay=0.0, eval_interval=100, eval_batches=1)
+    tc = TrainConfig(steps=1, batch_size=2, weight_decay=0.0, eval_interval=100, eval_batches=1, width_lr=0.0)
     start = flatten(init_params(cfg, 0))
     a, b = trained(cfg, tc.override(width_lr=1.0)), trained(cfg, tc)
     da, db = a["layers.0.Wgate"] - start["layers.0.Wgate"], b["layers.0.Wgate"] - start["layers.0.Wgate"]

@@ -19,6 +19,7 @@ from tinyfractal.core.tree import flatten
 from tinyfractal.jax_engine import check_variant
 from tinyfractal.jax_engine.mesh import Layout, host
 from tinyfractal.jax_engine.optim import adamw_init, hyper, make_train_step
+from tinyfractal.training.train import width_lr_scales
 
 
 def layout_for(batch):
@@ -31,13 +32,15 @@ def training_step(cfg, tc, seed=0):
     """A function running one full JAX training step on its own fresh parameters (compiled already)."""
     check_variant(cfg, "the JAX bench")
     layout = layout_for(tc.batch_size)
-    flat = layout.put_tree(flatten(init_params(cfg, seed)))
+    params = init_params(cfg, seed)
+    flat = layout.put_tree(flatten(params))
     state = adamw_init(flat)
     arrays = {"flat": flat, "m": layout.put_tree(state["m"]), "v": layout.put_tree(state["v"]), "t": 0}
     rows = lambda a: layout.put(onp.asarray(a, dtype=onp.int32), layout.batch)
     example = rows(onp.zeros((tc.batch_size, cfg.context)))
     c0 = time.perf_counter()
-    compiled = make_train_step(cfg, tc, layout=layout).lower(
+    compiled = make_train_step(cfg, tc, layout=layout,
+                               lr_scales=width_lr_scales(params, cfg, tc.width_lr, tc.lr_width)).lower(
         arrays["flat"], arrays["m"], arrays["v"], example, example, layout.put_tree(hyper(tc, 0, 1)), {}).compile()
     timings = {}
 

@@ -3,7 +3,8 @@
 The rules, as in the NumPy engine:
   - no weight decay on the names in `tree.NO_DECAY` (gains and biases);
   - gradients clipped together to a global L2 norm of at most `grad_clip` (0: no clipping);
-  - the learning rate of `train.lr_at` (linear warmup, then cosine), computed on the host;
+  - the learning rate of `train.lr_at` (linear warmup, then cosine), computed on the host, times each
+    matrix entry's `width_lr` factor (`train.width_lr_scales`, constants of the compiled step);
   - `trainable` masks (merged models): a frozen entry's gradient does not count towards the norm, and
     its value and moments are never changed, so frozen sub-models stay bit for bit as they were.
 
@@ -38,25 +39,34 @@ def clip_by_global_norm(grads, max_norm):
     return {k: g * scale for k, g in grads.items()}, norm
 
 
-def adamw_update(p, g, m, v, h, tc, decay, mask=None):
-    """One AdamW update of one array: (p, m, v) new. m and v are the moments, h the host scalars."""
+def adamw_update(p, g, m, v, h, tc, decay, mask=None, scale=None):
+    """One AdamW update of one array: (p, m, v) new. m and v are the moments, h the host scalars,
+    scale (or None) the per-entry lr factor."""
     m2 = tc.beta1 * m + (1 - tc.beta1) * g
     v2 = tc.beta2 * v + (1 - tc.beta2) * (g * g)
     update = (m2 / h["c1"]) / (jnp.sqrt(v2 / h["c2"]) + 1e-8) + decay * p
-    p2 = p - h["lr"] * update
+    p2 = p - (h["lr"] if scale is None else h["lr"] * scale) * update
     if mask is None:
         return p2, m2, v2
     return jnp.where(mask, p2, p), jnp.where(mask, m2, m), jnp.where(mask, v2, v)
 
 
-def make_train_step(cfg, tc, level_weights=None, layout=None):
+def make_train_step(cfg, tc, level_weights=None, layout=None, lr_scales=None):
     """The jitted step (flat, m, v, ids, targets, h, masks) -> (flat, m, v, loss, grad norm).
+
+    lr_scales: `train.width_lr_scales` of the parameters (name -> float32 array), or None; required when
+    tc.width_lr is not 0, so a forgotten factor cannot train silently at the plain lr.
 
     flat, m, v: name -> array; h: `hyper`'s scalars; masks: name -> bool array for the names with
     frozen entries (or {}). Dropout draws from a key made of the seed and the step number, so a resumed
     run draws what the uninterrupted one would have. The old parameter and moment buffers are donated:
     the step updates them in place on the device.
     """
+    if tc.width_lr and lr_scales is None:
+        raise ValueError(f"width_lr={tc.width_lr:g} needs the lr factor of every matrix entry: pass "
+                         f"lr_scales=width_lr_scales(params, cfg, tc.width_lr, tc.lr_width)")
+    scales = {k: jnp.asarray(a) for k, a in (lr_scales or {}).items()}
+
     def loss_fn(flat, ids, targets, key):
         return tree_loss(unflatten(flat), cfg, ids, targets, level_weights, key, layout)
 
@@ -66,7 +76,8 @@ def make_train_step(cfg, tc, level_weights=None, layout=None):
         grads = {k: jnp.where(masks[k], g, 0.0) if k in masks else g for k, g in grads.items()}
         grads, gnorm = clip_by_global_norm(grads, tc.grad_clip)
         new = {k: adamw_update(flat[k], grads[k], m[k], v[k], h, tc,
-                               0.0 if k.split(".")[-1] in NO_DECAY else tc.weight_decay, masks.get(k))
+                               0.0 if k.split(".")[-1] in NO_DECAY else tc.weight_decay, masks.get(k),
+                               scales.get(k))
                for k in flat}
         return ({k: u[0] for k, u in new.items()}, {k: u[1] for k, u in new.items()},
                 {k: u[2] for k, u in new.items()}, loss, gnorm)

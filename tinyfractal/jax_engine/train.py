@@ -19,7 +19,8 @@ from tinyfractal.jax_engine.mesh import Layout, host, is_main
 from tinyfractal.jax_engine.model import node_losses
 from tinyfractal.jax_engine.optim import hyper, make_train_step
 from tinyfractal.training.data import batch_at
-from tinyfractal.training.train import (Diverged, adamw_init, divergence_cause, progress_line, record_eval)
+from tinyfractal.training.train import (Diverged, adamw_init, divergence_cause, progress_line, record_eval,
+                                        width_lr_scales)
 
 _compiled_losses = {}
 
@@ -90,7 +91,8 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
 
     ids, targets = batch_at(train_tokens, tc.batch_size, cfg.context, tc.seed, start)
     c0 = time.perf_counter()
-    step_fn = make_train_step(cfg, tc, level_weights, layout).lower(
+    lr_scales = width_lr_scales(params, cfg, tc.width_lr, tc.lr_width)
+    step_fn = make_train_step(cfg, tc, level_weights, layout, lr_scales).lower(
         flat, m, v, rows(ids), rows(targets), layout.put_tree(hyper(tc, start, t + 1)), masks).compile()
     level_losses(flat, cfg, ids, targets)          # compiles the evaluation now, not inside the first timed steps
     log(f"compiled the training step and the evaluation in {time.perf_counter() - c0:.1f} s ({layout.describe()})")
