@@ -2,7 +2,8 @@
 
 The rules, as in the NumPy engine:
   - no weight decay on the names in `tree.NO_DECAY` (gains and biases);
-  - gradients clipped together to a global L2 norm of at most `grad_clip` (0: no clipping);
+  - gradients clipped together to a global L2 norm of at most `train.clip_threshold` (grad_clip, or with
+    clip_mode='tree' grad_clip * sqrt(sum of squared node weights); 0: no clipping);
   - the learning rate of `train.lr_at` (linear warmup, then cosine), computed on the host, times each
     matrix entry's `width_lr` factor (`train.width_lr_scales`, constants of the compiled step);
   - `trainable` masks (merged models): a frozen entry's gradient does not count towards the norm, and
@@ -17,7 +18,8 @@ import numpy as onp
 
 from tinyfractal.core.tree import NO_DECAY, unflatten
 from tinyfractal.jax_engine.model import tree_loss
-from tinyfractal.training.train import lr_at
+from tinyfractal.api import level_weight_table
+from tinyfractal.training.train import clip_threshold, lr_at
 
 
 def adamw_init(flat):
@@ -66,6 +68,7 @@ def make_train_step(cfg, tc, level_weights=None, layout=None, lr_scales=None):
         raise ValueError(f"width_lr={tc.width_lr:g} needs the lr factor of every matrix entry: pass "
                          f"lr_scales=width_lr_scales(params, cfg, tc.width_lr, tc.lr_width)")
     scales = {k: jnp.asarray(a) for k, a in (lr_scales or {}).items()}
+    threshold = clip_threshold(tc, cfg, level_weight_table(cfg, level_weights))
 
     def loss_fn(flat, ids, targets, key):
         return tree_loss(unflatten(flat), cfg, ids, targets, level_weights, key, layout)
@@ -74,7 +77,7 @@ def make_train_step(cfg, tc, level_weights=None, layout=None, lr_scales=None):
         key = jax.random.fold_in(jax.random.PRNGKey(tc.seed), h["step"]) if cfg.dropout > 0 else None
         loss, grads = jax.value_and_grad(loss_fn)(flat, ids, targets, key)
         grads = {k: jnp.where(masks[k], g, 0.0) if k in masks else g for k, g in grads.items()}
-        grads, gnorm = clip_by_global_norm(grads, tc.grad_clip)
+        grads, gnorm = clip_by_global_norm(grads, threshold)
         new = {k: adamw_update(flat[k], grads[k], m[k], v[k], h, tc,
                                0.0 if k.split(".")[-1] in NO_DECAY else tc.weight_decay, masks.get(k),
                                scales.get(k))
