@@ -49,15 +49,19 @@ def test_chunks_tile_the_corpus_each_split_90_10(n, n_chunks):
     np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), tokens)
 
 
-def test_grow_keeps_every_trained_model_bit_for_bit():
+@pytest.mark.parametrize("tc", [QUICK, QUICK.override(clip_mode="tree", loss_weights="width")],
+                         ids=["defaults", "tree-options"])
+def test_grow_keeps_every_trained_model_bit_for_bit(tc):
     """Every model a stage trained is, after all later stages, still in the final tree bit for bit at its
-    node; each merge reports max abs logit diff 0.0 and unchanged children; the records describe the tree."""
+    node; each merge reports max abs logit diff 0.0 and unchanged children; the records describe the tree.
+    With the tree's own training options (tree clipping, loss weights) growth still runs: a merged parent
+    trains its own loss, clipped as one model."""
     saved = {}
 
     def keep(t, record, params, cfg):
         saved[tuple(record["node"])] = {k: v.copy() for k, v in flatten(params).items()}
 
-    params, stages = grow(SMALL, QUICK, [3, 2, 2], tokens=corpus(4000, 16), log=lambda msg: None,
+    params, stages = grow(SMALL, tc, [3, 2, 2], tokens=corpus(4000, 16), log=lambda msg: None,
                           on_stage=keep)
     assert [len(s) for s in stages] == [4, 2, 1]
     assert [r["chunks"] for r in stages[0]] == [[0, 1], [1, 2], [2, 3], [3, 4]]

@@ -242,8 +242,10 @@ def baselines(args, cfg, tc, grown, stages, steps, joint_steps, chunks):
     for name, n, loss_fn in (("joint", joint_steps, None), ("alone", alone_steps, root_loss)):
         params = init_params(cfg, args.seed)
         wall, cpu = time.perf_counter(), time.process_time()
-        # the root alone is one model, so one lr for every entry: width_lr's factors follow the tree's nodes
-        run_tc = dataclasses.replace(tc, steps=n, **({} if loss_fn is None else {"width_lr": 0.0}))
+        # the root alone is one model: one lr for every entry (width_lr's factors follow the tree's nodes),
+        # and no tree loss weights or tree clipping
+        alone = {"width_lr": 0.0, "loss_weights": "nodes", "clip_mode": "global"}
+        run_tc = dataclasses.replace(tc, steps=n, **({} if loss_fn is None else alone))
         _, metrics[name] = train_with_checkpoints(args, args.out / name, params, cfg, run_tc,
                                                   train_all, val_all, loss_fn=loss_fn, log=quiet)
         budgets[name] = {"optimizer steps": n, "parallel steps": n,
