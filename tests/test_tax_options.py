@@ -349,6 +349,8 @@ def test_width_lr_scales_each_matrix_entry_by_its_deepest_owner():
     params = init_params(cfg, 0)
     scales = width_lr_scales(params, cfg, 1.0)
     assert width_lr_scales(params, cfg, 0.0) is None
+    one = cfg.override(levels=1)
+    assert width_lr_scales(init_params(one, 0), one, 1.0) is None             # one model of its own width: all 1
     assert set(scales) == {f"layers.{i}.{k}" for i in range(cfg.layers)
                            for k in ("Wq", "Wk", "Wv", "Wo", "Wgate", "Wup", "Wdown")}
     for path in [("layers", 0, "Wgate"), ("layers", 0, "Wo")]:

@@ -56,17 +56,14 @@ def adamw_update(p, g, m, v, h, tc, decay, mask=None, scale=None):
 def make_train_step(cfg, tc, level_weights=None, layout=None, lr_scales=None):
     """The jitted step (flat, m, v, ids, targets, h, masks) -> (flat, m, v, loss, grad norm).
 
-    lr_scales: `train.width_lr_scales` of the parameters (name -> float32 array), or None; required when
-    tc.width_lr is not 0, so a forgotten factor cannot train silently at the plain lr.
+    lr_scales: `train.width_lr_scales(params, cfg, tc.width_lr, tc.lr_width)` (name -> float32 array), or
+    None when every factor is 1.
 
     flat, m, v: name -> array; h: `hyper`'s scalars; masks: name -> bool array for the names with
     frozen entries (or {}). Dropout draws from a key made of the seed and the step number, so a resumed
     run draws what the uninterrupted one would have. The old parameter and moment buffers are donated:
     the step updates them in place on the device.
     """
-    if tc.width_lr and lr_scales is None:
-        raise ValueError(f"width_lr={tc.width_lr:g} needs the lr factor of every matrix entry: pass "
-                         f"lr_scales=width_lr_scales(params, cfg, tc.width_lr, tc.lr_width)")
     scales = {k: jnp.asarray(a) for k, a in (lr_scales or {}).items()}
     threshold = clip_threshold(tc, cfg, level_weight_table(cfg, level_weights))
 

@@ -21,7 +21,7 @@ from tinyfractal.training.checkpoint import atomic_write_json, exists, load, sav
 from tinyfractal.training.data import batch_at, load_tokens
 from tinyfractal.training.grow import chunk_data, grow, parse_steps, step_flops, union
 from tinyfractal.training.merge import extract, merge, root_loss
-from tinyfractal.training.train import TrainConfig, evaluate, format_duration, node_key
+from tinyfractal.training.train import TrainConfig, evaluate, format_duration, node_key, one_model_settings
 
 FULL_STEPS = "600,500,1000"     # leaves, the two level-1 merges, the root merge
 FULL_JOINT = 800
@@ -242,10 +242,7 @@ def baselines(args, cfg, tc, grown, stages, steps, joint_steps, chunks):
     for name, n, loss_fn in (("joint", joint_steps, None), ("alone", alone_steps, root_loss)):
         params = init_params(cfg, args.seed)
         wall, cpu = time.perf_counter(), time.process_time()
-        # the root alone is one model: one lr for every entry (width_lr's factors follow the tree's nodes),
-        # and no tree loss weights or tree clipping
-        alone = {"width_lr": 0.0, "loss_weights": "nodes", "clip_mode": "global"}
-        run_tc = dataclasses.replace(tc, steps=n, **({} if loss_fn is None else alone))
+        run_tc = dataclasses.replace(tc if loss_fn is None else one_model_settings(tc), steps=n)   # root alone: one model
         _, metrics[name] = train_with_checkpoints(args, args.out / name, params, cfg, run_tc,
                                                   train_all, val_all, loss_fn=loss_fn, log=quiet)
         budgets[name] = {"optimizer steps": n, "parallel steps": n,

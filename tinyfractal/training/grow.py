@@ -32,7 +32,7 @@ from tinyfractal.training.data import batch_at, train_val_split
 from tinyfractal.training.merge import OFF_DIAGONAL, extract, merge, root_loss, trainable_mask
 from tinyfractal.api import init_params
 from tinyfractal.core.model import forward
-from tinyfractal.training.train import TrainConfig, evaluate, node_key, train
+from tinyfractal.training.train import TrainConfig, evaluate, node_key, one_model_settings, train
 from tinyfractal.core.tree import flatten, view
 
 
@@ -206,10 +206,8 @@ def train_model(stage, g, params, tokens, record, trainable=None, loss_fn=None, 
     With `progress`, the model is checkpointed at every evaluation, at Ctrl-C and when done; `saved` (an
     unfinished checkpoint of an earlier run, already in params) is continued from its step."""
     model_cfg, tc_g = stage.model_cfg, stage.train_config(g)
-    if loss_fn is not None:
-        # a merged parent trains one loss, its own: the tree's loss weights and clipping rule mean nothing
-        # there (train refuses them with a custom loss), so it is clipped as one model is
-        tc_g = dataclasses.replace(tc_g, loss_weights="nodes", clip_mode="global")
+    if loss_fn is not None:           # a merged parent trains one loss, its own
+        tc_g = one_model_settings(tc_g)
     state, metrics = (saved.state, saved.metrics) if saved else (None, None)
     before = (saved.seconds, saved.cpu_seconds) if saved else (0.0, 0.0)
     wall, cpu = time.perf_counter(), time.process_time()

@@ -140,6 +140,13 @@ def describe_changes(changes):
 
 
 FAITHFUL_TRAIN = dict(loss_weights="nodes", clip_mode="global", width_lr=0.0, lr_width=0)
+
+
+def one_model_settings(tc):
+    """Settings for a run of one model's own loss on a tree's arrays (a merged parent, a root trained
+    alone): the plain loss, global clipping and one lr. The tree's loss weights, clipping rule and
+    width-aware lr follow its nodes, so they mean nothing there (train refuses the first two with a loss_fn)."""
+    return dataclasses.replace(tc, loss_weights="nodes", clip_mode="global", width_lr=0.0)
 CLIP_MODES = ("global", "tree")
 WEIGHT_SCHEMES = ("nodes", "width", "params")
 
@@ -218,7 +225,8 @@ MATRICES = ("Wq", "Wk", "Wv", "Wo", "Wgate", "Wup", "Wdown")
 def width_lr_scales(params, cfg, power, lr_width=0):
     """Flat name -> per-entry lr factor (D / d_owner) ** power for the shared matrices, where d_owner is the
     width of the deepest node whose block holds the entry and D is lr_width, or the model's own width if
-    lr_width is 0; None when power is 0.
+    lr_width is 0; None when every factor is 1 (power 0, or a one-level model of its own width), so the
+    optimizer skips the multiplication.
 
     In the spirit of muP (Adam's lr for a hidden matrix ~ 1/width): a leaf's block moves as fast as
     its own width asks, the root's off-diagonal blocks as the root's. A one-level model gets 1 everywhere,
@@ -229,6 +237,8 @@ def width_lr_scales(params, cfg, power, lr_width=0):
     if lr_width and lr_width < cfg.hidden:
         raise ValueError(f"train setting lr_width={lr_width} must be 0 or at least the model's width {cfg.hidden}")
     top = lr_width or cfg.hidden
+    if cfg.levels == 1 and top == cfg.hidden:
+        return None
     scales = map_roles(lambda a, roles: onp.ones(onp.shape(a), onp.float32), params)
     for level, j in nodes(cfg):
         factor = onp.float32((top / cfg.width(level)) ** power)
