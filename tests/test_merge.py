@@ -187,7 +187,7 @@ def test_frozen_training_moves_only_the_new_blocks(family, seed):
     mask = trainable_mask(merged, pcfg)
     data = tokens(400, pcfg.vocab_size, seed)
     tc = TrainConfig(steps=5, batch_size=2, lr=0.05, min_lr=0.05, warmup=0, weight_decay=0.5,
-                     eval_interval=5, eval_batches=1, log_interval=5, seed=seed)
+                     eval_interval=5, eval_batches=1, log_interval=5, seed=seed, clip_mode="global")
     loss_fn = root_loss
     losses_before = evaluate(merged, pcfg, data, 2, 2)
     state, _ = train(merged, pcfg, tc, data, data, trainable=mask, loss_fn=loss_fn, log=lambda msg: None)

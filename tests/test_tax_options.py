@@ -334,7 +334,7 @@ def test_clip_mode_tree_scales_the_threshold_by_the_node_weights():
     assert np.isclose(clip_threshold(tc, cfg, level_weights_at(tc, cfg, 0)), 1 / math.sqrt(cfg.n_nodes))
     assert clip_threshold(tc.override(clip_mode="global"), cfg, level_weights_at(tc, cfg, 0)) == 1.0
     one = Config.preset("micro").override(levels=1)
-    tc = TrainConfig(steps=3, batch_size=2, grad_clip=0.01, eval_interval=100, eval_batches=1)
+    tc = TrainConfig(steps=3, batch_size=2, grad_clip=0.01, eval_interval=100, eval_batches=1, clip_mode="global")
     a, b = trained(one, tc.override(clip_mode="tree")), trained(one, tc)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     tree = Config.preset("micro")

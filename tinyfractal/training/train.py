@@ -41,7 +41,7 @@ class TrainConfig:
     log_interval: int = 25
     seed: int = 0
     loss_weights: str = "nodes"   # weight of each node's loss: nodes | width | params | "1,0.5,0.25" | "A>B" (anneal)
-    clip_mode: str = "global"     # global: clip at grad_clip | tree: at grad_clip * sqrt(sum of squared node weights)
+    clip_mode: str = "tree"       # global: clip at grad_clip | tree: at grad_clip * sqrt(sum of squared node weights)
     width_lr: float = 1.0         # matrices: lr * (D / width of the entry's deepest owner) ** width_lr
     lr_width: int = 0             # the D of width_lr: 0 means the model's own width (a twin uses its tree's)
 
