@@ -5,9 +5,9 @@ Run: python -m tinyfractal.lessons.tax [--quick] [--out DIR] [--steps N] [--seed
 It prints each node's first loss without and with the 1/sqrt(d) logit scale, then trains the 'tiny'
 tree and a standalone twin per level twice: with the prototype's choices (Config.faithful(): no logit
 scale, the root's init for every entry, one lr) and with today's defaults (logit_scale='sqrt',
-nested_init=True, width_lr=1). Every run is kept in OUT/study_cache/ (the study command's cache, with a
-checkpoint at every evaluation of the run in progress), so after Ctrl-C a second run, with or without
---resume, continues where it stopped and does not train a finished run again.
+nested_init=True, width_lr=1, clip_mode='tree'). Every run is kept in OUT/study_cache/ (the study
+command's cache, with a checkpoint at every evaluation of the run in progress), so after Ctrl-C a second
+run, with or without --resume, continues where it stopped and does not train a finished run again.
 """
 import json
 import math
@@ -131,7 +131,8 @@ def small_study(args):
           f"    than its twin's);\n"
           f"  today's defaults: logit_scale='sqrt', nested_init=True (each block starts as its own twin's would),\n"
           f"    width_lr={tc.width_lr:g} (each matrix entry trains at lr * (D / d)^{tc.width_lr:g}, d the width of the deepest node\n"
-          f"    whose block holds it; the prototype's single lr is width_lr=0).\n"
+          f"    whose block holds it; the prototype's single lr is width_lr=0), clip_mode='{tc.clip_mode}' (the tree's\n"
+          f"    gradient is clipped where its nodes' would be clipped alone; the prototype's is 'global').\n"
           f"A twin is one level, so nested_init changes nothing for it; a twin of a level-l node trains its\n"
           f"matrices at the lr that node's own blocks get in the tree. So the two sets of twins differ by the\n"
           f"logit scale and by that lr. Every run is kept in {cache}; a second run of the lesson reuses\nthe finished ones "
@@ -143,7 +144,8 @@ def small_study(args):
     studies = {}
     try:
         for name, (c, t) in settings.items():
-            print(f"\n--- {STUDIES[name]}: logit_scale={c.logit_scale}, nested_init={c.nested_init}, width_lr={t.width_lr:g} ---")
+            print(f"\n--- {STUDIES[name]}: logit_scale={c.logit_scale}, nested_init={c.nested_init}, width_lr={t.width_lr:g}, "
+                  f"clip_mode={t.clip_mode} ---")
             study = tax_study(c, t, [args.seed], eval_batches, cache)
             study["label"] = STUDIES[name]
             studies[name] = study

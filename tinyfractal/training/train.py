@@ -382,7 +382,8 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     check_memory(cfg, tc.batch_size)
     if loss_fn is not None and (tc.loss_weights != "nodes" or tc.clip_mode != "global"):
         raise ValueError(f"loss_weights={tc.loss_weights!r} and clip_mode={tc.clip_mode!r} weigh the tree loss, "
-                         f"but this run trains its own loss_fn; use loss_weights='nodes', clip_mode='global'")
+                         f"but this run trains its own loss_fn; use loss_weights='nodes', clip_mode='global' "
+                         f"(one_model_settings(tc) gives them)")
     weights_now = [None]   # the level weights of the current step, read by the loss (they may anneal)
     loss_fn = loss_fn or (lambda p, c, i, t, rng: tree_loss(p, c, i, t, weights_now[0], rng))
     value_grad = value_and_grad(loss_fn)
