@@ -424,3 +424,14 @@ def test_nested_init_starts_each_block_as_its_owner_would_alone():
             assert own.max() <= bounds[level] * (1 + 1e-6) and own.max() > 0.9 * bounds[level], (name, level)
     plain = init_params(cfg.override(nested_init=False), 0)["layers"][1]["Wgate"]
     assert np.abs(plain).max() <= 1 / math.sqrt(cfg.hidden) * (1 + 1e-6)
+
+
+def test_the_default_training_is_the_studys_chosen_combination():
+    """The defaults are what lesson 9's full study chose (width_lr=1 with tree clipping, the plain mean
+    over nodes), and faithful() takes each back to the prototype's choice; the handout's 'defaults' row
+    and its commands with --clip_mode=global / --width_lr=0 rely on both."""
+    tc = TrainConfig()
+    assert (tc.loss_weights, tc.clip_mode, tc.width_lr, tc.lr_width) == ("nodes", "tree", 1.0, 0)
+    assert (tc.faithful().clip_mode, tc.faithful().width_lr) == ("global", 0.0)
+    cfg = Config.preset("tiny")
+    assert np.isclose(clip_threshold(tc, cfg, level_weights_at(tc, cfg, 0)), tc.grad_clip / math.sqrt(7))
