@@ -19,7 +19,7 @@ def sharded():
     from tinyfractal.training.data import batch_at
     from tinyfractal.training.train import TrainConfig, width_lr_scales
     cfg = tf.Config(vocab_size=16, context=8, layers=1, heads=2, kv_heads=1, head_dim=8, hidden=8, mlp_mult=2,
-                    levels=3, split=2)
+                    levels=3, split=2, logit_scale="learned", node_gains=True)   # the per-node gain tables too
     tc = TrainConfig(steps=3, batch_size=4, warmup=1)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 400).astype(np.int32)
     layouts = {"single": Layout(devices=jax.devices()[:1]), "data": Layout(), "data+model": Layout(model_axis=2)}

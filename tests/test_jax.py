@@ -2,7 +2,8 @@
 
 - Same-program laws: the stacked diagonal blocks equal `tree.level_view`; the tree loss and every
   gradient equal the NumPy engine's on random configs (levels 1-3, split 2-3, float32); one AdamW step
-  with frozen entries equals `train.adamw_step`.
+  with frozen entries equals `train.adamw_step`; the same with each node's own output gain
+  (logit_scale='learned', node_gains) read from random tables.
 - Checkpoints cross both ways: a JAX run evaluated and sampled by NumPy gives the same per-node table
   and text, and a NumPy run resumed by JAX continues where it stopped.
 - Sharding changes nothing: 4 CPU devices in a child process; 2 processes over 127.0.0.1.
@@ -221,7 +222,8 @@ def test_checkpoints_cross_both_ways_with_the_same_tables_and_text(tmp_path):
 
 def test_four_devices_data_and_model_sharded_steps_equal_one_device():
     """Sharding law: on 4 CPU devices, data parallel (4 x 1) and data x model (2 x 2) training gives, at
-    each of 3 steps, the single-device loss within 1e-5, and the same parameters within 1e-5 after them."""
+    each of 3 steps, the single-device loss within 1e-5, and the same parameters within 1e-5 after them
+    (the config has logit_gain and node_gain, so the per-level tables are sharded with the models too)."""
     env = {**CHILD_ENV, "XLA_FLAGS": CHILD_ENV["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "jax_worker.py"), "sharded"], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -234,6 +236,7 @@ def test_four_devices_data_and_model_sharded_steps_equal_one_device():
         run = result[name]
         assert mesh in run["describe"]
         np.testing.assert_allclose(run["loss"], single["loss"], rtol=0, atol=1e-5)
+        assert {"logit_gain", "node_gain"} <= single["params"].keys()
         for key, value in single["params"].items():
             np.testing.assert_allclose(run["params"][key], value, rtol=0, atol=1e-5, err_msg=f"{name}: {key}")
 
@@ -334,3 +337,79 @@ def test_dropout_acts_in_training_only_and_other_variants_are_refused():
         other = tf.Config.preset("micro").override(**changes)
         with pytest.raises(ValueError, match=name):
             jmodel.tree_loss(device(tf.init_params(other, 0)), other, ids, ids)
+
+
+# The output options (model.output_gain): each node's own gain from its row of logit_gain and node_gain.
+OUTPUT_OPTIONS = [{"logit_scale": "learned"}, {"node_gains": True}, {"logit_scale": "learned", "node_gains": True}]
+
+
+def with_random_tables(params, seed):
+    """params with logit_gain and node_gain drawn at random (fresh they are zero, which hides a dropped or
+    misread gain), rows and columns all different, so a node reading another node's entries shows."""
+    rng = np.random.default_rng(seed)
+    return unflatten({k: (v + rng.normal(0, 0.5, v.shape)).astype(np.float32) if k in ("logit_gain", "node_gain")
+                      else v for k, v in flatten(params).items()})
+
+
+@pytest.mark.parametrize("options", OUTPUT_OPTIONS, ids=lambda o: "+".join(f"{k}={v}" for k, v in o.items()))
+def test_output_gains_give_the_numpy_node_losses_and_gradients(options):
+    """Same-program law for the output options: with logit_scale='learned', node_gains=True, or both, and
+    random nonzero logit_gain and node_gain tables, every node's JAX loss equals the NumPy engine's
+    (1e-5 relative) and so does the gradient of the tree loss with respect to every array, the tables
+    included."""
+    cfg = tf.Config.preset("micro").override(**options)
+    params = with_random_tables(random_params(cfg, 3), 4)
+    rng = np.random.default_rng(5)
+    ids, targets = (rng.integers(0, cfg.vocab_size, (2, 8)) for _ in range(2))
+    want = [np.asarray(a) for a in tf.node_losses(params, cfg, ids, targets)]
+    got = jax.jit(lambda p, i, t: jmodel.node_losses(p, cfg, i, t))(device(params), ids, targets)
+    assert [a.shape for a in want] == [(1,), (2,)]
+    for level, (g, w) in enumerate(zip(got, want)):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, err_msg=f"level {level}")
+    loss, grads = value_and_grad(lambda p: tf.tree_loss(p, cfg, ids, targets))(params)
+    jloss, jgrads = jax.jit(jax.value_and_grad(lambda p, i, t: jmodel.tree_loss(p, cfg, i, t)))(
+        device(params), ids, targets)
+    np.testing.assert_allclose(float(jloss), loss, rtol=1e-5)
+    tables = {"logit_gain": options.get("logit_scale") == "learned", "node_gain": options.get("node_gains", False)}
+    assert {k for k in flatten(grads) if k in tables} == {k for k, on in tables.items() if on}
+    assert_grads_close(jgrads, grads)
+
+
+@pytest.mark.parametrize("options", OUTPUT_OPTIONS, ids=lambda o: "+".join(f"{k}={v}" for k, v in o.items()))
+def test_output_gain_tables_train_as_numpy_adamw_trains_them(options):
+    """Optimizer law for the output options: three JAX steps from random nonzero logit_gain and node_gain
+    tables (tree clipping, width_lr, weight decay except on NO_DECAY names, which hold both tables, frozen
+    entries of a merged model, the leaves' rows among them) give the parameters three NumPy steps give;
+    frozen entries stay bit for bit, and the tables' free entries move."""
+    cfg = tf.Config.preset("micro").override(**options)
+    tc = np_train.TrainConfig(steps=3, batch_size=2, warmup=2, eval_interval=3, eval_batches=1, grad_clip=0.5,
+                              width_lr=1.0, clip_mode="tree", weight_decay=0.5)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 200).astype(np.int32)
+    start = with_random_tables(tf.init_params(cfg, 0), 1)
+    trainable = trainable_mask(start, cfg, frozen_level=1)
+    np_params = unflatten({k: v.copy() for k, v in flatten(start).items()})
+    np_train.train(np_params, cfg, tc, tokens, tokens, trainable=trainable, log=lambda *a: None)
+    j_params = unflatten({k: v.copy() for k, v in flatten(start).items()})
+    state, _ = jax_train(j_params, cfg, tc, tokens, tokens, trainable=trainable, log=lambda *a: None)
+    assert state["t"] == 3
+    tables = [k for k in ("logit_gain", "node_gain") if k in flatten(start)]
+    assert len(tables) == len(options)
+    for name, want in flatten(np_params).items():
+        got, mask, before = flatten(j_params)[name], trainable[name], flatten(start)[name]
+        assert np.array_equal(got[~mask], before[~mask]), f"{name}: a frozen entry moved"
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    for name in tables:
+        mask = trainable[name]
+        assert mask.any() and not np.array_equal(flatten(j_params)[name][mask], flatten(start)[name][mask]), name
+
+
+def test_sampling_with_output_gains_writes_the_numpy_text():
+    """Sampling law with both output options on and random tables: the JAX engine (its node view holds the
+    node's rows [l:] of each table) samples from node (1, 1) the text the NumPy engine samples, same seed."""
+    from tinyfractal.jax_engine.sample import generate as jax_generate
+    cfg = tf.Config.preset("micro").override(logit_scale="learned", node_gains=True)
+    params, tokenizer = with_random_tables(random_params(cfg, 6), 7), tf.Tokenizer.default()
+    args = dict(level=1, index=1, max_new_tokens=12, temperature=1.0, seed=3)
+    want = tf.generate(params, cfg, tokenizer, "ROMEO:", **args)
+    assert jax_generate(params, cfg, tokenizer, "ROMEO:", **args) == want
+    assert len(want) > len("ROMEO:")

@@ -202,7 +202,7 @@ def forward(params, cfg, ids, rng=None):
     return output(x, params, cfg)
 
 
-def output_gain(params, cfg):
+def output_gain(params, cfg, xp=np):
     """The node's own factor on its normalised final state, just before the tied output matmul:
 
         logits = (rmsnorm(x, final_norm) * output_gain) . rmsnorm_rows(E, out_norm)^T
@@ -219,25 +219,26 @@ def output_gain(params, cfg):
     Per-node rows: a node's params (a view) hold rows [l:] of the (levels, D) tables, its own row first.
     Returns a Python float, or an array of shape (..., d) or (..., 1) whose leading axes are the model
     axes of `params` (none for one node, (N,) for a stacked level); `scale_output` broadcasts it.
+    `xp` is the array namespace, as in formulas.py: autograd.numpy here, jax.numpy in the JAX engine.
     """
     gain = 1.0
     if cfg.logit_scale != "none":
         gain = 1.0 / math.sqrt(cfg.hidden)
         if cfg.logit_scale == "learned":
             row = params["logit_gain"][..., 0, :]                                # (..., d)
-            gain = (1.0 + np.sum(row, axis=-1, keepdims=True) * (1.0 / cfg.hidden)) * gain
+            gain = (1.0 + xp.sum(row, axis=-1, keepdims=True) * (1.0 / cfg.hidden)) * gain
     if cfg.node_gains:
         gain = (1.0 + params["node_gain"][..., 0, :]) * gain
     return gain
 
 
-def scale_output(h, params, cfg):
+def scale_output(h, params, cfg, xp=np):
     """h * output_gain(params, cfg), the gain's model axes lined up with h's leading axes. (..., d) -> same."""
-    gain = output_gain(params, cfg)
+    gain = output_gain(params, cfg, xp)
     if isinstance(gain, float):
         return h if gain == 1.0 else h * gain
     lead = gain.shape[:-1]
-    return h * np.reshape(gain, lead + (1,) * (h.ndim - len(lead) - 1) + gain.shape[-1:])
+    return h * xp.reshape(gain, lead + (1,) * (h.ndim - len(lead) - 1) + gain.shape[-1:])
 
 
 def cross_entropy(logits, targets):

@@ -1,8 +1,9 @@
 """The level-batched forward in JAX: every model of a level runs as one computation, under `jit`.
 
 The structure is `core/fast.py`'s and every formula is `core/formulas.py`'s, called with `xp=jnp`:
-a change of formula changes both engines. Only the glue is here: flattening to one 2-D matmul per
-model, broadcasting each model's gains, and dropout from a `jax.random` key.
+a change of formula changes both engines, and each node's output gain is `model.output_gain`'s, also
+called with `xp=jnp`. Only the glue is here: flattening to one 2-D matmul per model, broadcasting each
+model's gains, and dropout from a `jax.random` key.
 
 `layout` (mesh.py) says how arrays are spread over devices; without one, XLA places everything on one
 device. Shapes: N models of one level, B batch, T time, d width, H/K heads, h head dim, V vocabulary.
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 
 from tinyfractal.api import level_weight_table
 from tinyfractal.core import formulas as F
+from tinyfractal.core.model import scale_output
 from tinyfractal.jax_engine import check_variant
 from tinyfractal.jax_engine.blocks import level_view
 
@@ -73,12 +75,16 @@ def forward_stacked(stacked, cfg, ids, key=None, layout=None):
     x = spread(norm(stacked["E"][:, ids], stacked["emb_norm"], cfg.eps))   # (N,B,T,d)
     for i, p in enumerate(stacked["layers"]):
         x = spread(block(x, p, cfg, None if key is None else jax.random.fold_in(key, i)))
-    N, B, T, d = x.shape
-    logits = F.tied_logits(jnp.reshape(x, (N, B * T, d)), stacked["E"], stacked["final_norm"][:, None, :],
-                           stacked["out_norm"][:, None, :], cfg.eps, jnp)  # (N,B·T,V)
-    if cfg.logit_scale == "sqrt":           # model.output_gain: one number per node, so it may scale the logits
-        logits = logits * (1.0 / math.sqrt(d))
-    return spread(jnp.reshape(logits, (N, B, T, -1)))
+    return spread(output_logits(x, stacked, cfg))
+
+
+def output_logits(x, stacked, cfg):
+    """The tied output, as fast.output_logits: (rmsnorm(x, final_norm) * output_gain) against the
+    row-normalised embedding. model.output_gain (with xp=jnp) is each node's own gain: 1/sqrt(d), its
+    row of logit_gain, its row of node_gain. (N,B,T,d) -> (N,B,T,V)."""
+    out_emb = norm(stacked["E"], stacked["out_norm"], cfg.eps)                               # (N,V,d)
+    h = scale_output(norm(x, stacked["final_norm"], cfg.eps), stacked, cfg, jnp)             # (N,B,T,d)
+    return linear(h, jnp.swapaxes(out_emb, 1, 2))                                            # (N,B,T,V)
 
 
 def forward_level(params, cfg, level, ids, key=None, layout=None):
