@@ -284,7 +284,8 @@ def test_bad_model_options_are_value_errors_naming_the_field(field, value):
 # Training options
 
 def test_loss_weight_schemes_give_the_documented_weights():
-    """nodes: every node 1/n_nodes; width: each level's total the same (1/L); params: a node's weight is
+    """nodes: every node 1/n_nodes; width: each level's total the same (1/L); sqrtwidth: a node of level
+    l weighs sqrt(split) times one of level l+1; params: a node's weight is
     proportional to its parameter count (counted on a real view); numbers are per-level node weights;
     'A>B' is A at step 0, B at the last step and their mean half way."""
     cfg = Config.preset("tiny")
@@ -297,6 +298,9 @@ def test_loss_weight_schemes_give_the_documented_weights():
     assert np.allclose([w / c for w, c in zip(params_w, counts)], params_w[0] / counts[0])
     assert np.isclose(sum(cfg.n_models(l) * w for l, w in enumerate(params_w)), 1.0)
     assert np.allclose(at("4,2,1"), at("width"))
+    sqrt_w = at("sqrtwidth")            # per node sqrt(d_l): each level's node sqrt(split) times lighter
+    assert np.allclose([sqrt_w[l] / sqrt_w[l + 1] for l in range(L - 1)], math.sqrt(cfg.split))
+    assert np.isclose(sum(cfg.n_models(l) * w for l, w in enumerate(sqrt_w)), 1.0)
     assert np.allclose(at("width>nodes", 0), at("width")) and np.allclose(at("width>nodes", 10), at("nodes"))
     assert np.allclose(at("width>nodes", 5), (np.array(at("width")) + at("nodes")) / 2)
     with pytest.raises(ValueError, match="levels"):

@@ -40,7 +40,7 @@ class TrainConfig:
     eval_batches: int = 8
     log_interval: int = 25
     seed: int = 0
-    loss_weights: str = "nodes"   # weight of each node's loss: nodes | width | params | "1,0.5,0.25" | "A>B" (anneal)
+    loss_weights: str = "nodes"   # weight of each node's loss: nodes | width | sqrtwidth | params | "1,0.5" | "A>B" (anneal)
     clip_mode: str = "tree"       # global: clip at grad_clip | tree: at grad_clip * sqrt(sum of squared node weights)
     width_lr: float = 1.0         # matrices: lr * (D / width of the entry's deepest owner) ** width_lr
     lr_width: int = 0             # the D of width_lr: 0 means the model's own width (a twin uses its tree's)
@@ -148,7 +148,7 @@ def one_model_settings(tc):
     width-aware lr follow its nodes, so they mean nothing there (train refuses the first two with a loss_fn)."""
     return dataclasses.replace(tc, loss_weights="nodes", clip_mode="global", width_lr=0.0)
 CLIP_MODES = ("global", "tree")
-WEIGHT_SCHEMES = ("nodes", "width", "params")
+WEIGHT_SCHEMES = ("nodes", "width", "sqrtwidth", "params")
 
 
 def parse_loss_weights(text):
@@ -179,12 +179,15 @@ def scheme_weights(cfg, end):
 
     nodes: every node alike (the tree loss is the plain mean over nodes);
     width: a node weighs its width d_l, so every level weighs the same in total (n_l * d_l = D);
+    sqrtwidth: a node weighs sqrt(d_l), half way (in log) between nodes and width, for any depth;
     params: a node weighs its parameter count, so the root weighs most.
     """
     if end == ("nodes",):
         return [1.0] * cfg.levels
     if end == ("width",):
         return [float(cfg.width(level)) for level in range(cfg.levels)]
+    if end == ("sqrtwidth",):
+        return [math.sqrt(cfg.width(level)) for level in range(cfg.levels)]
     if end == ("params",):
         from tinyfractal.api import param_shapes
         from tinyfractal.core.model import count_params
