@@ -153,8 +153,16 @@ def test_training_steps_with_frozen_entries_match_numpy_adamw(width_lr, clip_mod
     cfg = tf.Config.preset("micro")
     tc = np_train.TrainConfig(steps=3, batch_size=2, warmup=2, eval_interval=3, eval_batches=1, grad_clip=grad_clip,
                               width_lr=width_lr, clip_mode=clip_mode)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 200).astype(np.int32)
     start = tf.init_params(cfg, 0)
+    trainable, j_params = assert_jax_steps_equal_numpy_steps(cfg, tc, start)
+    assert any(not np.array_equal(flatten(j_params)[k], flatten(start)[k]) for k in trainable), "nothing trained"
+
+
+def assert_jax_steps_equal_numpy_steps(cfg, tc, start):
+    """Train copies of `start` for tc.steps (3) with each engine, the entries of level 1 and below frozen;
+    assert the JAX run took 3 steps, left every frozen entry bit for bit, and matches NumPy's parameters.
+    Returns (trainable mask, JAX-trained params)."""
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 200).astype(np.int32)
     trainable = trainable_mask(start, cfg, frozen_level=1)
     np_params = unflatten({k: v.copy() for k, v in flatten(start).items()})
     np_train.train(np_params, cfg, tc, tokens, tokens, trainable=trainable, log=lambda *a: None)
@@ -165,7 +173,7 @@ def test_training_steps_with_frozen_entries_match_numpy_adamw(width_lr, clip_mod
         got, mask, before = flatten(j_params)[name], trainable[name], flatten(start)[name]
         assert np.array_equal(got[~mask], before[~mask]), f"{name}: a frozen entry moved"
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
-    assert any(not np.array_equal(flatten(j_params)[k], flatten(start)[k]) for k in trainable), "nothing trained"
+    return trainable, j_params
 
 
 def eval_json(*args):
@@ -384,20 +392,10 @@ def test_output_gain_tables_train_as_numpy_adamw_trains_them(options):
     cfg = tf.Config.preset("micro").override(**options)
     tc = np_train.TrainConfig(steps=3, batch_size=2, warmup=2, eval_interval=3, eval_batches=1, grad_clip=0.5,
                               width_lr=1.0, clip_mode="tree", weight_decay=0.5)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 200).astype(np.int32)
     start = with_random_tables(tf.init_params(cfg, 0), 1)
-    trainable = trainable_mask(start, cfg, frozen_level=1)
-    np_params = unflatten({k: v.copy() for k, v in flatten(start).items()})
-    np_train.train(np_params, cfg, tc, tokens, tokens, trainable=trainable, log=lambda *a: None)
-    j_params = unflatten({k: v.copy() for k, v in flatten(start).items()})
-    state, _ = jax_train(j_params, cfg, tc, tokens, tokens, trainable=trainable, log=lambda *a: None)
-    assert state["t"] == 3
     tables = [k for k in ("logit_gain", "node_gain") if k in flatten(start)]
     assert len(tables) == len(options)
-    for name, want in flatten(np_params).items():
-        got, mask, before = flatten(j_params)[name], trainable[name], flatten(start)[name]
-        assert np.array_equal(got[~mask], before[~mask]), f"{name}: a frozen entry moved"
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    trainable, j_params = assert_jax_steps_equal_numpy_steps(cfg, tc, start)
     for name in tables:
         mask = trainable[name]
         assert mask.any() and not np.array_equal(flatten(j_params)[name][mask], flatten(start)[name][mask]), name
