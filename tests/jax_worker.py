@@ -32,7 +32,7 @@ def sharded():
         step_fn, losses = make_train_step(cfg, tc, layout=layout, lr_scales=lr_scales), []
         for step in range(tc.steps):
             ids, targets = (layout.put(a, layout.batch) for a in batch_at(tokens, tc.batch_size, cfg.context, 0, step))
-            flat, m, v, loss, _ = step_fn(flat, m, v, ids, targets, layout.put_tree(hyper(tc, step, step + 1)), {})
+            flat, m, v, loss, _ = step_fn(flat, m, v, ids, targets, layout.put_tree(hyper(cfg, tc, step, step + 1)), {})
             losses.append(float(host(loss)))
         out[name] = {"loss": losses, "describe": layout.describe(),
                      "params": {k: host(a).tolist() for k, a in flat.items()}}

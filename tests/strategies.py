@@ -21,6 +21,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from tinyfractal.config import Config
+from tinyfractal.core.model import option_shapes
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
 SCALE = 10 if PROFILE == "thorough" else 1
@@ -92,6 +93,9 @@ def random_params(cfg, seed, dtype=np.float32):
             "Wgate": w((D, F), D), "bgate": w(F, D), "Wup": w((D, F), D), "bup": w(F, D),
             "Wdown": w((F, D), F), "bdown": w(D, F),
         })
+    for name in ("logit_gain", "node_gain"):   # the per-node output tables of the options cfg has on
+        if name in option_shapes(cfg):
+            params[name] = rng.normal(0.0, 0.4, size=option_shapes(cfg)[name]).astype(dtype)
     return params
 
 

@@ -28,8 +28,7 @@ from tinyfractal.training.data import batch_at, load_tokens, train_val_split
 from tinyfractal.training.merge import extract, merge
 from tinyfractal.training.train import (TrainConfig, clip_threshold, level_weights_at, train, width_lr_scales)
 
-OPTIONS = [dict(logit_scale="sqrt"), dict(logit_scale="learned"), dict(node_gains=True),
-           dict(logit_scale="sqrt", node_gains=True), dict(logit_scale="learned", node_gains=True)]
+OPTIONS = [dict(logit_scale=scale, node_gains=gains) for scale in ("none", "sqrt", "learned") for gains in (False, True)]
 TABLES = ("logit_gain", "node_gain")
 CLOSE = dict(rtol=1e-9, atol=1e-9)
 

@@ -33,8 +33,8 @@ class Config:
     coupling_scale_init: float = 1.0    # start of the learnable scale per (level, layer); 0 starts as base
     tokenizer: str = "bpe"              # bpe | bytes: bytes reads UTF-8, upper levels in groups (variants/byte_model.py)
     # Options found by the nesting-tax study (lessons/tax.md); faithful() or preset 'seed' turn them off.
-    logit_scale: str = "sqrt"           # none | sqrt | learned: each node's logits times 1/sqrt(d_l) (model.output_gain)
-    node_gains: bool = False            # each node its own output gain, not a slice of its parent's (model.output_gain)
+    logit_scale: str = "learned"        # none | sqrt | learned: each node's logits times (1 + its own gain) / sqrt(d_l)
+    node_gains: bool = True             # each node its own output gain, not a slice of its parent's (model.output_gain)
     nested_init: bool = True            # each weight entry starts as its deepest owner's would alone (base_params)
 
     def __post_init__(self):

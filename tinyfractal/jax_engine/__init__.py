@@ -44,13 +44,3 @@ def check_variant(cfg, what="the JAX engine"):
         raise unsupported(v, what, "it runs the base variant only so far; use --backend numpy")
     return v
 
-
-def check_training(tc, what="the JAX engine"):
-    """The JAX engine trains the plain mean over nodes (TrainConfig.faithful's loss_weights); clip_mode,
-    width_lr and lr_width it runs as the NumPy engine does."""
-    from tinyfractal.training.train import FAITHFUL_TRAIN
-    plain = {k: v for k, v in FAITHFUL_TRAIN.items() if k not in ("clip_mode", "width_lr", "lr_width")}
-    other = {k: getattr(tc, k) for k, v in plain.items() if getattr(tc, k) != v}
-    if other:
-        raise ValueError(f"{what} trains with {plain}; these settings are not supported there: {other}; "
-                         f"use --backend numpy")

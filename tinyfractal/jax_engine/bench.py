@@ -41,7 +41,7 @@ def training_step(cfg, tc, seed=0):
     c0 = time.perf_counter()
     compiled = make_train_step(cfg, tc, layout=layout,
                                lr_scales=width_lr_scales(params, cfg, tc.width_lr, tc.lr_width)).lower(
-        arrays["flat"], arrays["m"], arrays["v"], example, example, layout.put_tree(hyper(tc, 0, 1)), {}).compile()
+        arrays["flat"], arrays["m"], arrays["v"], example, example, layout.put_tree(hyper(cfg, tc, 0, 1)), {}).compile()
     timings = {}
 
     def step(ids, targets):
@@ -49,7 +49,7 @@ def training_step(cfg, tc, seed=0):
         arrays["t"] += 1
         arrays["flat"], arrays["m"], arrays["v"], loss, _ = compiled(
             arrays["flat"], arrays["m"], arrays["v"], rows(ids), rows(targets),
-            layout.put_tree(hyper(tc, arrays["t"] - 1, arrays["t"])), {})
+            layout.put_tree(hyper(cfg, tc, arrays["t"] - 1, arrays["t"])), {})
         value = float(host(loss))                   # waits for the device: the step is done
         timings["forward+backward+optimizer"] = time.perf_counter() - t0
         return value

@@ -14,7 +14,7 @@ import jax
 import numpy as onp
 
 from tinyfractal.core.tree import flatten, unflatten
-from tinyfractal.jax_engine import check_training, check_variant
+from tinyfractal.jax_engine import check_variant
 from tinyfractal.jax_engine.mesh import Layout, host, is_main
 from tinyfractal.jax_engine.model import node_losses
 from tinyfractal.jax_engine.optim import hyper, make_train_step
@@ -75,7 +75,6 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     Diverged with the step's update not applied. `layout` is the device mesh (default: every device).
     """
     check_variant(cfg)
-    check_training(tc)
     layout = layout or Layout()
     layout.check_batch(tc.batch_size)
     state = state or adamw_init(params)
@@ -92,8 +91,9 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
     ids, targets = batch_at(train_tokens, tc.batch_size, cfg.context, tc.seed, start)
     c0 = time.perf_counter()
     lr_scales = width_lr_scales(params, cfg, tc.width_lr, tc.lr_width)
-    step_fn = make_train_step(cfg, tc, level_weights, layout, lr_scales).lower(
-        flat, m, v, rows(ids), rows(targets), layout.put_tree(hyper(tc, start, t + 1)), masks).compile()
+    step_fn = make_train_step(cfg, tc, layout, lr_scales).lower(
+        flat, m, v, rows(ids), rows(targets), layout.put_tree(hyper(cfg, tc, start, t + 1, level_weights)),
+        masks).compile()
     level_losses(flat, cfg, ids, targets)          # compiles the evaluation now, not inside the first timed steps
     log(f"compiled the training step and the evaluation in {time.perf_counter() - c0:.1f} s ({layout.describe()})")
 
@@ -104,7 +104,7 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
             ids, targets = batch_at(train_tokens, tc.batch_size, cfg.context, tc.seed, step)
             # the old buffers stay valid until the new ones replace them (nothing is donated), so an
             # interrupt or a divergence anywhere in here leaves (flat, m, v) at the last good step
-            out = step_fn(flat, m, v, rows(ids), rows(targets), layout.put_tree(hyper(tc, step, t + 1)), masks)
+            out = step_fn(flat, m, v, rows(ids), rows(targets), layout.put_tree(hyper(cfg, tc, step, t + 1, level_weights)), masks)
             loss, gnorm = float(host(out[3])), float(host(out[4]))
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
                 _write_back(params, state, flat, m, v, t)

@@ -40,7 +40,7 @@ class TrainConfig:
     eval_batches: int = 8
     log_interval: int = 25
     seed: int = 0
-    loss_weights: str = "nodes"   # weight of each node's loss: nodes | width | sqrtwidth | params | "1,0.5" | "A>B" (anneal)
+    loss_weights: str = "sqrtwidth>nodes"   # each node's loss weight: nodes | width | sqrtwidth | params | "1,0.5" | "A>B" (anneal)
     clip_mode: str = "tree"       # global: clip at grad_clip | tree: at grad_clip * sqrt(sum of squared node weights)
     width_lr: float = 1.0         # matrices: lr * (D / width of the entry's deepest owner) ** width_lr
     lr_width: int = 0             # the D of width_lr: 0 means the model's own width (a twin uses its tree's)
@@ -208,6 +208,14 @@ def level_weights_at(tc, cfg, step):
         return ends[0]
     a = min(1.0, step / max(1, tc.steps - 1))
     return [(1 - a) * x + a * y for x, y in zip(*ends)]
+
+
+def step_level_weights(tc, cfg, step, level_weights=None):
+    """The level weights a training step uses: the caller's `level_weights` if given, else None (the plain
+    mean) for loss_weights='nodes', else tc.loss_weights at this step (level_weights_at). Both engines call it."""
+    if level_weights is not None or tc.loss_weights == "nodes":
+        return level_weights
+    return level_weights_at(tc, cfg, step)
 
 
 def clip_threshold(tc, cfg, weights):
@@ -402,16 +410,14 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
         for step in range(start, tc.steps if until is None else min(until, tc.steps)):
             ids, targets = batch_at(train_tokens, tc.batch_size, cfg.context, tc.seed, step)
             rng = onp.random.default_rng([tc.seed, step, 1]) if cfg.dropout > 0 else None
-            weights_now[0] = level_weights if level_weights is not None or tc.loss_weights == "nodes" else \
-                level_weights_at(tc, cfg, step)
+            weights_now[0] = step_level_weights(tc, cfg, step, level_weights)
             loss, grads = value_grad(params, cfg, ids, targets, rng)
             loss = float(loss)
             flat_g = flatten(grads)     # once per step; flat_params was flattened once, before the loop
             if trainable is not None:   # frozen entries must not count towards the clipping norm
                 for name, mask in trainable.items():
                     flat_g[name] = onp.where(mask, flat_g[name], onp.float32(0))
-            threshold = tc.grad_clip if tc.clip_mode == "global" else \
-                clip_threshold(tc, cfg, level_weight_table(cfg, weights_now[0]))
+            threshold = clip_threshold(tc, cfg, level_weight_table(cfg, weights_now[0]))
             gnorm = clip_by_global_norm(flat_g, threshold)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
                 raise Diverged(f"training diverged at step {step + 1}: loss {loss:.4g}, |g| {gnorm:.4g}; likely "
