@@ -160,6 +160,15 @@ def spec_slices(shape, roles, split, level, index):
                  for size, r in zip(shape, roles))
 
 
+# The per-node output tables (levels, D), there when an option is on: model (level, index) holds rows
+# level.. (its own row first, then its descendants' levels), and its residual block of columns.
+SPEC_TABLES = ("logit_gain", "node_gain")
+
+
+def table_slices(shape, split, level, index):
+    return (slice(level, None),) + spec_slices(shape[1:], ("R",), split, level, index)
+
+
 def spec_mask(params, cfg, level, index):
     """{path: bool array}: True where docs/design.md says model (level, index) owns the entry."""
     out = {}
@@ -167,6 +176,11 @@ def spec_mask(params, cfg, level, index):
         m = np.zeros(a.shape, dtype=bool)
         m[spec_slices(a.shape, roles, cfg.split, level, index)] = True
         out[path] = m
+    for name in SPEC_TABLES:
+        if name in params:
+            m = np.zeros(params[name].shape, dtype=bool)
+            m[table_slices(m.shape, cfg.split, level, index)] = True
+            out[(name,)] = m
     return out
 
 
@@ -175,6 +189,8 @@ def spec_copy(params, cfg, level, index):
     def cut(a, roles):
         return np.array(a[spec_slices(a.shape, roles, cfg.split, level, index)], copy=True)
     return {**{k: cut(params[k], SPEC_ROLES[k]) for k in SPEC_ROLES},
+            **{k: np.array(params[k][table_slices(params[k].shape, cfg.split, level, index)], copy=True)
+               for k in SPEC_TABLES if k in params},
             "layers": [{k: cut(layer[k], SPEC_LAYER_ROLES[k]) for k in SPEC_LAYER_ROLES}
                        for layer in params["layers"]]}
 
@@ -184,7 +200,8 @@ def spec_param_count(cfg):
     D, H, K, hd, V = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.vocab_size
     F = cfg.mlp_mult * D
     per_layer = 2 * D + D * H * hd + 2 * D * K * hd + H * hd * D + 2 * D * F + 2 * F + F * D + D
-    return V * D + 3 * D + cfg.layers * per_layer
+    tables = cfg.levels * D * ((cfg.logit_scale == "learned") + cfg.node_gains)   # (levels, D) each
+    return V * D + 3 * D + cfg.layers * per_layer + tables
 
 
 def astype(params, dtype):

@@ -182,7 +182,9 @@ def test_swapping_two_bytes_inside_a_group_changes_the_concept_once_P_is_not_zer
 @examples(20)
 @given(byte_configs(min_levels=2), st.integers(0, 2 ** 32 - 1))
 def test_each_slot_reads_the_state_through_its_own_gain(cfg, seed):
-    """Slot m's logits are (rmsnorm(x, final_norm) * (1 + Q_0[m]) * g_out) . rmsnorm_rows(E, out_norm)^T, g_out = 1/sqrt(d)."""
+    """Slot m's logits are (rmsnorm(x, final_norm) * (1 + Q_0[m]) * g_out) . rmsnorm_rows(E, out_norm)^T, where
+    g_out is the node's output gain: 1/sqrt(d), times (1 + mean of its logit_gain row) if learned, times
+    (1 + its node_gain row) with node gains."""
     p = byte_params(cfg, seed, np.float64)
     g = group_size(cfg, 0)
     x = np.random.default_rng(seed).normal(size=(2, 3, cfg.hidden))
@@ -190,8 +192,13 @@ def test_each_slot_reads_the_state_through_its_own_gain(cfg, seed):
 
     def norm(a, gain):
         return a / np.sqrt((a * a).mean(-1, keepdims=True) + cfg.eps) * (1.0 + gain)
-    want = np.einsum("btd,md,vd->btmv", norm(x, p["final_norm"]), 1.0 + p["Q"][:g], norm(p["E"], p["out_norm"]))
-    want = want / np.sqrt(cfg.hidden) if cfg.logit_scale == "sqrt" else want   # the node's output gain
+    g_out = np.full(cfg.hidden, 1.0 if cfg.logit_scale == "none" else 1 / np.sqrt(cfg.hidden))
+    if cfg.logit_scale == "learned":
+        g_out = g_out * (1 + np.mean(p["logit_gain"][0]))
+    if cfg.node_gains:
+        g_out = g_out * (1 + p["node_gain"][0])
+    want = np.einsum("btd,d,md,vd->btmv", norm(x, p["final_norm"]), g_out, 1.0 + p["Q"][:g],
+                     norm(p["E"], p["out_norm"]))
     assert got.shape == (2, 3, g, 256)
     assert np.allclose(got, want, rtol=1e-10, atol=1e-10)
 

@@ -131,7 +131,11 @@ def one_layer(params, cfg, level, j, ids):
 def logits_of(params, cfg, level, j, x):
     p = view(params, cfg, level, j)
     out = rmsnorm(p["E"], p["out_norm"], cfg.eps)
-    gain = 1 / np.sqrt(cfg.width(level)) if cfg.logit_scale == "sqrt" else 1.0   # the node's output gain
+    gain = 1.0 if cfg.logit_scale == "none" else 1 / np.sqrt(cfg.width(level))   # the node's output gain:
+    if cfg.logit_scale == "learned":                                                # its own rows come first
+        gain = gain * (1 + np.mean(p["logit_gain"][0]))
+    if cfg.node_gains:
+        gain = gain * (1 + p["node_gain"][0])
     return (rmsnorm(x, p["final_norm"], cfg.eps) * gain) @ out.T
 
 
@@ -340,14 +344,15 @@ def test_every_gradient_leaf_is_float32(args):
 def test_train_uses_the_coupled_loss_and_learns_the_scale():
     """train.train on a coupled config logs the coupled tree loss (not the base loss) and moves coupling_scale."""
     from tinyfractal.training.data import batch_at
-    from tinyfractal.training.train import TrainConfig, train
+    from tinyfractal.training.train import TrainConfig, level_weights_at, train
     cfg = Config.preset("micro").override(coupling="upstream", levels=2)
     params = init_params(cfg, 0)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=400).astype(np.int32)
     tc = TrainConfig(steps=2, batch_size=2, eval_interval=2, eval_batches=1, log_interval=1, warmup=0)
     ids, targets = batch_at(tokens, 2, cfg.context, tc.seed, 0)
-    want = float(tf.tree_loss(params, cfg, ids, targets))
-    base = float(tf.tree_loss(params, cfg.override(coupling="none"), ids, targets))
+    weights = level_weights_at(tc, cfg, 0)   # the default loss weights at step 0
+    want = float(tf.tree_loss(params, cfg, ids, targets, weights))
+    base = float(tf.tree_loss(params, cfg.override(coupling="none"), ids, targets, weights))
     before = params["coupling_scale"].copy()
     _, metrics = train(params, cfg, tc, tokens, tokens, log=lambda *a: None)
     assert metrics["loss"][0] == pytest.approx(want, rel=1e-6)

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from strategies import arrays_with_roles, examples, get, models
+from strategies import arrays_with_roles, examples, get, models, spec_mask
 from tinyfractal.core import fast
 from tinyfractal.core import model
 from tinyfractal.core.tree import stacked_blocks, stacked_blocks_np
@@ -219,17 +219,18 @@ def test_gradients_of_the_full_model_match_finite_differences(args, seed, path):
     h = 1e-6          # small: a width-1 rmsnorm bends on the scale sqrt(eps) = 1e-3
     directions = [{**{k: rng.normal(size=v.shape) for k, v in params.items() if k != "layers"},
                    "layers": [{k: rng.normal(size=v.shape) for k, v in layer.items()} for layer in params["layers"]]}]
-    all_arrays = arrays_with_roles(params)
+    all_paths = list(spec_mask(params, cfg, 0, 0))   # every array, the per-node tables included
     for _ in range(4):
         one_hot = zeros_like(params)
-        where, a, _ = all_arrays[rng.integers(len(all_arrays))]
+        where = all_paths[rng.integers(len(all_paths))]
+        a = get(params, where)
         get(one_hot, where)[np.unravel_index(rng.integers(a.size), a.shape)] = 1.0
         directions.append(one_hot)
     def central(d, h):
         return (f(add_scaled(params, d, h)) - f(add_scaled(params, d, -h))) / (2 * h)
     for d in directions:
         numeric = (4 * central(d, h / 2) - central(d, h)) / 3     # Richardson: error O(h^4), not O(h^2)
-        exact = sum(float(np.sum(get(g, p) * get(d, p))) for p, _, _ in all_arrays)
+        exact = sum(float(np.sum(get(g, p) * get(d, p))) for p in all_paths)
         assert abs(numeric - exact) <= 1e-6 * max(1.0, abs(exact)), (numeric, exact)
 
 

@@ -113,7 +113,8 @@ def test_merge_config_is_one_level_up(family):
 def test_new_entries_are_exactly_the_off_diagonal_blocks(family):
     """trainable_mask is True exactly where no child owns an entry (docs/design.md's blocks); those entries are
     0 with off_diagonal='zero' and within +-scale/sqrt(fan_in) with 'random'; gains, biases and E are
-    wholly the children's."""
+    wholly the children's. A per-node table's new entries are its row 0, the new root's own row: 0, as a
+    fresh node's (its gain starts at 1); the children's rows move down by one level."""
     cfg, children, off_diagonal, seed = family
     merged, pcfg = merge(children, cfg, cfg.split, off_diagonal=off_diagonal, seed=seed, scale=0.1)
     mask = trainable_mask(merged, pcfg)
@@ -125,6 +126,10 @@ def test_new_entries_are_exactly_the_off_diagonal_blocks(family):
     for name, m in mask.items():
         np.testing.assert_array_equal(m, spec[name])
         short = name.split(".")[-1]
+        if short in ("logit_gain", "node_gain"):
+            assert m[0].all() and not m[1:].any(), f"{name}: only row 0 (the new root's) is new"
+            assert not flat[name][0].any(), f"{name}: the new root's row starts at 0"
+            continue
         if short not in fan_in:
             assert not m.any(), f"{name} has new entries, but the children should cover it"
             continue
@@ -187,7 +192,8 @@ def test_frozen_training_moves_only_the_new_blocks(family, seed):
     mask = trainable_mask(merged, pcfg)
     data = tokens(400, pcfg.vocab_size, seed)
     tc = TrainConfig(steps=5, batch_size=2, lr=0.05, min_lr=0.05, warmup=0, weight_decay=0.5,
-                     eval_interval=5, eval_batches=1, log_interval=5, seed=seed, clip_mode="global")
+                     eval_interval=5, eval_batches=1, log_interval=5, seed=seed, clip_mode="global",
+                     loss_weights="nodes")
     loss_fn = root_loss
     losses_before = evaluate(merged, pcfg, data, 2, 2)
     state, _ = train(merged, pcfg, tc, data, data, trainable=mask, loss_fn=loss_fn, log=lambda msg: None)

@@ -333,7 +333,7 @@ def test_clip_mode_tree_scales_the_threshold_by_the_node_weights():
     """clip_mode='tree' clips at grad_clip * sqrt(sum over nodes of w^2): grad_clip / sqrt(n) for n equal
     nodes; for a one-level model it is grad_clip, so training is bit for bit the same as 'global'."""
     cfg = Config.preset("tiny")
-    tc = TrainConfig(grad_clip=1.0, clip_mode="tree")
+    tc = TrainConfig(grad_clip=1.0, clip_mode="tree", loss_weights="nodes")
     assert np.isclose(clip_threshold(tc, cfg, level_weights_at(tc, cfg, 0)), 1 / math.sqrt(cfg.n_nodes))
     assert clip_threshold(tc.override(clip_mode="global"), cfg, level_weights_at(tc, cfg, 0)) == 1.0
     one = Config.preset("micro").override(levels=1)
@@ -429,12 +429,22 @@ def test_nested_init_starts_each_block_as_its_owner_would_alone():
     assert np.abs(plain).max() <= 1 / math.sqrt(cfg.hidden) * (1 + 1e-6)
 
 
-def test_the_default_training_is_the_studys_chosen_combination():
-    """The defaults are what lesson 9's full study chose (width_lr=1 with tree clipping, the plain mean
-    over nodes), and faithful() takes each back to the prototype's choice; the handout's 'defaults' row
-    and its commands with --clip_mode=global / --width_lr=0 rely on both."""
-    tc = TrainConfig()
-    assert (tc.loss_weights, tc.clip_mode, tc.width_lr, tc.lr_width) == ("nodes", "tree", 1.0, 0)
-    assert (tc.faithful().clip_mode, tc.faithful().width_lr) == ("global", 0.0)
-    cfg = Config.preset("tiny")
-    assert np.isclose(clip_threshold(tc, cfg, level_weights_at(tc, cfg, 0)), tc.grad_clip / math.sqrt(7))
+def test_the_defaults_are_the_studys_chosen_combination():
+    """The defaults are what lesson 9's full study chose: the learned logit scale and per-node gains
+    (Config), width_lr=1, tree clipping and loss weights annealed from sqrt(width) to equal (TrainConfig);
+    faithful() takes each back to the prototype's choice. The handout's 'defaults' row (a study command
+    with no options) and its commands that spell out older settings rely on both. At step 0 a node of
+    width d weighs sqrt(d) (normalised over the 7 nodes), so tree clipping's threshold is
+    grad_clip * sqrt(sum of w^2); at the last step every node weighs 1/7 and the threshold is grad_clip/sqrt(7)."""
+    cfg, tc = Config.preset("tiny"), TrainConfig()
+    assert (cfg.logit_scale, cfg.node_gains, cfg.nested_init) == ("learned", True, True)
+    assert (tc.loss_weights, tc.clip_mode, tc.width_lr, tc.lr_width) == ("sqrtwidth>nodes", "tree", 1.0, 0)
+    assert (cfg.faithful().logit_scale, cfg.faithful().node_gains, cfg.faithful().nested_init) == ("none", False, False)
+    assert Config.preset("seed") == Config.preset("original").faithful()
+    assert (tc.faithful().loss_weights, tc.faithful().clip_mode, tc.faithful().width_lr) == ("nodes", "global", 0.0)
+    per_node = [math.sqrt(96)] + [math.sqrt(48)] * 2 + [math.sqrt(24)] * 4      # the 7 nodes of 'tiny'
+    w = [x / sum(per_node) for x in per_node]
+    assert np.isclose(clip_threshold(tc, cfg, level_weights_at(tc, cfg, 0)), tc.grad_clip * math.sqrt(sum(x * x for x in w)))
+    assert np.allclose(level_weights_at(tc, cfg, 0), [w[0], w[1], w[3]])
+    assert np.allclose(level_weights_at(tc, cfg, tc.steps - 1), [1 / 7] * 3)
+    assert np.isclose(clip_threshold(tc, cfg, level_weights_at(tc, cfg, tc.steps - 1)), tc.grad_clip / math.sqrt(7))

@@ -4,8 +4,8 @@ Run: python -m tinyfractal.lessons.tax [--quick] [--out DIR] [--steps N] [--seed
 
 It prints each node's first loss without and with the 1/sqrt(d) logit scale, then trains the 'tiny'
 tree and a standalone twin per level twice: with the prototype's choices (Config.faithful(): no logit
-scale, the root's init for every entry, one lr) and with today's defaults (logit_scale='sqrt',
-nested_init=True, width_lr=1, clip_mode='tree'). Every run is kept in OUT/study_cache/ (the study
+scale, the root's init for every entry, one lr) and with today's defaults (logit_scale='learned',
+node_gains=True, nested_init=True, width_lr=1, clip_mode='tree', loss_weights='sqrtwidth>nodes'). Every run is kept in OUT/study_cache/ (the study
 command's cache, with a checkpoint at every evaluation of the run in progress), so after Ctrl-C a second
 run, with or without --resume, continues where it stopped and does not train a finished run again.
 """
@@ -58,9 +58,9 @@ def the_question():
 
 def first_step_table(cfg, ids, targets, seed):
     """For every node of a fresh tree: its width, the logit of the token it just read, the spread of the
-    other logits, and its first loss; with logit_scale 'none' and 'sqrt' (every other option as in cfg)."""
+    other logits, and its first loss; with logit_scale 'none' and 'learned' (every other option as in cfg)."""
     rows = []
-    for scale in ("none", "sqrt"):
+    for scale in ("none", "learned"):
         c = cfg.override(logit_scale=scale)
         params = init_params(c, seed)
         for level, j in nodes(c):
@@ -74,7 +74,7 @@ def first_step_table(cfg, ids, targets, seed):
 
 
 def first_step(args):
-    """Section 2: each node's first loss and own-token logit, logit_scale none against sqrt."""
+    """Section 2: each node's first loss and own-token logit, logit_scale none against learned."""
     section("2. Why a fresh node starts tens of nats from ln V")
     name = "micro" if args.quick else "original"
     cfg = Config.preset(name) if args.quick else Config.preset(name).override(context=64)
@@ -86,8 +86,9 @@ def first_step(args):
           f"state still holds the embedding of the token it just read, so that token's logit is near d, and\n"
           f"the others spread like sqrt(d). Cross-entropy pays the gap: the first loss grows with the width,\n"
           f"far above ln V = {ln_v:.2f}. The prototype did exactly this (logit_scale='none'). Today's default,\n"
-          f"logit_scale='sqrt', divides each node's logits by sqrt(d_l): the largest logit is then sqrt(d)\n"
-          f"and the first loss at most ln V + 2 sqrt(d), at every width.\n")
+          f"logit_scale='learned', divides each node's logits by sqrt(d_l) and lets each node learn its own\n"
+          f"temperature from there (its factor starts at 1). So a fresh node's largest logit is sqrt(d), and\n"
+          f"its first loss at most ln V + 2 sqrt(d), at every width.\n")
     print(f"The {cfg.n_nodes} nodes of the '{name}' preset (context {cfg.context}), a fresh tree, one real batch of "
           f"{ids.shape[0]} windows;\nonly logit_scale differs between the two halves of the table:")
     rows = first_step_table(cfg, ids, targets, args.seed)
@@ -99,7 +100,7 @@ def first_step(args):
         print(f"{r['scale']:>11} {str(r['node']):>6} {d:7d} {r['own']:15.2f} {r['others']:16.2f} "
               f"{r['loss']:10.2f} {bound:7.1f}")
     plain = {r["node"]: r for r in rows if r["scale"] == "none"}
-    scaled = {r["node"]: r for r in rows if r["scale"] == "sqrt"}
+    scaled = {r["node"]: r for r in rows if r["scale"] == "learned"}
     root, leaf = (0, 0), (cfg.levels - 1, 0)
     # A fresh model's numbers, exact for any preset: true of a --quick run too
     print(f"\nWithout the scale the root (d={plain[root]['width']}) starts at {plain[root]['loss']:.1f} nats and a leaf "
@@ -129,14 +130,16 @@ def small_study(args):
           f"  the prototype's choices (Config.faithful()): logit_scale='none', nested_init=False (every entry\n"
           f"    starts as the root's init, so a level-l node's weight matrices start {small.split}^(l/2) times smaller\n"
           f"    than its twin's);\n"
-          f"  today's defaults: logit_scale='sqrt', nested_init=True (each block starts as its own twin's would),\n"
+          f"  today's defaults: logit_scale='learned' (1/sqrt(d) times a learned temperature per node), node_gains\n"
+          f"    (each node's own output gain), nested_init=True (each block starts as its own twin's would),\n"
+          f"    loss_weights='{tc.loss_weights}' (a node's loss weighs sqrt(d) at the start, all alike at the end),\n"
           f"    width_lr={tc.width_lr:g} (each matrix entry trains at lr * (D / d)^{tc.width_lr:g}, d the width of the deepest node\n"
           f"    whose block holds it; the prototype's single lr is width_lr=0), clip_mode='{tc.clip_mode}' (the tree's\n"
           f"    gradient is clipped where its nodes' would be clipped alone; the prototype's is 'global').\n"
           f"A twin is one level, so nested_init changes nothing for it; a twin of a level-l node trains its\n"
           f"matrices at the lr that node's own blocks get in the tree. So the two sets of twins differ by the\n"
-          f"logit scale and by that lr. Every run is kept in {cache}; a second run of the lesson reuses\nthe finished ones "
-          f"and continues an interrupted one from its last evaluation.")
+          f"output (scale, temperature, gain) and by that lr.\nEvery run is kept in {cache}; a second run of the "
+          f"lesson reuses the finished ones\nand continues an interrupted one from its last evaluation.")
     if args.resume:
         print("--resume: finished runs come from the cache, and an interrupted one continues from its checkpoint.")
     drop_broken_partials(cache)
@@ -144,8 +147,8 @@ def small_study(args):
     studies = {}
     try:
         for name, (c, t) in settings.items():
-            print(f"\n--- {STUDIES[name]}: logit_scale={c.logit_scale}, nested_init={c.nested_init}, width_lr={t.width_lr:g}, "
-                  f"clip_mode={t.clip_mode} ---")
+            print(f"\n--- {STUDIES[name]}: logit_scale={c.logit_scale}, node_gains={c.node_gains}, nested_init="
+                  f"{c.nested_init}, width_lr={t.width_lr:g}, clip_mode={t.clip_mode}, loss_weights={t.loss_weights} ---")
             study = tax_study(c, t, [args.seed], eval_batches, cache)
             study["label"] = STUDIES[name]
             studies[name] = study
@@ -236,11 +239,11 @@ def first_loss_figure(rows, cfg, path):
     """Bars: each level's first loss without and with the logit scale, against ln V."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for k, scale in enumerate(("none", "sqrt")):
+    for k, scale in enumerate(("none", "learned")):
         per_level = [np.mean([r["loss"] for r in rows if r["scale"] == scale and r["node"][0] == level])
                      for level in range(cfg.levels)]
         ax.bar(np.arange(cfg.levels) + 0.38 * k, per_level, width=0.36,
-               label="logit_scale='none' (the prototype)" if scale == "none" else "logit_scale='sqrt' (default)")
+               label="logit_scale='none' (the prototype)" if scale == "none" else "logit_scale='learned' (default)")
     ax.axhline(math.log(cfg.vocab_size), color="black", ls=":", lw=1, label="ln V")
     ax.set_xticks(np.arange(cfg.levels) + 0.19, [f"level {l}\nd={cfg.width(l)}" for l in range(cfg.levels)])
     ax.set_ylabel("first-step loss (nats/token)")
