@@ -477,7 +477,8 @@ def test_parameter_count_formula_equals_the_arrays(cfg):
     """config.parameter_count (used to refuse absurd configs before any array exists) and the shapes that
     view and checkpoints check against (api.expected_shapes) agree with the arrays init_params
     really builds, for base, coupled and byte models."""
-    for c in (cfg, cfg.override(coupling="upstream"), cfg.override(tokenizer="bytes")):
+    for c in (cfg, cfg.override(coupling="upstream"), cfg.override(tokenizer="bytes"), cfg.faithful(),
+              cfg.override(logit_scale="sqrt", node_gains=False)):
         arrays = flatten(tf.init_params(c, 0))
         assert api.expected_shapes(c) == {k: a.shape for k, a in arrays.items()}
         assert tf.config.parameter_count(c) == sum(a.size for a in arrays.values())

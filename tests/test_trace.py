@@ -29,6 +29,8 @@ def spec_index(name, shape, cfg, level, j):
         return (R, whole[1], C)
     if key == "Wo":
         return (whole[0], C, R)
+    if key in ("logit_gain", "node_gain"):    # per-node tables: rows level.., the node's columns
+        return (slice(level, shape[0]), R)
     return {"Wgate": (R, M), "Wup": (R, M), "Wdown": (M, R), "bgate": (M,), "bup": (M,)}.get(key, (R,))
 
 
@@ -45,7 +47,7 @@ def test_trace_of_every_tiny_node_reads_exactly_its_spec_slices(node):
             assert index == spec_index(name, shape, TINY, level, j), (step.op, name)
             read.add(name)
     assert read == set(flatten(TINY_PARAMS))
-    assert len(steps) == 3 + 8 * TINY.layers
+    assert len(steps) == 4 + 8 * TINY.layers     # embed, 8 per layer, final norm, output gain, logits
     assert lines[-1] == (f"logits (1,{IDS.shape[1]},{TINY.vocab_size}); every slice above matches the role table "
                          f"(docs/design.md)")
 
@@ -85,7 +87,7 @@ def test_tracing_leaves_the_logits_unchanged_and_restores_the_model():
         p, c = view(TINY_PARAMS, TINY, level, j), TINY.sub(level)
         with trace_module.tracing(Tracer(TINY_PARAMS, TINY, level, j)) as tracer:
             traced = forward(p, c, IDS)
-        assert len(tracer.steps) == 3 + 8 * TINY.layers
+        assert len(tracer.steps) == 4 + 8 * TINY.layers
         np.testing.assert_array_equal(traced, forward(p, c, IDS))
     assert {name: getattr(model, name) for name in trace_module.STEPS} == originals
 

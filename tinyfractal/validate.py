@@ -112,6 +112,7 @@ def parameter_count(cfg):
     D, H, K, hd, F, V, L = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size, cfg.layers
     per_layer = 2 * D + D * H * hd + 2 * D * K * hd + H * hd * D + 2 * D * F + 2 * F + F * D + D
     total = V * D + 3 * D + L * per_layer
+    total += cfg.levels * D * ((cfg.logit_scale == "learned") + bool(cfg.node_gains))   # the per-node tables
     if cfg.coupling != "none":
         total += cfg.levels * L
     if cfg.tokenizer == "bytes":

@@ -160,10 +160,10 @@ def output_table(E, out_norm, eps):
     return formulas.rmsnorm(E, out_norm, eps)
 
 
-def logits_of(x, final_norm, table, eps, gain=1.0):
-    """logits = (rmsnorm(x, final_norm) * gain) tableᵀ, gain = output_gain. (B,T,D) -> (B,T,V)."""
+def logits_of(x, final_norm, table, eps, g_out=1.0):
+    """logits = (rmsnorm(x, final_norm) * g_out) tableᵀ, g_out = output_gain. (B,T,D) -> (B,T,V)."""
     B, T, D = x.shape
-    rows = np.reshape(formulas.rmsnorm(x, final_norm, eps) * gain, (B * T, D))
+    rows = np.reshape(formulas.rmsnorm(x, final_norm, eps) * g_out, (B * T, D))
     return np.reshape(np.dot(rows, np.transpose(table)), (B, T, -1))
 
 
@@ -221,14 +221,19 @@ def output_gain(params, cfg, xp=np):
     axes of `params` (none for one node, (N,) for a stacked level); `scale_output` broadcasts it.
     `xp` is the array namespace, as in formulas.py: autograd.numpy here, jax.numpy in the JAX engine.
     """
-    gain = 1.0
-    if cfg.logit_scale != "none":
-        gain = 1.0 / math.sqrt(cfg.hidden)
-        if cfg.logit_scale == "learned":
-            row = params["logit_gain"][..., 0, :]                                # (..., d)
-            gain = (1.0 + xp.sum(row, axis=-1, keepdims=True) * (1.0 / cfg.hidden)) * gain
-    if cfg.node_gains:
-        gain = (1.0 + params["node_gain"][..., 0, :]) * gain
+    return gain_of(params["logit_gain"] if cfg.logit_scale == "learned" else None,
+                   params["node_gain"] if cfg.node_gains else None, cfg.logit_scale != "none", cfg.hidden, xp)
+
+
+def gain_of(logit_gain, node_gain, scaled, width, xp=np):
+    """output_gain from the node's tables (None when the option is off; rows [l:], its own row first):
+    1/sqrt(width) if scaled, times (1 + mean of logit_gain's first row), times (1 + node_gain's first row)."""
+    gain = 1.0 / math.sqrt(width) if scaled else 1.0
+    if logit_gain is not None:
+        row = logit_gain[..., 0, :]                                                # (..., d)
+        gain = (1.0 + xp.sum(row, axis=-1, keepdims=True) * (1.0 / width)) * gain
+    if node_gain is not None:
+        gain = (1.0 + node_gain[..., 0, :]) * gain
     return gain
 
 

@@ -21,7 +21,8 @@ from tinyfractal.core.model import count_params, forward
 from tinyfractal.core.tree import flatten, node_slices, roles_of, view
 from tinyfractal.variants import variant_of
 
-# The step functions of core/model.py that a trace wraps, and how each is printed ({} = the norm's gain).
+# The step functions of core/model.py that a trace wraps, and how each is printed ({} = the norm's gain; a
+# function gets the names of the tables the step read).
 STEPS = {
     "embed": "x = rmsnorm(E[ids], emb_norm)",
     "norm": "rmsnorm(x, {})",
@@ -32,9 +33,11 @@ STEPS = {
     "gated_hidden": "hidden = gelu(x Wgate + bgate) * (x Wup + bup)",
     "down": "mlp out = hidden Wdown + bdown",
     "output_table": "tied output: rmsnorm(E, out_norm)",
+    "gain_of": lambda tables: "g_out = output gain" + (f" from {', '.join(tables)}" if tables else ""),
     "logits_of": "logits = rmsnorm(x, final_norm) g_out out_emb^T",
 }
 ACTIVATIONS = {"x", "ids", "q", "k", "v", "probs", "hidden", "table"}   # step arguments that are not weights
+DERIVED = {"g_out"}   # step arguments computed by an earlier step (gain_of's output gain): neither input nor weight
 
 
 def _address(a):
@@ -137,12 +140,15 @@ class Tracer:
             out = fn(*args)
             weights, inputs = {}, []
             for name, a in zip(names, args):
+                if name in DERIVED:
+                    continue
                 if name in ACTIVATIONS:
                     inputs.append(a)
                 elif isinstance(a, onp.ndarray):
                     weights[self.find(a)[0].split(".")[-1]] = a
             x = inputs[0] if len(inputs) == 1 else (tuple(inputs) or None)
-            self(STEPS[step].format(*weights), weights, x, out)
+            text = STEPS[step](list(weights)) if callable(STEPS[step]) else STEPS[step].format(*weights)
+            self(text, weights, x, out)
             return out
         return traced
 
