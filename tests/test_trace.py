@@ -139,3 +139,18 @@ def test_trace_command_runs_and_refuses_bad_nodes(capsys):
     assert "divisible" in capsys.readouterr().err
     assert main(["trace", "--preset", "tiny", "--coupling=upstream"]) == 2
     assert "not supported for the upstream variant" in capsys.readouterr().err
+
+
+def test_the_output_gain_step_reads_the_tables_only_when_a_config_has_them():
+    """With the per-node tables (the defaults) the trace shows one output-gain step reading the node's rows
+    [level:] of both; with logit_scale='sqrt' and no node gains there is nothing to read and no such step,
+    and the ops still read every shared array."""
+    plain = TINY.override(logit_scale="sqrt", node_gains=False)
+    params = init_params(plain, 3)
+    steps = trace_node(params, plain, 1, 1, IDS, log=lambda line: None)
+    assert len(steps) == 3 + 8 * plain.layers and not any("g_out =" in s.op for s in steps)
+    assert {name for s in steps for name, *_ in s.uses} == set(flatten(params))
+    steps = trace_node(TINY_PARAMS, TINY, 1, 1, IDS, log=lambda line: None)
+    gain = [s for s in steps if s.op.startswith("g_out =")]
+    assert len(gain) == 1 and [name for name, *_ in gain[0].uses] == ["logit_gain", "node_gain"]
+    assert all(index == (slice(1, 3), slice(48, 96)) for _, index, *_ in gain[0].uses)

@@ -22,7 +22,7 @@ from tinyfractal.core.tree import flatten, node_slices, roles_of, view
 from tinyfractal.variants import variant_of
 
 # The step functions of core/model.py that a trace wraps, and how each is printed ({} = the norm's gain; a
-# function gets the names of the tables the step read).
+# function gets the names of the per-node tables the step read, and a step that read none is not shown).
 STEPS = {
     "embed": "x = rmsnorm(E[ids], emb_norm)",
     "norm": "rmsnorm(x, {})",
@@ -33,7 +33,7 @@ STEPS = {
     "gated_hidden": "hidden = gelu(x Wgate + bgate) * (x Wup + bup)",
     "down": "mlp out = hidden Wdown + bdown",
     "output_table": "tied output: rmsnorm(E, out_norm)",
-    "gain_of": lambda tables: "g_out = output gain" + (f" from {', '.join(tables)}" if tables else ""),
+    "gain_of": lambda tables: f"g_out = output_gain({', '.join(tables)})",
     "logits_of": "logits = rmsnorm(x, final_norm) g_out out_emb^T",
 }
 ACTIVATIONS = {"x", "ids", "q", "k", "v", "probs", "hidden", "table"}   # step arguments that are not weights
@@ -147,8 +147,11 @@ class Tracer:
                 elif isinstance(a, onp.ndarray):
                     weights[self.find(a)[0].split(".")[-1]] = a
             x = inputs[0] if len(inputs) == 1 else (tuple(inputs) or None)
-            text = STEPS[step](list(weights)) if callable(STEPS[step]) else STEPS[step].format(*weights)
-            self(text, weights, x, out)
+            if callable(STEPS[step]):
+                if weights:
+                    self(STEPS[step](list(weights)), weights, x, out)
+            else:
+                self(STEPS[step].format(*weights), weights, x, out)
             return out
         return traced
 
