@@ -62,9 +62,10 @@ def loss_weights(cfg, scheme):
 
     Before normalising, a node weighs: 'nodes' 1 (the plain mean over nodes); 'width' its width d_l (so
     every level weighs the same in total); 'params' its parameter count (the entries of its view,
-    count_params(view(params, cfg, level, j)): lesson 1's node_params, for a config without the
-    per-node option tables). Raise ValueError for another scheme. Returns [w_0, w_1, ...], one float
-    per level.
+    count_params(view(params, cfg, level, j)): lesson 1's node_params, including the node's rows
+    [l:] of the per-node tables logit_gain (if cfg.logit_scale == 'learned') and node_gain (if
+    cfg.node_gains), d_l entries per row). Raise ValueError for another scheme. Returns [w_0, w_1, ...],
+    one float per level.
     """
     if scheme == "nodes":
         raw = [1.0] * cfg.levels
@@ -76,7 +77,8 @@ def loss_weights(cfg, scheme):
             d, h, f = cfg.width(level), cfg.head_width(level), cfg.mlp_width(level)
             H, K = cfg.heads, cfg.kv_heads
             layer = 2 * d + d * H * h + 2 * d * K * h + H * h * d + 2 * (d * f + f) + f * d + d
-            raw.append(float(cfg.vocab_size * d + 3 * d + cfg.layers * layer))
+            tables = (cfg.levels - level) * d * ((cfg.logit_scale == "learned") + cfg.node_gains)
+            raw.append(float(cfg.vocab_size * d + 3 * d + cfg.layers * layer + tables))
     else:
         raise ValueError(f"scheme must be 'nodes', 'width' or 'params', got {scheme!r}")
     total = sum(raw[level] * cfg.n_models(level) for level in range(cfg.levels))

@@ -52,9 +52,10 @@ def loss_weights(cfg, scheme):
 
     Before normalising, a node weighs: 'nodes' 1 (the plain mean over nodes); 'width' its width d_l (so
     every level weighs the same in total); 'params' its parameter count (the entries of its view,
-    count_params(view(params, cfg, level, j)): lesson 1's node_params, for a config without the
-    per-node option tables). Raise ValueError for another scheme. Returns [w_0, w_1, ...], one float
-    per level.
+    count_params(view(params, cfg, level, j)): lesson 1's node_params, including the node's rows
+    [l:] of the per-node tables logit_gain (if cfg.logit_scale == 'learned') and node_gain (if
+    cfg.node_gains), d_l entries per row). Raise ValueError for another scheme. Returns [w_0, w_1, ...],
+    one float per level.
     """
     raise NotImplementedError
 
