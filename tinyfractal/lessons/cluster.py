@@ -56,7 +56,10 @@ def lesson(args):
           f"batch {tc.batch_size} x {cfg.context} tokens.")
     print("The NumPy engine (autograd, fused primitives) and the JAX engine (jax.numpy, jax.grad, jit) start from the")
     print("same init_params and read the same batches, because batches are seeded by step number.")
-    print("The JAX engine calls the same formulas (tinyfractal/core/formulas.py) with xp=jax.numpy: nothing is re-typed.\n")
+    print("The JAX engine calls the same formulas (tinyfractal/core/formulas.py) with xp=jax.numpy: nothing is re-typed.")
+    print(f"Both train with the default settings: loss weights '{tc.loss_weights}' (each step's node weights and")
+    print(f"clipping threshold are handed to the jitted JAX step), logit_scale='{cfg.logit_scale}', "
+          f"node_gains={cfg.node_gains}.\n")
 
     np_params = init_params(cfg, args.seed)
     print("NumPy engine:")
