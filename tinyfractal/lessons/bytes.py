@@ -100,6 +100,21 @@ def cosine_the_eht(params, cfg):
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+def output_gain_words(cfg):
+    """The node's output gain in two lines, for the config's logit_scale and node_gains (model.output_gain)."""
+    factors = {"none": [], "sqrt": ["1/sqrt(d)"],
+               "learned": ["(1 + mean(logit_gain row)) / sqrt(d)"]}[cfg.logit_scale]
+    roles = {"learned": ["a learned temperature"]}.get(cfg.logit_scale, [])
+    if cfg.node_gains:
+        factors, roles = factors + ["(1 + node_gain row)"], roles + ["a learned gain per coordinate"]
+    first = f"output_gain, the node's own factor (model.output_gain), is {' * '.join(factors) or '1'}"
+    if not roles:
+        return [first + (" (d = the node's own width)." if factors else ".")]
+    start = "exactly 1/sqrt(d) (d = the node's own width)" if factors[0] != "(1 + node_gain row)" else "1"
+    tables = "both tables start" if len(roles) == 2 else "its table starts"
+    return [first + ":", f"{' and '.join(roles)}; {tables} at 0, so it starts at {start}."]
+
+
 def the_concept(cfg, params):
     """Section 3: a concept is a gained sum of byte embeddings; at init it is blind to order."""
     section("3. A concept: rmsnorm(sum_m E[b_m] * (1 + P[m]), emb_norm)")
@@ -107,10 +122,9 @@ def the_concept(cfg, params):
     cos_init = cosine_the_eht(params, cfg)
     print(f"cosine('the ', 'eht ') at init: {cos_init:.6f}")
     print("The model predicts the next group's g bytes, one distribution per slot: slot m reads the final")
-    gain = {"none": "", "sqrt": " / sqrt(d)"}.get(cfg.logit_scale, " * output_gain")   # model.output_gain
-    print(f"state through its own gain, (rmsnorm(x, final_norm) * (1 + Q[m]){gain}) . rmsnorm_rows(E, out_norm)^T.")
-    if cfg.logit_scale == "sqrt":
-        print("(d is the node's own width: logit_scale='sqrt', the default.)")
+    print("state through its own gain, "
+          "(rmsnorm(x, final_norm) * (1 + Q[m]) * output_gain) . rmsnorm_rows(E, out_norm)^T.")
+    print("\n".join(output_gain_words(cfg)))
     return cos_init
 
 
