@@ -5,7 +5,8 @@ Run: python -m tinyfractal.lessons.transformer [--quick] [--out DIR] [--seed N] 
 The model is the 'tiny' preset with levels=1: no sub-models, just the transformer that lesson 1 then
 cuts into a tree. The lesson follows one forward pass through every op with real numbers, explains the
 two things a fresh model does that surprise everyone (raw tied logits whose first loss is about d nats,
-which the default output's 1/sqrt(d) brings down to at most ln V + 2 sqrt(d), and "RRRR" either way),
+which the default output's gain, starting at exactly 1/sqrt(d), brings down to at most ln V + 2 sqrt(d), and
+"RRRR" either way),
 trains the model for about a minute and samples from it.
 """
 import math
@@ -72,7 +73,9 @@ def the_model(cfg, params):
             "Wq": f"queries: {H} heads of {h}", "Wk": f"keys: {K} head shared by all {H}",
             "Wv": f"values: {K} head shared by all {H}", "Wo": "heads back to the residual width",
             "Wgate": "GeGLU gate branch", "bgate": "its bias", "Wup": "GeGLU linear branch", "bup": "its bias",
-            "Wdown": "MLP back to the residual width", "bdown": "its bias"}
+            "Wdown": "MLP back to the residual width", "bdown": "its bias",
+            "logit_gain": "learned temperature: (1 + mean of its row) / sqrt(d)",
+            "node_gain": "the model's own output gain, one per coordinate"}
     print(f"\n{'array':<20}{'shape':<14}{'numbers':>9}  what it is")
     rows = [(k, v) for k, v in params.items() if k != "layers"]
     rows += [(f"layers[0].{k}", v) for k, v in params["layers"][0].items()]
@@ -83,6 +86,11 @@ def the_model(cfg, params):
     print(f"\n{count_params(params):,} numbers in all. Multi-query attention (K=1) keeps Wk and Wv at "
           f"{2 * D * K * h:,} numbers per layer; with K=H={H} key/value heads they would hold {2 * D * H * h:,}.")
     print(f"The output reuses E (tied), which saves a separate V x d = {V * D:,} output matrix.")
+    extra = [k for k in ("logit_gain", "node_gain") if k in params]
+    if extra:
+        print(f"{' and '.join(extra)} add {sum(params[k].size for k in extra):,} numbers (the defaults "
+              f"logit_scale={cfg.logit_scale!r}, node_gains={cfg.node_gains}):\n"
+              f"the output gain g_out of section 3, learned from 0 so that it starts at exactly 1/sqrt(d).")
 
 
 def one_pass_traced(cfg, params, tokenizer):
@@ -198,10 +206,13 @@ def one_pass_by_hand(cfg, params, tokenizer, ids):
     print(f"After {cfg.layers} layers each position's x still points along its own token's embedding: "
           f"cosine {cos_start.min():.3f} .. {cos_start.max():.3f}")
 
-    gain = output_gain(params, cfg)                                                # 1/sqrt(d): logit_scale="sqrt"
+    gain = np.broadcast_to(output_gain(params, cfg), (D,))                         # (d,): g_out per coordinate
     print(f"\nTied output: logits = rmsnorm(x, final_norm) g_out . rmsnorm(E, out_norm)^T. There is no output\n"
           f"matrix: each token's logit is the dot product of x with that token's own normalised embedding row,\n"
-          f"times the output gain g_out = 1/sqrt(d) = {gain:.4f} (the default, logit_scale='sqrt'; section 4 says why).")
+          f"times the output gain g_out (model.output_gain; section 4 says why it starts at 1/sqrt(d)).")
+    print("\n".join("  " + line for line in output_gain_words(cfg)))
+    print(f"  Here g_out = {gain.min():.4f} .. {gain.max():.4f} over the {D} coordinates; "
+          f"1/sqrt(d) = {1 / math.sqrt(D):.4f}.")
     out_emb = rmsnorm(E, params["out_norm"], eps)                                  # (V,D)
     logits = (rmsnorm(x, params["final_norm"], eps).reshape(B * T, D) * gain @ out_emb.T).reshape(B, T, -1)
     engine = forward(params, cfg, ids)
@@ -238,10 +249,26 @@ def logit_stats(cfg, params, ids, targets):
             "norm_x0": float(np.linalg.norm(x0, axis=-1).mean()), "norm_x": float(np.linalg.norm(x, axis=-1).mean())}
 
 
-def raw_output(cfg):
-    """The same model with the prototype's output: the raw dot products, no 1/sqrt(d). A one-level model's
-    arrays are the same under both (the scale is a constant, not an array), so its params serve both."""
-    return cfg.override(logit_scale="none")
+def output_gain_words(cfg):
+    """What g_out is for the config's logit_scale and node_gains (model.output_gain): two lines."""
+    factors = {"none": [], "sqrt": ["1/sqrt(d)"], "learned": ["(1 + mean(logit_gain[0])) / sqrt(d)"]}[cfg.logit_scale]
+    roles = ["a learned temperature"] if cfg.logit_scale == "learned" else []
+    if cfg.node_gains:
+        factors, roles = factors + ["(1 + node_gain[0])"], roles + ["a learned gain per coordinate"]
+    first = f"g_out = {' * '.join(factors) or '1'} (logit_scale={cfg.logit_scale!r}, node_gains={cfg.node_gains})"
+    start = "1" if cfg.logit_scale == "none" else "1/sqrt(d)"
+    if not roles:
+        return [first + ": a constant, " + start + "."]
+    tables = "both tables start" if len(roles) == 2 else "its table starts"
+    return [first + ":", f"{' and '.join(roles)}; {tables} at 0, so a fresh model's g_out is exactly {start}."]
+
+
+def raw_output(cfg, params):
+    """The same model with the prototype's output, the raw dot products (logit_scale='none', no node gains):
+    (config, params), the params without the learned output tables logit_gain and node_gain. Those tables
+    start at 0 (g_out exactly 1/sqrt(d)), so for a fresh model the raw logits are the default's times sqrt(d)."""
+    raw = cfg.override(logit_scale="none", node_gains=False)
+    return raw, {k: v for k, v in params.items() if k not in ("logit_gain", "node_gain")}
 
 
 def tree_first_losses(tree, seed, ids, targets):
@@ -251,12 +278,12 @@ def tree_first_losses(tree, seed, ids, targets):
 
 def first_loss(cfg, params, ids, targets, train_tokens, seed):
     """Section 4: the raw tied logits make a fresh model's first loss about d nats, not ln V; the default
-    output's 1/sqrt(d) keeps it at most ln V + 2 sqrt(d)."""
+    output's gain, which starts at exactly 1/sqrt(d), keeps it at most ln V + 2 sqrt(d)."""
     section("4. Why raw logits cost d nats, and what the 1/sqrt(d) scale does")
     V, D = cfg.vocab_size, cfg.hidden
     root, ln_v = math.sqrt(D), math.log(V)
     entropy = unigram_entropy(train_tokens, V)
-    raw = logit_stats(raw_output(cfg), params, ids, targets)
+    raw = logit_stats(*raw_output(cfg, params), ids, targets)
     s = logit_stats(cfg, params, ids, targets)
     print(f"Guessing uniformly costs ln V = ln {V} = {ln_v:.3f} nats per token; knowing only how often\n"
           f"each token occurs costs the unigram entropy, {entropy:.3f}. What does a fresh model pay, on a batch of "
@@ -272,14 +299,17 @@ def first_loss(cfg, params, ids, targets, train_tokens, seed):
     print(f"The softmax puts almost all its mass on the input token, so the loss is about\n"
           f"logit(input) - logit(target) = {raw['own'] - raw['target']:.1f} nats (measured: {raw['loss']:.1f}), "
           f"i.e. about d, not ln V.")
-    print(f"\nThe default output (logit_scale='sqrt') multiplies every logit by g_out = 1/sqrt(d) = {1 / root:.4f}:")
+    gain = np.broadcast_to(output_gain(params, cfg), (D,))                         # (d,) at init
+    print(f"\nThe default output starts at g_out = 1/sqrt(d) = {1 / root:.4f} (section 3; this fresh model's: "
+          f"{gain.min():.4f} .. {gain.max():.4f}),\nso it multiplies every fresh logit by 1/sqrt(d):")
     print(f"  logit of an unrelated token (std over all others):  {s['std_others']:6.2f}   ~ 1")
     print(f"  logit of the input token itself (mean):             {s['own']:6.2f}   ~ sqrt(d) = {root:.2f}")
     print(f"  logit of the right next token (mean):               {s['target']:+6.2f}   ~ 0 +- 1")
     print(f"The same argument, sqrt(d) times smaller: the loss is about logit(input) - logit(target) = "
           f"{s['own'] - s['target']:.2f}\n(measured: {s['loss']:.2f} nats, ln V + {s['loss'] - ln_v:.2f}). "
-          f"While the gains are 1 no logit can pass sqrt(d) in size\n(|a.b| <= |a| |b| = d), so a fresh model's first "
-          f"loss is at most ln V + 2 sqrt(d) = {ln_v + 2 * root:.2f}, whatever\nits weights. "
+          f"While the norm gains are 1 and g_out is 1/sqrt(d),\nno logit can pass sqrt(d) in size "
+          f"(|a.b| <= |a| |b| = d), so a fresh model's first loss is at most\nln V + 2 sqrt(d) = "
+          f"{ln_v + 2 * root:.2f}, whatever its weights. "
           f"The largest |logit| in this batch: {s['max_abs']:.2f}.")
     print(f"\nThe same at other widths (levels=1, head dim scaled with the width), first losses in nats:")
     print(f"  {'width d':>7} {'sqrt(d)':>8} {'raw loss':>9} {'raw std of others':>18} {'1/sqrt(d) loss':>15} "
@@ -288,7 +318,7 @@ def first_loss(cfg, params, ids, targets, train_tokens, seed):
     for width in (24, 48, 96):
         c = cfg.override(hidden=width, head_dim=cfg.head_dim * width // D)
         p = init_params(c, seed)
-        w_raw, w = logit_stats(raw_output(c), p, ids, targets), logit_stats(c, p, ids, targets)
+        w_raw, w = logit_stats(*raw_output(c, p), ids, targets), logit_stats(c, p, ids, targets)
         print(f"  {width:7d} {math.sqrt(width):8.2f} {w_raw['loss']:9.1f} {w_raw['std_others']:18.2f} "
               f"{w['loss']:15.2f} {ln_v + 2 * math.sqrt(width):17.2f}")
         widths[str(width)] = {"raw_loss": w_raw["loss"], "raw_std_others": w_raw["std_others"], "loss": w["loss"]}
@@ -329,7 +359,7 @@ def why_rrrr(cfg, params, tokenizer, ids, targets, seed):
     print(f"  n_i . n_i = {np.diag(gram).min():.2f} .. {np.diag(gram).max():.2f} for every token (= d = {D})")
     print(f"  n_i . n_j, i != j: std {off.std():.2f}, largest {off.max():.2f}")
     print(f"  so every token's own row beats every other row by at least {margin:.1f}.")
-    raw = logit_stats(raw_output(cfg), params, ids, targets)
+    raw = logit_stats(*raw_output(cfg, params), ids, targets)
     s = logit_stats(cfg, params, ids, targets)
     print(f"Section 3 showed that x leaves the layers still pointing along its input token's embedding, so the\n"
           f"largest logit is the input token's own: the argmax equals the input token at "
@@ -337,7 +367,8 @@ def why_rrrr(cfg, params, tokenizer, ids, targets, seed):
     logits = np.asarray(forward(params, cfg, ids), dtype=np.float64) / 0.8          # (B,T,V) at temperature 0.8
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     p_input = float((np.take_along_axis(probs, ids[..., None], -1)[..., 0] / probs.sum(-1)).mean())
-    print(f"The 1/sqrt(d) scale does not change that: one positive factor on every logit keeps their order. It\n"
+    print(f"The fresh g_out (1/sqrt(d)) does not change that: one positive factor on every logit keeps their "
+          f"order. It\n"
           f"shrinks the gaps: the input token leads the next-best token by {s['lead']:.2f} on average (raw: "
           f"{raw['lead']:.1f}, sqrt(d)\ntimes more). At temperature 0.8 the input token still gets {100 * p_input:.1f}% "
           f"of the probability on average.")
@@ -377,6 +408,10 @@ def after_training(cfg, params, tokenizer, ids, targets, metrics, train_tokens, 
     print("\n".join(loss_table(metrics, cfg, entropy)))
     s = logit_stats(cfg, params, ids, targets)
     gains = {name: float(np.mean(1 + params[name])) for name in ("final_norm", "out_norm")}
+    if "logit_gain" in params:    # the learned temperature, times 1/sqrt(d) in g_out
+        gains["temperature"] = float(1 + np.mean(params["logit_gain"][0]))
+    if "node_gain" in params:     # the model's own per-coordinate output gain, in g_out
+        gains["node_gain"] = float(np.mean(1 + params["node_gain"][0]))
     print(f"\nThe logits now: std {s['std_all']:.2f} (was {fresh['std_all']:.2f}); the input token's own "
           f"logit {s['own']:+.2f} (was {fresh['own_logit']:+.2f}); the right token's {s['target']:+.2f} "
           f"(was {fresh['target_logit']:+.2f}).")
@@ -388,13 +423,16 @@ def after_training(cfg, params, tokenizer, ids, targets, metrics, train_tokens, 
                    f"{s['cos_input']:.3f}.\nThe final RMSNorm brings x back to length sqrt(d), and a logit is d times a "
                    f"cosine, times the gains, over sqrt(d):\nthe input token's logit fell with its cosine, and the right "
                    f"token's rose as x turned towards its row.")
-    mean_gain = (gains["final_norm"] + gains["out_norm"]) / 2
-    moved = ("grew" if mean_gain > 1.05 else "shrank" if mean_gain < 0.95 else "hardly moved")
-    why = {"grew": ": louder logits for the same cosines.\nWith the 1/sqrt(d) scale a logit is sqrt(d) times a "
-                   "cosine times the gains, and the gains are the only way past sqrt(d).",
-           "shrank": ": quieter logits for the same cosines.", "hardly moved": "."}[moved]
-    conclude(args, f"The gains {moved}: mean (1 + g) of final_norm {gains['final_norm']:.3f}, of out_norm "
-                   f"{gains['out_norm']:.3f}{why}")
+    together = float(np.prod(list(gains.values())))
+    moved = ("grew" if together > 1.05 else "shrank" if together < 0.95 else "hardly moved")
+    why = {"grew": ", louder logits for the same cosines.\nWith g_out starting at 1/sqrt(d) a logit starts at "
+                   "sqrt(d) times a cosine, and the learned gains are the only way past sqrt(d).",
+           "shrank": ", quieter logits for the same cosines.", "hardly moved": "."}[moved]
+    words = {"final_norm": "mean (1 + g) of final_norm", "out_norm": "of out_norm",
+             "temperature": "the learned temperature (1 + mean(logit_gain[0]))",
+             "node_gain": "the mean node gain (1 + node_gain[0])"}
+    listed = ", ".join(f"{words[k]} {v:.3f}" for k, v in gains.items())
+    conclude(args, f"The gains {moved}: {listed};\ntheir product is {together:.3f}{why}")
     section("7. Samples from the trained model")
     samples = {}
     for name, temperature in (("temperature 0.8, top-k 40", 0.8), ("greedy (temperature 0)", 0.0)):
@@ -427,8 +465,8 @@ def save_figures(cfg, params, fresh, metrics, tokenizer, ids, out, entropy):
 
     trace_ids = np.array([tokenizer.encode(TRACE_PROMPT)])
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    panels = ((axes[0], fresh, raw_output(cfg), "fresh model, raw (logit_scale='none')"),
-              (axes[1], fresh, cfg, "fresh model, times 1/sqrt(d) (default)"),
+    panels = ((axes[0], *raw_output(cfg, fresh)[::-1], "fresh model, raw (logit_scale='none')"),
+              (axes[1], fresh, cfg, "fresh model, g_out = 1/sqrt(d) (default)"),
               (axes[2], params, cfg, "trained model (default)"))
     for ax, p, c, title in panels:
         logits = np.asarray(forward(p, c, ids), dtype=np.float64)
