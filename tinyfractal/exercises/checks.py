@@ -197,7 +197,8 @@ def check_tied_logits(fn):
 
 @exercise("transformer", "param_count", "count the parameters of a one-level model",
           "Per layer: two norm gains (D each), Wq D*H*h, Wk and Wv D*K*h each, Wo H*h*D, Wgate and Wup D*F "
-          "each with biases of F, Wdown F*D with a bias of D. Outside the layers: E (V*D) and three gains of D.")
+          "each with biases of F, Wdown F*D with a bias of D. Outside the layers: E (V*D), three gains of D, and "
+          "the default output's two tables logit_gain and node_gain, (1, D) each.")
 def check_param_count(fn):
     rng = np.random.default_rng(5)
     for _ in range(6):

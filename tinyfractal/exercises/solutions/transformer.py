@@ -99,13 +99,15 @@ def tied_logits(x, E, final_norm, out_norm, eps):
 def param_count(V, D, H, K, h, F, layers):
     """How many numbers a one-level model holds (count_params(init_params(cfg))), from its sizes.
 
-    Lesson 0, section 1 lists the arrays. Count every one of them, biases and norm gains included.
+    Lesson 0, section 1 lists the arrays. Count every one of them, biases, norm gains and the default
+    output's two small tables included.
     """
     per_layer = (2 * D                                  # attn_norm, mlp_norm
                  + D * H * h + 2 * D * K * h + H * h * D  # Wq, Wk, Wv, Wo
                  + 2 * D * F + 2 * F                    # Wgate, Wup and their biases
                  + F * D + D)                           # Wdown, bdown
-    return V * D + 3 * D + layers * per_layer           # E; emb_norm, final_norm, out_norm
+    # E; emb_norm, final_norm, out_norm; the default output's logit_gain and node_gain, one row of D each
+    return V * D + 3 * D + 2 * D + layers * per_layer
 
 
 def unrelated_logit_std(d):

@@ -73,7 +73,8 @@ def tied_logits(x, E, final_norm, out_norm, eps):
 def param_count(V, D, H, K, h, F, layers):
     """How many numbers a one-level model holds (count_params(init_params(cfg))), from its sizes.
 
-    Lesson 0, section 1 lists the arrays. Count every one of them, biases and norm gains included.
+    Lesson 0, section 1 lists the arrays. Count every one of them, biases, norm gains and the default
+    output's two small tables included.
     """
     raise NotImplementedError
 
