@@ -155,6 +155,38 @@ def test_merging_lesson_quick(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.glob("*.png"))
 
 
+def test_merging_lesson_logits_at_gain_is_the_output_with_that_gain():
+    """Section 3(d)'s prediction sums each child's logits at the parent's gain: logits_at_gain(params, cfg, ids, g)
+    is forward() of the same model with g as its output gain. Checked per coordinate (random tables, float64):
+    at the model's own gain, and at another gain g written into the model's own tables
+    (logit_gain row 0 = 0, node_gain row 0 = g * sqrt(d) - 1, so that output_gain is g)."""
+    from tinyfractal.core.model import forward, output_gain
+    from tinyfractal.lessons.merging import logits_at_gain
+    import tinyfractal as tf
+    cfg = Config.preset("micro").override(levels=1, hidden=8, head_dim=4, vocab_size=16, context=8,
+                                          logit_scale="learned", node_gains=True)
+    rng = np.random.default_rng(3)
+
+    def as64(tree):
+        if isinstance(tree, dict):
+            return {k: as64(v) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [as64(v) for v in tree]
+        return np.asarray(tree, dtype=np.float64)
+    params = as64(tf.init_params(cfg, 0))
+    params["logit_gain"] = rng.normal(0, 0.3, params["logit_gain"].shape)
+    params["node_gain"] = rng.normal(0, 0.3, params["node_gain"].shape)
+    ids = rng.integers(0, cfg.vocab_size, size=(2, cfg.context))
+    np.testing.assert_allclose(logits_at_gain(params, cfg, ids, output_gain(params, cfg)), forward(params, cfg, ids),
+                               rtol=1e-12, atol=1e-12)
+    g = rng.uniform(0.1, 0.9, cfg.hidden)
+    other = dict(params, logit_gain=np.zeros_like(params["logit_gain"]),
+                 node_gain=(g * np.sqrt(cfg.hidden) - 1.0)[None, :])
+    np.testing.assert_allclose(output_gain(other, cfg), g, rtol=1e-12)
+    np.testing.assert_allclose(logits_at_gain(params, cfg, ids, g), forward(other, cfg, ids), rtol=1e-10, atol=1e-10)
+    assert not np.allclose(logits_at_gain(params, cfg, ids, g), forward(params, cfg, ids))
+
+
 RESUMABLE = TrainConfig(steps=6, batch_size=2, eval_interval=2, eval_batches=1, log_interval=1, warmup=1)
 TIMES = ("seconds", "cpu_seconds")
 

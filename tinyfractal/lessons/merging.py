@@ -13,7 +13,7 @@ import numpy as np
 from tinyfractal import Config, Tokenizer
 from tinyfractal.core.formulas import rmsnorm, rope, rope_tables, softmax
 from tinyfractal.api import init_params
-from tinyfractal.core.model import cross_entropy, forward, output_gain
+from tinyfractal.core.model import cross_entropy, embed, forward, layer, logits_of, output_gain, output_table
 from tinyfractal.core.tree import nodes
 from tinyfractal.lessons._common import (conclude, forget_saved, note_saved, pyplot, run, save_figure, section,
                                          train_with_checkpoints, uninterrupted)
@@ -228,7 +228,12 @@ def baselines(args, cfg, tc, grown, stages, steps, joint_steps, chunks):
     joint_step_flops = step_flops(cfg, tc.batch_size, levels=range(L))
     root_step_flops = step_flops(cfg, tc.batch_size)
     alone_steps = max(1, round(joint_steps * joint_step_flops / root_step_flops))
-    print(f"joint: lesson 1's training (mean loss of all {cfg.n_nodes} nodes), {joint_steps} steps.")
+    weighting = (f"the mean loss of all {cfg.n_nodes} nodes" if tc.loss_weights == "nodes" else
+                 f"all {cfg.n_nodes} nodes' losses, loss_weights={tc.loss_weights!r}")
+    print(f"joint: lesson 1's training ({weighting}), {joint_steps} steps.")
+    if tc.loss_weights == "sqrtwidth>nodes":
+        print("       (the default: each node's loss weighs sqrt(its width) at step 0, moving linearly to equal\n"
+              "       weights at the last step)")
     print(f"alone: the root trained from scratch with its own loss only (what model-growth papers compare\n"
           f"       with), {alone_steps} steps: the same FLOPs, as its step is cheaper.")
     print("Both read the same data as the grown root: the union of the chunks' train parts.")
@@ -277,14 +282,21 @@ def compute_saved(args, cfg, stages, metrics, budgets):
              for name in ("joint", "alone")}
     print("\nModel-growth papers (bert2BERT, LiGO) warm-start a large model from smaller trained ones, then train\n"
           "ALL of it, and report 45-50% less compute than training the large model from scratch at equal loss.\n"
-          "Here the children stay frozen, so a parent learns only through its off-diagonal blocks, and the\n"
-          f"grown tree holds {cfg.n_nodes} trained models, as the joint one does; the root alone is one model.")
+          "Here the children stay frozen, so a parent learns only through its new entries (its off-diagonal\n"
+          f"blocks{own_rows(cfg)}), and the grown tree holds {cfg.n_nodes} trained models,\n"
+          f"as the joint one does; the root alone is one model.")
     for name, r in reach.items():
         conclude(args, f"  against the {name} run: " + (f"{r['saving']:.0%} of the compute saved to reach its root's "
                                                         f"loss" if r["reached"] else "its root's loss is not reached"))
     figure = plot_root_vs_flops(stages, metrics, budgets, args.out / "root_vs_flops.png")
     print(f"saved {figure}")
     return reach, figure
+
+
+def own_rows(cfg):
+    """', and its own rows of logit_gain and node_gain' (the per-node tables a merge adds new), or ''."""
+    tables = [name for name, on in (("logit_gain", cfg.logit_scale == "learned"), ("node_gain", cfg.node_gains)) if on]
+    return f", and its own row{'s' if len(tables) > 1 else ''} of {' and '.join(tables)}" if tables else ""
 
 
 def attention_probs(x, Wq, Wk, h, theta):
@@ -307,10 +319,10 @@ def coupling_demo(parent, pcfg, children, child_cfg, ids, targets):
     print("\n(a) RMSNorm divides by the RMS over the FULL width, which mixes the children's scales.")
     print("    After the first norm, child r's slice of the parent's state is child r's own state times")
     print("    rms(child r) / rms(all): one factor per token, 1 only by chance.")
-    ratios = []
+    norm_ratios = []
     for r in range(s):
         ratio = (x[..., r * d:(r + 1) * d] / xs[r])[..., 0]
-        ratios.append([float(ratio.min()), float(ratio.mean()), float(ratio.max())])
+        norm_ratios.append([float(ratio.min()), float(ratio.mean()), float(ratio.max())])
         print(f"    child {r}: factor min {ratio.min():.3f}  mean {ratio.mean():.3f}  max {ratio.max():.3f}")
 
     print("\n(b) RoPE pairs component m with m + head_dim/2 of the SAME head, at angle pos * theta^(-2m/hd).")
@@ -349,25 +361,64 @@ def coupling_demo(parent, pcfg, children, child_cfg, ids, targets):
     plog = forward(parent, pcfg, ids)
     clogs = [forward(c, child_cfg, ids) for c in children]
     total = sum(clogs)
-    # Every node multiplies its logits by its own output gain (1/sqrt(width) under logit_scale="sqrt"), so
-    # without the couplings the parent gives the children's summed logits times gain(parent)/gain(child).
-    k = output_gain(parent, pcfg) / output_gain(children[0], child_cfg)
+    # Every node multiplies its normalised final state by its own output gain (output_gain) before the tied
+    # output. Without the couplings, the parent's slice r would be child r's final state, so the parent
+    # would give the sum over r of child r's logits computed with the PARENT's gain on slice r in place of
+    # child r's own. Under logit_scale="sqrt" alone that is a fixed 1/sqrt(s) x the sum; with the learned
+    # temperature and node_gains the ratio is per coordinate and depends on what each child learned.
+    D = pcfg.hidden
+    gain_p = np.broadcast_to(np.asarray(output_gain(parent, pcfg), dtype=np.float64), (D,))     # (D,)
+    ratios, at_parent = [], 0.0
+    for r, c in enumerate(children):
+        gain_c = np.broadcast_to(np.asarray(output_gain(c, child_cfg), dtype=np.float64), (d,))  # (d,)
+        ratio = gain_p[r * d:(r + 1) * d] / gain_c
+        ratios.append([float(ratio.min()), float(ratio.mean()), float(ratio.max())])
+        at_parent = at_parent + logits_at_gain(c, child_cfg, ids, gain_p[r * d:(r + 1) * d].astype(np.float32))
+    gain_text = {"none": "1", "sqrt": "1/sqrt(width)",
+                 "learned": "(1 + mean of its own row of logit_gain) / sqrt(width)"}[pcfg.logit_scale]
+    if pcfg.node_gains:
+        gain_text += " x (1 + its own row of node_gain), per coordinate"
+    print(f"    Every node scales its normalised final state by its own output gain (logit_scale="
+          f"{pcfg.logit_scale!r}, node_gains={pcfg.node_gains}):\n    {gain_text}.")
+    if pcfg.logit_scale == "learned" or pcfg.node_gains:
+        print("    The parent's own rows of those tables are new at a merge and start at 0; each child's rows were")
+        print(f"    trained with the child. The parent's gain at merge: min {gain_p.min():.4f}  max {gain_p.max():.4f}"
+              f" (1/sqrt({D}) = {1 / np.sqrt(D):.4f}).")
+    print("    The parent's gain divided by child r's, coordinate by coordinate, on child r's slice:")
+    for r, (lo, mean, hi) in enumerate(ratios):
+        print(f"    child {r}: ratio min {lo:.3f}  mean {mean:.3f}  max {hi:.3f}")
+    fixed = all(abs(hi - lo) <= 1e-6 * abs(mean) for lo, mean, hi in ratios) and \
+        max(m for _, m, _ in ratios) - min(m for _, m, _ in ratios) <= 1e-6
     losses = {"parent at merge": float(cross_entropy(plog, targets))}
     for r, lg in enumerate(clogs):
         losses[f"child {r}"] = float(cross_entropy(lg, targets))
     losses["sum of the children's logits"] = float(cross_entropy(total, targets))
-    losses[f"{k:.3f} x that sum"] = float(cross_entropy(k * total, targets))
+    losses["the sum at the parent's gains"] = float(cross_entropy(at_parent, targets))
     losses["mean of the children's logits"] = float(cross_entropy(total / s, targets))
-    print(f"    max |parent logits - {k:.3f} x sum of children's logits| = {np.abs(plog - k * total).max():.3f} "
-          f"(|logits| max {np.abs(k * total).max():.3f})")
+    print(f"    max |parent logits - the children's logits summed at the parent's gains| = "
+          f"{np.abs(plog - at_parent).max():.3f} (|logits| max {np.abs(at_parent).max():.3f})")
     for name, value in losses.items():
         print(f"    {name:<32} loss {value:.4f}")
-    print("    The output is rmsnorm(x) . rmsnorm_rows(E)^T over the full width, times the node's own output gain")
-    print(f"    (logit_scale={pcfg.logit_scale!r}; the parent's is {k:.3f} x a child's): with the couplings removed it")
-    print(f"    WOULD be {k:.3f} x the sum of the children's logits, a product of experts that counts each child's")
-    print(f"    confidence at {k:.3f} of its strength. Training the off-diagonal blocks is what calibrates the parent.")
-    return {"norm_factor_min_mean_max": ratios, "rope_max_abs_diff": rope_diff, "attention_tv": tv,
-            "losses": losses}
+    print("    The output is rmsnorm(x) . rmsnorm_rows(E)^T over the full width, times the node's own output gain:")
+    print("    with the couplings removed the parent WOULD give the sum of its children's logits, each computed")
+    if fixed:
+        print(f"    at the parent's gain, here a fixed {ratios[0][1]:.3f} x the child's: a product of experts that counts")
+        print(f"    each child's confidence at {ratios[0][1]:.3f} of its strength.")
+    else:
+        print("    at the parent's gain in place of its own: a product of experts weighted by the parent's untrained")
+        print("    gain, which undoes each child's learned temperature and per-coordinate gain.")
+    print("    Training the new entries (the off-diagonal blocks and the parent's own gain rows) calibrates the parent.")
+    return {"norm_factor_min_mean_max": norm_ratios, "rope_max_abs_diff": rope_diff, "attention_tv": tv,
+            "gain_ratio_min_mean_max": ratios, "losses": losses}
+
+
+def logits_at_gain(params, cfg, ids, gain):
+    """One model's logits with `gain` in place of its own output gain (model.output, another gain):
+    ids (B,T) -> (B,T,V). With gain = output_gain(params, cfg) this is forward(params, cfg, ids)."""
+    x = embed(params["E"], params["emb_norm"], np.asarray(ids), cfg.eps)      # (B,T,d)
+    for p in params["layers"]:
+        x = layer(x, p, cfg)
+    return logits_of(x, params["final_norm"], output_table(params["E"], params["out_norm"], cfg.eps), cfg.eps, gain)
 
 
 def steps_to_reach(args, stages, baseline, baseline_flops, name):
