@@ -35,7 +35,8 @@ def owned_by_view(full, cfg, level, index):
     """{path: bool mask}: the entries of every full array that view(full, cfg, level, index) reaches."""
     v = view(full, cfg, level, index)
     out = {}
-    for path, a, _ in arrays_with_roles(full):
+    for path in spec_mask(full, cfg, 0, 0):    # every array, the per-node tables included
+        a = get(full, path)
         m = np.zeros(a.size, dtype=bool)
         m[np.asarray(get(v, path)).ravel()] = True
         out[path] = m.reshape(a.shape)
@@ -165,7 +166,7 @@ def test_siblings_are_disjoint(cfg):
     """Siblings are disjoint: at every level, no entry of any array is reached by the views of two models."""
     full = numbered(cfg)
     for level in range(cfg.levels):
-        count = {path: np.zeros(a.shape, dtype=int) for path, a, _ in arrays_with_roles(full)}
+        count = {path: np.zeros(get(full, path).shape, dtype=int) for path in spec_mask(full, cfg, 0, 0)}
         for j in range(cfg.split ** level):
             for path, owned in owned_by_view(full, cfg, level, j).items():
                 count[path] += owned
