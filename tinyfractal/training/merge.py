@@ -3,8 +3,10 @@
 `merge` is the write-side twin of `tree.view`: child r of the merged model *is* view (1, r), so
 writing each child through its view puts every array exactly where the index maps of docs/design.md
 section 1 say, and moves the child's own descendants one level down unchanged. What is left over,
-the off-diagonal blocks of the projection and MLP matrices, is all that is new; `trainable_mask`
-marks exactly those entries so training can leave the children bit for bit as they were.
+the off-diagonal blocks of the projection and MLP matrices and, when the per-node output options are
+on, the parent's own row of `logit_gain` and `node_gain` (row 0, which starts at 0), is all that is
+new; `trainable_mask` marks exactly those entries so training can leave the children bit for bit as
+they were.
 """
 import dataclasses
 
@@ -102,7 +104,8 @@ def extract(params, cfg, level, index):
 
 def trainable_mask(params, cfg, frozen_level=1):
     """Flat name -> bool array: True exactly outside the union of the index sets of the models at
-    `frozen_level` (after a merge: the new off-diagonal blocks; gains, biases and E are all frozen)."""
+    `frozen_level` (after a merge: the new off-diagonal blocks and the new root's row of the per-node
+    tables; norm gains, biases and E are all frozen)."""
     cfg.check_level(frozen_level)
     covered = map_roles(lambda a, roles: onp.zeros(onp.shape(a), dtype=bool), params)
     for j in range(cfg.n_models(frozen_level)):
