@@ -306,7 +306,8 @@ def check_view_array(fn):
 
 @exercise("base", "node_params", "count a leaf's (or any node's) parameters",
           "A model at level l is a whole model of width D/s^l, head dim hd/s^l and MLP width F/s^l, with ALL "
-          "the heads and the whole vocabulary: count its arrays, do not divide the root's count by s^l.")
+          "the heads and the whole vocabulary: count its arrays, do not divide the root's count by s^l. The "
+          "default output adds logit_gain and node_gain: rows l and deeper of the node's own columns.")
 def check_node_params(fn):
     rng = np.random.default_rng(13)
     for _ in range(5):

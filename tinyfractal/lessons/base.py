@@ -10,7 +10,7 @@ from tinyfractal import Config, Tokenizer, count_params, forward, generate, init
 from tinyfractal.lessons._common import conclude, run, section, train_with_checkpoints
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import load_tokens, train_val_split, unigram_entropy
-from tinyfractal.training.train import TrainConfig, format_duration, loss_table, node_key
+from tinyfractal.training.train import TrainConfig, format_duration, level_weights_at, loss_table, node_key
 
 PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou R"
 STEPS = (1000, 4)     # full run, --quick
@@ -47,6 +47,10 @@ def the_tree(args):
         print(f"{level:5d} {cfg.n_models(level):6d} {cfg.width(level):7d} {cfg.head_width(level):8d} "
               f"{cfg.mlp_width(level):6d} {n:12,d}")
     print(f"\nAll {cfg.n_nodes} models together own {count_params(params):,} numbers: the root's.")
+    if cfg.logit_scale == "learned" or cfg.node_gains:
+        print(f"Among them two small ({cfg.levels}, {cfg.hidden}) tables: each node's logits get its own learned "
+              "temperature\n(logit_scale='learned', starts at 1/sqrt(d)) and output gain per coordinate "
+              "(node_gains=True, starts at 1).")
     print("Every smaller model is a block of the root's arrays, not a copy. The tree:")
     for level, j in nodes(cfg):
         print("    " * level + f"({level},{j}) width {cfg.width(level)}")
@@ -93,7 +97,14 @@ def training(args, cfg, params, tokenizer):
     tc = TrainConfig(steps=steps, batch_size=4 if args.quick else 16, lr=3e-3, min_lr=3e-4, warmup=min(50, steps // 10),
                      eval_interval=max(1, steps // 10), eval_batches=1 if args.quick else 8,
                      log_interval=max(1, steps // 30), seed=args.seed)
-    print(f"The loss is the mean cross-entropy over all {cfg.n_nodes} models, so every node learns.")
+    if tc.loss_weights == "nodes":
+        print(f"The loss is the mean cross-entropy over all {cfg.n_nodes} models, so every node learns.")
+    else:
+        first, last = (level_weights_at(tc, cfg, step) for step in (0, steps - 1))
+        print(f"The loss is a weighted mean of the cross-entropies of all {cfg.n_nodes} models, so every node learns.")
+        print(f"loss_weights={tc.loss_weights!r}: one node's weight per level is "
+              f"{', '.join(f'{w:.3f}' for w in first)} at step 0,\n"
+              f"{', '.join(f'{w:.3f}' for w in last)} at the last step (the weights over all nodes sum to 1).")
     print(f"Settings: {tc}")
     train_tokens, val_tokens = train_val_split(load_tokens(tokenizer))
     entropy = unigram_entropy(train_tokens, cfg.vocab_size)

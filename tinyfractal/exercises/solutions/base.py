@@ -48,18 +48,25 @@ def view_array(name, a, cfg, level, index):
 
 
 def node_params(cfg, level):
-    """How many numbers ONE model at this level owns (what count_params(view(...)) says)."""
+    """How many numbers ONE model at this level owns (what count_params(view(...)) says).
+
+    With the default output (logit_scale='learned', node_gains=True) the tree also holds two tables of
+    shape (levels, hidden), logit_gain and node_gain; a node's view holds rows level.. of its own columns.
+    """
     s = cfg.split ** level
     D, F, hd = cfg.hidden // s, cfg.mlp_hidden // s, cfg.head_dim // s
     H, K, V = cfg.heads, cfg.kv_heads, cfg.vocab_size
     per_layer = 2 * D + D * H * hd + 2 * D * K * hd + H * hd * D + 2 * D * F + 2 * F + F * D + D
-    return V * D + 3 * D + cfg.layers * per_layer
+    tables = (cfg.logit_scale == "learned") + bool(cfg.node_gains)
+    return V * D + 3 * D + tables * (cfg.levels - level) * D + cfg.layers * per_layer
 
 
 def tree_loss(losses, cfg):
     """The tree loss from the per-node losses: `losses` is a list with one array per level, entry j of
     losses[level] the loss of model (level, j) (what tinyfractal.node_losses returns). Return a float:
-    the loss that training minimises (lesson 1, section 4: every node counts the same)."""
+    the plain tree loss, tinyfractal.tree_loss with no level weights: every node counts the same. (Training
+    by default weighs the nodes, loss_weights='sqrtwidth>nodes', ending at these equal weights: lesson 1,
+    section 4.)"""
     every_node = np.concatenate([np.ravel(level_losses) for level_losses in losses])
     return float(np.mean(every_node))
 

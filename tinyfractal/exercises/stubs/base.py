@@ -39,14 +39,20 @@ def view_array(name, a, cfg, level, index):
 
 
 def node_params(cfg, level):
-    """How many numbers ONE model at this level owns (what count_params(view(...)) says)."""
+    """How many numbers ONE model at this level owns (what count_params(view(...)) says).
+
+    With the default output (logit_scale='learned', node_gains=True) the tree also holds two tables of
+    shape (levels, hidden), logit_gain and node_gain; a node's view holds rows level.. of its own columns.
+    """
     raise NotImplementedError
 
 
 def tree_loss(losses, cfg):
     """The tree loss from the per-node losses: `losses` is a list with one array per level, entry j of
     losses[level] the loss of model (level, j) (what tinyfractal.node_losses returns). Return a float:
-    the loss that training minimises (lesson 1, section 4: every node counts the same)."""
+    the plain tree loss, tinyfractal.tree_loss with no level weights: every node counts the same. (Training
+    by default weighs the nodes, loss_weights='sqrtwidth>nodes', ending at these equal weights: lesson 1,
+    section 4.)"""
     raise NotImplementedError
 
 
