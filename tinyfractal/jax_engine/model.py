@@ -111,6 +111,11 @@ def node_losses(params, cfg, ids, targets, key=None, layout=None):
 
 def tree_loss(params, cfg, ids, targets, level_weights=None, key=None, layout=None):
     """Mean next-token loss over every node (weighted per level if asked): what training minimises."""
-    weights = level_weight_table(cfg, level_weights)
+    return weighted_loss(params, cfg, ids, targets, level_weight_table(cfg, level_weights), key, layout)
+
+
+def weighted_loss(params, cfg, ids, targets, weights, key=None, layout=None):
+    """The tree loss for a node weight per level, already normalised (`api.level_weight_table`); `weights`
+    may be a traced array, so the compiled training step takes each step's weights as an argument."""
     losses = node_losses(params, cfg, ids, targets, key, layout)
     return sum(weights[level] * jnp.sum(losses[level]) for level in range(cfg.levels))

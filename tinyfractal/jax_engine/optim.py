@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as onp
 
 from tinyfractal.core.tree import NO_DECAY, unflatten
-from tinyfractal.jax_engine.model import node_losses
+from tinyfractal.jax_engine.model import weighted_loss
 from tinyfractal.api import level_weight_table
 from tinyfractal.training.train import clip_threshold, lr_at, step_level_weights
 
@@ -73,8 +73,7 @@ def make_train_step(cfg, tc, layout=None, lr_scales=None):
     scales = {k: jnp.asarray(a) for k, a in (lr_scales or {}).items()}
 
     def loss_fn(flat, ids, targets, key, weights):
-        losses = node_losses(unflatten(flat), cfg, ids, targets, key, layout)
-        return sum(weights[level] * jnp.sum(losses[level]) for level in range(cfg.levels))
+        return weighted_loss(unflatten(flat), cfg, ids, targets, weights, key, layout)
 
     def step(flat, m, v, ids, targets, h, masks):
         key = jax.random.fold_in(jax.random.PRNGKey(tc.seed), h["step"]) if cfg.dropout > 0 else None

@@ -104,7 +104,8 @@ def train(params, cfg, tc, train_tokens, val_tokens, state=None, metrics=None, l
             ids, targets = batch_at(train_tokens, tc.batch_size, cfg.context, tc.seed, step)
             # the old buffers stay valid until the new ones replace them (nothing is donated), so an
             # interrupt or a divergence anywhere in here leaves (flat, m, v) at the last good step
-            out = step_fn(flat, m, v, rows(ids), rows(targets), layout.put_tree(hyper(cfg, tc, step, t + 1, level_weights)), masks)
+            h = layout.put_tree(hyper(cfg, tc, step, t + 1, level_weights))
+            out = step_fn(flat, m, v, rows(ids), rows(targets), h, masks)
             loss, gnorm = float(host(out[3])), float(host(out[4]))
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
                 _write_back(params, state, flat, m, v, t)
