@@ -147,6 +147,11 @@ def arrays_with_roles(params):
     return out
 
 
+def array_paths(params):
+    """The path of every array: those of the role table, then the per-node tables a config has on."""
+    return [path for path, _, _ in arrays_with_roles(params)] + [(k,) for k in SPEC_TABLES if k in params]
+
+
 def get(params, path):
     for p in path:
         params = params[p]

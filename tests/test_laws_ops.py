@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from strategies import arrays_with_roles, examples, get, models, spec_mask
+from strategies import array_paths, examples, get, models
 from tinyfractal.core import fast
 from tinyfractal.core import model
 from tinyfractal.core.tree import stacked_blocks, stacked_blocks_np
@@ -219,7 +219,7 @@ def test_gradients_of_the_full_model_match_finite_differences(args, seed, path):
     h = 1e-6          # small: a width-1 rmsnorm bends on the scale sqrt(eps) = 1e-3
     directions = [{**{k: rng.normal(size=v.shape) for k, v in params.items() if k != "layers"},
                    "layers": [{k: rng.normal(size=v.shape) for k, v in layer.items()} for layer in params["layers"]]}]
-    all_paths = list(spec_mask(params, cfg, 0, 0))   # every array, the per-node tables included
+    all_paths = array_paths(params)   # every array, the per-node tables included
     for _ in range(4):
         one_hot = zeros_like(params)
         where = all_paths[rng.integers(len(all_paths))]

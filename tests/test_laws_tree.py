@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from strategies import (arrays_with_roles, configs, examples, get, n_nodes, node_of, params_for, random_params,
+from strategies import (array_paths, arrays_with_roles, configs, examples, get, n_nodes, node_of, params_for, random_params,
                         spec_mask, spec_param_count, spec_slices)
 from tinyfractal.core.model import forward
 from tinyfractal.core.tree import children, index_mask, level_view, nodes, parent, view
@@ -35,7 +35,7 @@ def owned_by_view(full, cfg, level, index):
     """{path: bool mask}: the entries of every full array that view(full, cfg, level, index) reaches."""
     v = view(full, cfg, level, index)
     out = {}
-    for path in spec_mask(full, cfg, 0, 0):    # every array, the per-node tables included
+    for path in array_paths(full):    # every array, the per-node tables included
         a = get(full, path)
         m = np.zeros(a.size, dtype=bool)
         m[np.asarray(get(v, path)).ravel()] = True
@@ -166,7 +166,7 @@ def test_siblings_are_disjoint(cfg):
     """Siblings are disjoint: at every level, no entry of any array is reached by the views of two models."""
     full = numbered(cfg)
     for level in range(cfg.levels):
-        count = {path: np.zeros(get(full, path).shape, dtype=int) for path in spec_mask(full, cfg, 0, 0)}
+        count = {path: np.zeros(get(full, path).shape, dtype=int) for path in array_paths(full)}
         for j in range(cfg.split ** level):
             for path, owned in owned_by_view(full, cfg, level, j).items():
                 count[path] += owned
