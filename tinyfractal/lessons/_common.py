@@ -56,6 +56,21 @@ def conclude(args, text):
         print(text)
 
 
+def output_gain_words(cfg):
+    """What a model's output gain g_out is for the config's logit_scale and node_gains (model.output_gain),
+    in one or two printable lines; d is the model's own width."""
+    factors = {"none": [], "sqrt": ["1/sqrt(d)"], "learned": ["(1 + mean(logit_gain[0])) / sqrt(d)"]}[cfg.logit_scale]
+    roles = ["a learned temperature"] if cfg.logit_scale == "learned" else []
+    if cfg.node_gains:
+        factors, roles = factors + ["(1 + node_gain[0])"], roles + ["a learned gain per coordinate"]
+    first = f"g_out = {' * '.join(factors) or '1'} (logit_scale={cfg.logit_scale!r}, node_gains={cfg.node_gains})"
+    start = "1" if cfg.logit_scale == "none" else "1/sqrt(d)"
+    if not roles:
+        return [first + ": a constant, " + start + "."]
+    tables = "both tables start" if len(roles) == 2 else "its table starts"
+    return [first + ":", f"{' and '.join(roles)}; {tables} at 0, so a fresh model's g_out is exactly {start}."]
+
+
 def output_folder(name, out, quick):
     """--out if given, else lesson_output/NAME/ (or lesson_output/NAME-quick/ for a quick run)."""
     if out is not None:

@@ -13,7 +13,7 @@ from tinyfractal import Config, Tokenizer, count_params, init_params, nodes, vie
 from tinyfractal.core.flops import model_flops
 from tinyfractal.core.tree import group_size, slot_offset
 from tinyfractal.inference.sample import generate
-from tinyfractal.lessons._common import pyplot, run, save_figure, section, train_with_checkpoints
+from tinyfractal.lessons._common import output_gain_words, pyplot, run, save_figure, section, train_with_checkpoints
 from tinyfractal.paths import CORPUS
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import batch_at, unigram_entropy
@@ -100,21 +100,6 @@ def cosine_the_eht(params, cfg):
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def output_gain_words(cfg):
-    """The node's output gain in two lines, for the config's logit_scale and node_gains (model.output_gain)."""
-    factors = {"none": [], "sqrt": ["1/sqrt(d)"],
-               "learned": ["(1 + mean(logit_gain row)) / sqrt(d)"]}[cfg.logit_scale]
-    roles = {"learned": ["a learned temperature"]}.get(cfg.logit_scale, [])
-    if cfg.node_gains:
-        factors, roles = factors + ["(1 + node_gain row)"], roles + ["a learned gain per coordinate"]
-    first = f"output_gain, the node's own factor (model.output_gain), is {' * '.join(factors) or '1'}"
-    if not roles:
-        return [first + (" (d = the node's own width)." if factors else ".")]
-    start = "exactly 1/sqrt(d) (d = the node's own width)" if factors[0] != "(1 + node_gain row)" else "1"
-    tables = "both tables start" if len(roles) == 2 else "its table starts"
-    return [first + ":", f"{' and '.join(roles)}; {tables} at 0, so it starts at {start}."]
-
-
 def the_concept(cfg, params):
     """Section 3: a concept is a gained sum of byte embeddings; at init it is blind to order."""
     section("3. A concept: rmsnorm(sum_m E[b_m] * (1 + P[m]), emb_norm)")
@@ -123,7 +108,7 @@ def the_concept(cfg, params):
     print(f"cosine('the ', 'eht ') at init: {cos_init:.6f}")
     print("The model predicts the next group's g bytes, one distribution per slot: slot m reads the final")
     print("state through its own gain, "
-          "(rmsnorm(x, final_norm) * (1 + Q[m]) * output_gain) . rmsnorm_rows(E, out_norm)^T.")
+          "(rmsnorm(x, final_norm) * (1 + Q[m]) * g_out) . rmsnorm_rows(E, out_norm)^T, with the node's output gain")
     print("\n".join(output_gain_words(cfg)))
     return cos_init
 

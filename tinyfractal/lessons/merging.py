@@ -15,8 +15,8 @@ from tinyfractal.core.formulas import rmsnorm, rope, rope_tables, softmax
 from tinyfractal.api import init_params
 from tinyfractal.core.model import cross_entropy, embed, forward, layer, logits_of, output_gain, output_table
 from tinyfractal.core.tree import nodes
-from tinyfractal.lessons._common import (conclude, forget_saved, note_saved, pyplot, run, save_figure, section,
-                                         train_with_checkpoints, uninterrupted)
+from tinyfractal.lessons._common import (conclude, forget_saved, note_saved, output_gain_words, pyplot, run, save_figure,
+                                         section, train_with_checkpoints, uninterrupted)
 from tinyfractal.training.checkpoint import atomic_write_json, exists, load, save
 from tinyfractal.training.data import batch_at, load_tokens
 from tinyfractal.training.grow import chunk_data, grow, parse_steps, step_flops, union
@@ -78,7 +78,8 @@ def the_plan(args):
           f"  stage 1: {s ** (L - 1)} standalone leaf models of width {cfg.width(L - 1)}, each on its own "
           f"contiguous quarter of the corpus;\n"
           f"  stage 2..{L}: merge each {s} of them into the level above (they become its diagonal blocks), freeze "
-          f"them,\n           and train only the new off-diagonal blocks on the union of their chunks.")
+          f"them,\n           and train only the new entries (the off-diagonal blocks{own_rows(cfg)})\n"
+          f"           on the union of their chunks.")
     print(f"Steps per stage (leaves first): {steps}; the joint model: {joint_steps} steps.")
     print("\nCost of one training step (batch {0}, context {1}), matmul FLOPs (3x forward):".format(
         tc.batch_size, cfg.context))
@@ -205,7 +206,7 @@ def why_a_parent_starts_worse(cfg, tc, leaves, chunks):
 
 def parent_loss_falls(args, cfg, stages):
     """Section 4: each merged parent's val loss from the merge on, against its best child's; the figure."""
-    section("4. How the parent's loss falls while only the new blocks train")
+    section("4. How the parent's loss falls while only the new entries train")
     figure = plot_parent_losses(stages, args.out / "parent_loss.png")
     print(f"saved {figure}")
     for t in range(1, cfg.levels):
@@ -374,12 +375,8 @@ def coupling_demo(parent, pcfg, children, child_cfg, ids, targets):
         ratio = gain_p[r * d:(r + 1) * d] / gain_c
         ratios.append([float(ratio.min()), float(ratio.mean()), float(ratio.max())])
         at_parent = at_parent + logits_at_gain(c, child_cfg, ids, gain_p[r * d:(r + 1) * d].astype(np.float32))
-    gain_text = {"none": "1", "sqrt": "1/sqrt(width)",
-                 "learned": "(1 + mean of its own row of logit_gain) / sqrt(width)"}[pcfg.logit_scale]
-    if pcfg.node_gains:
-        gain_text += " x (1 + its own row of node_gain), per coordinate"
-    print(f"    Every node scales its normalised final state by its own output gain (logit_scale="
-          f"{pcfg.logit_scale!r}, node_gains={pcfg.node_gains}):\n    {gain_text}.")
+    print("    Every node scales its normalised final state by its own output gain, from its own table rows:")
+    print("\n".join("    " + line for line in output_gain_words(pcfg)))
     if pcfg.logit_scale == "learned" or pcfg.node_gains:
         print("    The parent's own rows of those tables are new at a merge and start at 0; each child's rows were")
         print(f"    trained with the child. The parent's gain at merge: min {gain_p.min():.4f}  max {gain_p.max():.4f}"

@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from tinyfractal import Config, Tokenizer, count_params, forward, generate, init_params, node_losses, trace_node
-from tinyfractal.lessons._common import conclude, pyplot, run, save_figure, section, train_with_checkpoints
+from tinyfractal.lessons._common import (conclude, output_gain_words, pyplot, run, save_figure, section,
+                                         train_with_checkpoints)
 from tinyfractal.training.checkpoint import atomic_write_json
 from tinyfractal.training.data import batch_at, load_tokens, train_val_split, unigram_entropy
 from tinyfractal.core.formulas import cross_entropy, gelu, rmsnorm, rope, rope_tables, softmax
@@ -247,20 +248,6 @@ def logit_stats(cfg, params, ids, targets):
             "max_abs": float(np.abs(logits).max()), "lead": float((top2[..., 1] - top2[..., 0]).mean()),
             "argmax_is_input": float((logits.argmax(-1) == ids).mean()), "cos_input": float(cosine.mean()),
             "norm_x0": float(np.linalg.norm(x0, axis=-1).mean()), "norm_x": float(np.linalg.norm(x, axis=-1).mean())}
-
-
-def output_gain_words(cfg):
-    """What g_out is for the config's logit_scale and node_gains (model.output_gain): two lines."""
-    factors = {"none": [], "sqrt": ["1/sqrt(d)"], "learned": ["(1 + mean(logit_gain[0])) / sqrt(d)"]}[cfg.logit_scale]
-    roles = ["a learned temperature"] if cfg.logit_scale == "learned" else []
-    if cfg.node_gains:
-        factors, roles = factors + ["(1 + node_gain[0])"], roles + ["a learned gain per coordinate"]
-    first = f"g_out = {' * '.join(factors) or '1'} (logit_scale={cfg.logit_scale!r}, node_gains={cfg.node_gains})"
-    start = "1" if cfg.logit_scale == "none" else "1/sqrt(d)"
-    if not roles:
-        return [first + ": a constant, " + start + "."]
-    tables = "both tables start" if len(roles) == 2 else "its table starts"
-    return [first + ":", f"{' and '.join(roles)}; {tables} at 0, so a fresh model's g_out is exactly {start}."]
 
 
 def raw_output(cfg, params):
